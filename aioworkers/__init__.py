@@ -1,0 +1,44 @@
+"""aioworkers: asyncio-native background job workers.
+
+Define ``async def`` tasks on an `App`, enqueue them, and run them with ``aioworkers run``
+or ``async with app.worker():``. Delivery is at-least-once; failures retry with backoff
+and end in a dead-letter queue.
+"""
+
+from .app import App, DeadLetterQueue
+from .brokers.base import Broker, DeadLetter, Delivery, QueueDepth
+from .errors import (
+    AioworkersError,
+    BrokerUnavailable,
+    ConfigError,
+    DecodeError,
+    LeaseLost,
+    Reject,
+    Retry,
+)
+from .job import Job, current_job
+from .task import Call, Task
+from .worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AioworkersError",
+    "App",
+    "Broker",
+    "BrokerUnavailable",
+    "Call",
+    "ConfigError",
+    "DeadLetter",
+    "DeadLetterQueue",
+    "DecodeError",
+    "Delivery",
+    "Job",
+    "LeaseLost",
+    "QueueDepth",
+    "Reject",
+    "Retry",
+    "Task",
+    "Worker",
+    "current_job",
+]

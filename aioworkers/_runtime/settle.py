@@ -1,0 +1,162 @@
+"""Settle each delivery exactly once: the only caller of ack, retry, release and dead_letter."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import anyio
+
+from ..brokers.base import Broker, DeadLetter, Delivery
+from ..envelope import Envelope, encode, fingerprint
+from ..errors import BrokerUnavailable, LeaseLost, redact
+from ..task import Policy
+from . import classify as c
+from .executor import Outcome
+
+log = logging.getLogger("aioworkers")
+
+DEFAULT_POLICY = Policy()
+MAX_ERROR_CHARS = 2000
+MAX_TRACEBACK_CHARS = 8000
+
+
+async def with_backoff(call: Callable[[], Awaitable[Any]], what: str) -> Any:
+    """Retry ``call`` on `BrokerUnavailable` with capped exponential backoff, forever.
+
+    Callers bound it with a cancel scope; a settlement abandoned that way is redelivered
+    by the broker later (at-least-once), never lost.
+    """
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except BrokerUnavailable as exc:
+            log.warning("broker unavailable during %s, retrying in %.2fs: %s", what, delay, exc)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class Settler:
+    """Turns outcomes into broker calls. Acks are batched: every ack that arrives while a
+    round trip is in progress goes out together in the next one."""
+
+    def __init__(self, broker: Broker, *, max_ack_batch: int = 1000) -> None:
+        self._broker = broker
+        self._acks: list[Delivery] = []
+        self._wake = asyncio.Event()
+        self._max_batch = max_ack_batch
+        self.counts: Counter[str] = Counter()
+
+    async def settle(self, delivery: Delivery, outcome: Outcome) -> c.Decision:
+        env = outcome.envelope
+        policy = outcome.task.policy if outcome.task is not None else DEFAULT_POLICY
+        decision = c.classify(outcome.error, env.attempt if env else 1, policy)
+        try:
+            await self._apply(delivery, outcome, decision)
+        except LeaseLost:
+            self.counts["lease_lost"] += 1
+            log.warning("lease lost, not settling %r (another worker owns it now)", delivery)
+        return decision
+
+    async def _apply(self, delivery: Delivery, outcome: Outcome, decision: c.Decision) -> None:
+        broker = self._broker
+        match decision:
+            case c.Ack():
+                self.counts["ok"] += 1
+                self._acks.append(delivery)
+                self._wake.set()
+            case c.RetryLater(delay=delay):
+                assert outcome.envelope is not None
+                body = encode(outcome.envelope.next_attempt())
+                self.counts["retried"] += 1
+                _log_failure(logging.WARNING, delivery, outcome, f"retry in {delay:.2f}s")
+                await with_backoff(lambda: broker.retry(delivery, body=body, delay=delay), "retry")
+            case c.DeadLetter(reason=reason):
+                letter = dead_letter_for(delivery, outcome, reason)
+                self.counts["dead"] += 1
+                _log_failure(logging.ERROR, delivery, outcome, f"dead-lettered ({reason})")
+                await with_backoff(lambda: broker.dead_letter(delivery, letter), "dead_letter")
+            case c.Release():
+                self.counts["released"] += 1
+                await with_backoff(lambda: broker.release([delivery]), "release")
+
+    async def run_acks(self) -> None:
+        """Flush acks as they come, until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush_acks()
+
+    async def flush_acks(self) -> None:
+        while self._acks:
+            batch = self._acks[: self._max_batch]
+            del self._acks[: self._max_batch]
+            await with_backoff(partial(self._broker.ack, batch), "ack")
+
+    @property
+    def pending_acks(self) -> int:
+        return len(self._acks)
+
+
+def dead_letter_for(delivery: Delivery, outcome: Outcome, reason: str) -> DeadLetter:
+    env = outcome.envelope
+    error = outcome.error
+    return DeadLetter(
+        id=env.id if env else delivery.message_id,
+        task=env.task if env else None,
+        reason=reason,
+        error=_describe(error),
+        error_type=type(error).__name__ if error is not None else None,
+        traceback=_traceback(error),
+        attempts=env.attempt if env else 1,
+        dead_at=time.time(),
+        queue=delivery.queue,
+    )
+
+
+def _describe(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    text = redact(f"{type(error).__name__}: {error}")
+    return text[:MAX_ERROR_CHARS]
+
+
+def _traceback(error: BaseException | None) -> str | None:
+    if error is None or error.__traceback__ is None:
+        return None
+    text = "".join(traceback.format_exception(error))
+    return redact(text)[-MAX_TRACEBACK_CHARS:]
+
+
+def _log_failure(level: int, delivery: Delivery, outcome: Outcome, what: str) -> None:
+    env: Envelope | None = outcome.envelope
+    if env is None:
+        # Never log the body of a message we could not read: size and hash identify it.
+        log.log(
+            level,
+            "job failed id=%s size=%d hash=%s error=%r outcome=%s",
+            delivery.message_id,
+            len(delivery.body),
+            fingerprint(delivery.body),
+            _describe(outcome.error),
+            what,
+        )
+        return
+    log.log(
+        level,
+        "job failed id=%s task=%s attempt=%d queue=%s duration=%.3fs error=%r outcome=%s",
+        env.id,
+        env.task,
+        env.attempt,
+        delivery.queue,
+        outcome.duration,
+        _describe(outcome.error),
+        what,
+    )

@@ -1,0 +1,309 @@
+"""The application: task registry, producer API, stats and DLQ, and `worker()`."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar, overload
+
+from .brokers import Broker, DeadLetter, QueueDepth, check_url, open_broker
+from .envelope import DEFAULT_MAX_SIZE, Envelope, encode, new_id, now_ms, reset_attempt
+from .errors import ConfigError, redact
+from .task import Call, Policy, Task
+from .worker import Worker
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+ENV_BROKER_URL = "AIOWORKERS_BROKER_URL"
+DEFAULT_BROKER_URL = "memory://"
+
+Hook = Callable[[], Awaitable[None]]
+
+
+class App:
+    """Registry of tasks bound to one broker.
+
+    ``broker`` is a URL (``memory://``; more schemes as backends land) or a `Broker`;
+    ``None`` reads ``AIOWORKERS_BROKER_URL`` and falls back to the embedded default.
+    """
+
+    def __init__(
+        self,
+        broker: str | Broker | None = None,
+        *,
+        queue: str = "default",
+        concurrency: int = 100,
+        visibility_timeout: float = 30.0,
+        max_deliveries: int = 5,
+        max_message_size: int = DEFAULT_MAX_SIZE,
+        grace: float = 30.0,
+        idempotency: object | None = None,
+    ) -> None:
+        if visibility_timeout <= 0:
+            raise ConfigError(f"visibility_timeout must be > 0 seconds, got {visibility_timeout}")
+        if max_deliveries < 1:
+            raise ConfigError(f"max_deliveries must be >= 1, got {max_deliveries}")
+        if concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+        if idempotency is not None:
+            raise ConfigError("idempotency stores are not available yet; pass idempotency=None")
+        self.queue = queue
+        self.concurrency = concurrency
+        self.visibility_timeout = visibility_timeout
+        self.max_deliveries = max_deliveries
+        self.max_message_size = max_message_size
+        self.grace = grace
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self._hooks: dict[str, list[Hook]] = {"startup": [], "shutdown": []}
+        self._broker: Broker | None = None
+        self._broker_url = ""
+        self.set_broker(broker)
+
+    def __repr__(self) -> str:
+        return f"<App {self.broker_name} queue={self.queue} tasks={len(self.tasks)}>"
+
+    # -- broker ---------------------------------------------------------------------------
+
+    def set_broker(self, broker: str | Broker | None) -> None:
+        """Use another broker (a URL or an instance); only before anything has used it."""
+        if self._broker is not None and self._broker_url != "":
+            raise ConfigError("the broker is already in use; set it before enqueueing or running")
+        if broker is None:
+            broker = os.environ.get(ENV_BROKER_URL) or DEFAULT_BROKER_URL
+        if isinstance(broker, str):
+            check_url(broker)
+            self._broker_url = broker
+            self._broker = None
+        else:
+            self._broker_url = ""
+            self._broker = broker
+
+    @property
+    def broker(self) -> Broker:
+        """The broker instance, created from the URL on first use."""
+        if self._broker is None:
+            self._broker = open_broker(self._broker_url, visibility_timeout=self.visibility_timeout)
+        return self._broker
+
+    @property
+    def broker_name(self) -> str:
+        """The broker URL with secrets redacted, or the instance's class name."""
+        if self._broker_url:
+            return redact(self._broker_url)
+        return type(self._broker).__name__
+
+    async def aclose(self) -> None:
+        """Close the broker connection."""
+        if self._broker is not None:
+            await self._broker.aclose()
+
+    async def __aenter__(self) -> App:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        name: str | None = None,
+        *,
+        queue: str | None = None,
+        retries: int = 3,
+        timeout: float | None = None,
+        backoff: float = 1.0,
+        max_backoff: float = 3600.0,
+    ) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Task[P, R]]: ...
+
+    def task(
+        self,
+        name: Any = None,
+        *,
+        queue: str | None = None,
+        retries: int = 3,
+        timeout: float | None = None,
+        backoff: float = 1.0,
+        max_backoff: float = 3600.0,
+    ) -> Any:
+        """Register an ``async def`` handler: ``@app.task`` or ``@app.task(retries=5, ...)``.
+
+        ``retries`` is how many times a failed job is tried again (so ``retries + 1``
+        attempts in all); ``timeout`` bounds one attempt; the delay before attempt n+1 is
+        uniform in ``[0, min(max_backoff, backoff * 2 ** (n - 1))]``.
+        """
+        if retries < 0 or backoff < 0 or max_backoff < 0 or (timeout is not None and timeout <= 0):
+            raise ConfigError("retries, backoff and max_backoff must be >= 0, timeout > 0")
+        policy = Policy(retries=retries, backoff=backoff, max_backoff=max_backoff, timeout=timeout)
+
+        def register(fn: Callable[P, Coroutine[Any, Any, R]]) -> Task[P, R]:
+            if not inspect.iscoroutinefunction(fn):
+                raise ConfigError(f"task {fn!r} must be an 'async def' function")
+            task_name = name if isinstance(name, str) else fn.__name__
+            if task_name in self.tasks:
+                raise ConfigError(f"a task named {task_name!r} is already registered")
+            task = Task(self, fn, name=task_name, queue=queue, policy=policy)
+            self.tasks[task_name] = task
+            return task
+
+        if callable(name):
+            return register(name)
+        return register
+
+    def on_startup(self, fn: Hook) -> Hook:
+        """Register ``async def fn()`` to run when a worker starts, before it fetches."""
+        self._hooks["startup"].append(fn)
+        return fn
+
+    def on_shutdown(self, fn: Hook) -> Hook:
+        """Register ``async def fn()`` to run after a worker has drained."""
+        self._hooks["shutdown"].append(fn)
+        return fn
+
+    async def _run_hooks(self, which: str) -> None:
+        for hook in self._hooks[which]:
+            await hook()
+
+    # -- producer -------------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        task: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        delay: float = 0.0,
+        key: str | None = None,
+        queue: str | None = None,
+    ) -> str:
+        """Enqueue a job by task name (the handler need not be importable here)."""
+        call = Call(task, tuple(args), dict(kwargs or {}), delay, key, queue)
+        (job_id,) = await self.enqueue_many([call])
+        return job_id
+
+    async def enqueue_many(self, calls: Iterable[Call]) -> list[str]:
+        """Enqueue a batch (``[task.call(...), ...]``): one broker round trip per queue and
+        delay. Returns the job ids in order."""
+        groups: dict[tuple[str, float], list[bytes]] = defaultdict(list)
+        ids = []
+        now = now_ms()
+        for call in calls:
+            queue, body, job_id = self._encode(call, now)
+            groups[(queue, call.delay)].append(body)
+            ids.append(job_id)
+        for (queue, delay), bodies in groups.items():
+            await self.broker.publish(queue, bodies, delay=delay)
+        return ids
+
+    def _encode(self, call: Call, now: int) -> tuple[str, bytes, str]:
+        if call.delay < 0:
+            raise ValueError(f"delay must be >= 0 seconds, got {call.delay}")
+        task = self.tasks.get(call.task)
+        if task is not None:
+            task.check_arguments(call.args, call.kwargs)
+        queue = call.queue or (task.queue if task is not None else None) or self.queue
+        env = Envelope(
+            id=new_id(),
+            task=call.task,
+            args=list(call.args),
+            kwargs=call.kwargs,
+            enqueued_at=now,
+            eta=now + int(call.delay * 1000) if call.delay else None,
+            key=call.key,
+        )
+        body = encode(env)
+        if len(body) > self.max_message_size:
+            raise ValueError(
+                f"job {call.task!r} is {len(body)} bytes, over max_message_size "
+                f"{self.max_message_size}: pass a reference (a URL, a key) instead of the data"
+            )
+        return queue, body, env.id
+
+    # -- worker, stats, DLQ -----------------------------------------------------------------
+
+    def worker(
+        self,
+        *,
+        concurrency: int | None = None,
+        queues: Sequence[str] | None = None,
+        grace: float | None = None,
+        poll: float = 1.0,
+    ) -> Worker:
+        """A worker for ``queues`` (default: the app's queue and every task's queue).
+
+        ``poll`` bounds how long one fetch waits, and so how soon a stop takes effect.
+        """
+        return Worker(
+            self,
+            concurrency=concurrency or self.concurrency,
+            queues=list(queues) if queues else self.queues(),
+            grace=self.grace if grace is None else grace,
+            poll=poll,
+        )
+
+    def queues(self) -> list[str]:
+        """The app's queue and every queue a registered task names, in order."""
+        names = [self.queue, *(t.queue for t in self.tasks.values() if t.queue)]
+        return list(dict.fromkeys(names))
+
+    async def stats(self, queue: str | None = None) -> QueueDepth:
+        """Jobs ready, in flight, delayed and dead on ``queue`` (default: the app's)."""
+        return await self.broker.depth(queue or self.queue)
+
+    def dlq(self, queue: str | None = None) -> DeadLetterQueue:
+        """The dead-letter queue of ``queue`` (default: the app's)."""
+        return DeadLetterQueue(self.broker, queue or self.queue)
+
+
+class DeadLetterQueue:
+    """List, replay and purge the dead letters of one queue."""
+
+    # Replay by id looks at this many entries at most.
+    SCAN_LIMIT = 100_000
+
+    def __init__(self, broker: Broker, queue: str) -> None:
+        self.broker = broker
+        self.queue = queue
+
+    async def list(self, limit: int = 100) -> list[DeadLetter]:
+        """The oldest ``limit`` dead letters."""
+        return await self.broker.dead_letters(self.queue, limit=limit)
+
+    async def replay(self, ids: Iterable[str] | None = None) -> int:
+        """Enqueue dead jobs again as first attempts (all, or those whose ``id`` or
+        ``entry_id`` is in ``ids``), then remove them from the DLQ; returns how many.
+
+        A crash between the two leaves a job both queued and dead, never lost.
+        """
+        wanted = None if ids is None else set(ids)
+        limit = 1000 if wanted is None else self.SCAN_LIMIT
+        total = 0
+        while True:
+            entries = await self.broker.dead_letters(self.queue, limit=limit)
+            if wanted is not None:
+                entries = [e for e in entries if e.id in wanted or e.entry_id in wanted]
+            if not entries:
+                return total
+            await self.broker.publish(self.queue, [reset_attempt(e.body) for e in entries])
+            total += await self.broker.remove_dead_letters(
+                self.queue, [e.entry_id for e in entries]
+            )
+            if wanted is not None:
+                return total
+
+    async def purge(self) -> int:
+        """Delete every dead letter of the queue; returns how many."""
+        return await self.broker.remove_dead_letters(self.queue, None)

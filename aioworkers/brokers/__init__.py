@@ -1,0 +1,29 @@
+"""Broker backends, each imported only when its URL scheme is used."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from ..errors import ConfigError, redact
+from .base import Broker, DeadLetter, Delivery, QueueDepth
+
+__all__ = ["SCHEMES", "Broker", "DeadLetter", "Delivery", "QueueDepth", "check_url", "open_broker"]
+
+SCHEMES = ("memory",)
+
+
+def check_url(url: str) -> str:
+    """The URL's scheme, or a `ConfigError` that says which schemes exist."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in SCHEMES:
+        known = ", ".join(f"{s}://" for s in SCHEMES)
+        raise ConfigError(f"unknown broker URL {redact(url)!r}: the scheme must be one of {known}")
+    return scheme
+
+
+def open_broker(url: str, *, visibility_timeout: float) -> Broker:
+    """Create the broker for ``url`` (nothing connects until first use)."""
+    check_url(url)
+    from .memory import MemoryBroker
+
+    return MemoryBroker(visibility_timeout=visibility_timeout)

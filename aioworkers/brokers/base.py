@@ -1,0 +1,109 @@
+"""The Broker protocol: the only thing a backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(eq=False, slots=True)
+class Delivery:
+    """One hand-out of a message by a broker.
+
+    ``count`` is how many times this message has been delivered (1 on the first delivery);
+    ``token`` is broker-private (lease token, delivery tag, receipt handle). Identity
+    equality: two deliveries of the same message are different deliveries.
+    """
+
+    queue: str
+    message_id: str
+    body: bytes
+    count: int = 1
+    token: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Delivery {self.queue} {self.message_id} count={self.count}>"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    """Jobs by state: ready to run, leased by a worker, waiting for their eta, dead-lettered."""
+
+    ready: int = 0
+    in_flight: int = 0
+    delayed: int = 0
+    dead: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A job in the dead-letter queue and why it is there.
+
+    ``id`` is the job id, or the broker's message id when the body could not be decoded.
+    ``reason`` is one of ``max_retries``, ``rejected``, ``max_deliveries`` or a decode
+    reason (``payload_too_large``, ``decode_error``, ``schema_error``, ``unknown_task``,
+    ``bad_arguments``). ``error`` is ``"Type: message"`` with secrets redacted.
+    ``entry_id`` and ``body`` are filled in by the broker that stores the entry.
+    """
+
+    id: str
+    task: str | None
+    reason: str
+    error: str | None
+    attempts: int
+    error_type: str | None = None
+    traceback: str | None = None
+    dead_at: float = 0.0
+    queue: str = ""
+    entry_id: str = ""
+    body: bytes = b""
+
+
+@runtime_checkable
+class Broker(Protocol):
+    """A queue backend. Client errors are mapped to `BrokerUnavailable` (transient) and
+    `LeaseLost` (the delivery is no longer ours); what a backend lacks it emulates itself.
+    """
+
+    async def publish(self, queue: str, bodies: Sequence[bytes], *, delay: float = 0.0) -> None:
+        """Store a batch; returns once the broker has them. ``delay`` in seconds."""
+        ...
+
+    async def fetch(self, queue: str, *, max_messages: int, wait: float) -> list[Delivery]:
+        """Up to ``max_messages`` deliveries, waiting at most ``wait`` seconds for the first."""
+        ...
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Remove finished deliveries. Deliveries whose lease was lost are skipped."""
+        ...
+
+    async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> None:
+        """Replace the delivery by a new message ``body`` visible after ``delay`` seconds.
+        Raises `LeaseLost` if the delivery is no longer ours."""
+        ...
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand back unfinished deliveries, visible again at once (shutdown)."""
+        ...
+
+    async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:
+        """Keep deliveries leased for ``visibility`` more seconds; returns those lost."""
+        ...
+
+    async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
+        """Store the delivery in the DLQ (confirmed first), then remove the original.
+        Raises `LeaseLost` if the delivery is no longer ours."""
+        ...
+
+    async def depth(self, queue: str) -> QueueDepth: ...
+
+    async def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetter]:
+        """The oldest ``limit`` entries of the queue's DLQ."""
+        ...
+
+    async def remove_dead_letters(self, queue: str, entry_ids: Collection[str] | None) -> int:
+        """Delete DLQ entries by ``entry_id`` (all of them for ``None``); returns how many."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,150 @@
+"""Envelope v1, the wire format: the only module that knows the bytes.
+
+A JSON object (orjson): ``v``, ``id``, ``task``, ``args``, ``kwargs``, ``attempt`` (1-based),
+``enqueued_at`` (epoch ms), and optionally ``eta`` (epoch ms), ``key`` and ``headers``.
+Decoding fails with a `DecodeError` whose reason is final: such a message is dead-lettered
+without retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+
+from .errors import DecodeError
+
+VERSION = 1
+DEFAULT_MAX_SIZE = 1024 * 1024
+
+
+@dataclass(slots=True)
+class Envelope:
+    """One job as it travels through the broker."""
+
+    id: str
+    task: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    attempt: int = 1
+    enqueued_at: int = 0
+    eta: int | None = None
+    key: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def next_attempt(self) -> Envelope:
+        """The same job, one attempt later."""
+        return replace(self, attempt=self.attempt + 1)
+
+
+def new_id() -> str:
+    """A unique, time-sortable id: 12 hex digits of epoch ms, then 80 random bits."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def encode(env: Envelope) -> bytes:
+    """Serialize; raises ``TypeError`` if an argument is not JSON-serializable."""
+    doc: dict[str, Any] = {
+        "v": VERSION,
+        "id": env.id,
+        "task": env.task,
+        "args": env.args,
+        "kwargs": env.kwargs,
+        "attempt": env.attempt,
+        "enqueued_at": env.enqueued_at,
+    }
+    if env.eta is not None:
+        doc["eta"] = env.eta
+    if env.key is not None:
+        doc["key"] = env.key
+    if env.headers:
+        doc["headers"] = env.headers
+    try:
+        return orjson.dumps(doc)
+    except orjson.JSONEncodeError as exc:
+        raise TypeError(f"job arguments must be JSON-serializable: {exc}") from None
+
+
+def decode(body: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Envelope:
+    """Parse and validate; every failure is a `DecodeError` with a final reason."""
+    if len(body) > max_size:
+        raise DecodeError("payload_too_large", f"{len(body)} bytes > limit {max_size}")
+    try:
+        doc = orjson.loads(body)
+    except (orjson.JSONDecodeError, RecursionError) as exc:
+        raise DecodeError("decode_error", f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise DecodeError("schema_error", f"expected an object, got {type(doc).__name__}")
+    return _from_doc(doc)
+
+
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "v": int,
+    "id": str,
+    "task": str,
+    "args": list,
+    "kwargs": dict,
+    "attempt": int,
+    "enqueued_at": int,
+}
+_OPTIONAL: dict[str, type | tuple[type, ...]] = {"eta": int, "key": str, "headers": dict}
+
+
+def _from_doc(doc: dict[str, Any]) -> Envelope:
+    for name, kind in _REQUIRED.items():
+        value = doc.get(name)
+        # bool is an int subclass; true is not an attempt number
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise DecodeError("schema_error", f"field {name!r} missing or not {_name(kind)}")
+    for name, kind in _OPTIONAL.items():
+        value = doc.get(name)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise DecodeError("schema_error", f"field {name!r} is not {_name(kind)}")
+    if doc["v"] != VERSION:
+        raise DecodeError("schema_error", f"unsupported envelope version {doc['v']!r}")
+    if not doc["id"] or not doc["task"]:
+        raise DecodeError("schema_error", "empty 'id' or 'task'")
+    if doc["attempt"] < 1:
+        raise DecodeError("schema_error", "'attempt' must be >= 1")
+    headers = doc.get("headers") or {}
+    if not all(isinstance(v, str) for v in headers.values()):
+        raise DecodeError("schema_error", "'headers' values must be strings")
+    return Envelope(
+        id=doc["id"],
+        task=doc["task"],
+        args=doc["args"],
+        kwargs=doc["kwargs"],
+        attempt=doc["attempt"],
+        enqueued_at=doc["enqueued_at"],
+        eta=doc.get("eta"),
+        key=doc.get("key"),
+        headers=headers,
+    )
+
+
+def _name(kind: type | tuple[type, ...]) -> str:
+    return kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+
+
+def fingerprint(body: bytes) -> str:
+    """A short hash of a body, for logs that must not carry the body itself."""
+    return hashlib.blake2b(body, digest_size=8).hexdigest()
+
+
+def reset_attempt(body: bytes) -> bytes:
+    """The body with ``attempt`` set back to 1, for a replay from the DLQ; undecodable bodies
+    are returned unchanged (they will be dead-lettered again with their reason)."""
+    try:
+        env = decode(body, max_size=len(body))
+    except DecodeError:
+        return body
+    env.attempt = 1
+    return encode(env)

@@ -1,0 +1,41 @@
+"""The job a handler is running, reachable with `current_job()`."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from .errors import AioworkersError
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What a handler may know about the job it runs."""
+
+    id: str
+    task: str
+    attempt: int
+    queue: str
+    key: str | None
+    enqueued_at: datetime
+    delivery_count: int = 1
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"<Job {self.task} {self.id} attempt={self.attempt}>"
+
+
+_current: ContextVar[Job] = ContextVar("aioworkers_current_job")
+
+
+def current_job() -> Job:
+    """The job being run by the calling handler; raises outside a worker."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise AioworkersError("current_job() called outside a job run by a worker") from None
+
+
+def from_epoch_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)

@@ -1,0 +1,109 @@
+"""Registered tasks and the producer side: `Task`, `Enqueuer`, `Call`."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+if TYPE_CHECKING:
+    from .app import App
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How failures of a task are retried."""
+
+    retries: int = 3
+    backoff: float = 1.0
+    max_backoff: float = 3600.0
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One job to enqueue: a task name, its arguments and its options (see `App.enqueue_many`)."""
+
+    task: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    delay: float = 0.0
+    key: str | None = None
+    queue: str | None = None
+
+
+class Enqueuer(Generic[P]):
+    """A task with enqueue options bound: ``task.options(delay=60, key="k").enqueue(...)``."""
+
+    __slots__ = ("_delay", "_key", "_queue", "_task")
+
+    def __init__(
+        self, task: Task[P, Any], delay: float, key: str | None, queue: str | None
+    ) -> None:
+        if delay < 0:
+            raise ValueError(f"delay must be >= 0 seconds, got {delay}")
+        self._task = task
+        self._delay = delay
+        self._key = key
+        self._queue = queue
+
+    def call(self, *args: P.args, **kwargs: P.kwargs) -> Call:
+        """A `Call` for `App.enqueue_many`, checked against the task's signature."""
+        self._task.check_arguments(args, kwargs)
+        return Call(self._task.name, args, kwargs, self._delay, self._key, self._queue)
+
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """Publish one job; returns its id once the broker has it."""
+        (job_id,) = await self._task.app.enqueue_many([self.call(*args, **kwargs)])
+        return job_id
+
+
+class Task(Generic[P, R]):
+    """A registered ``async def`` handler. Calling it runs the coroutine directly."""
+
+    def __init__(
+        self,
+        app: App,
+        fn: Callable[P, Coroutine[Any, Any, R]],
+        *,
+        name: str,
+        queue: str | None,
+        policy: Policy,
+    ) -> None:
+        self.app = app
+        self.fn = fn
+        self.name = name
+        self.queue = queue
+        self.policy = policy
+        self.signature = inspect.signature(fn)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.queue or self.app.queue}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        return self.fn(*args, **kwargs)
+
+    def check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise ``TypeError`` now if the worker could not call the handler with these."""
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"bad arguments for task {self.name!r}: {exc}") from None
+
+    def options(
+        self, *, delay: float = 0.0, key: str | None = None, queue: str | None = None
+    ) -> Enqueuer[P]:
+        """Bind enqueue options: ``delay`` seconds, an idempotency ``key``, another ``queue``."""
+        return Enqueuer(self, delay, key, queue)
+
+    def call(self, *args: P.args, **kwargs: P.kwargs) -> Call:
+        """A `Call` for `App.enqueue_many`."""
+        return self.options().call(*args, **kwargs)
+
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """Publish one job with default options; returns its id."""
+        return await self.options().enqueue(*args, **kwargs)

@@ -1,0 +1,205 @@
+"""The worker: wiring of the runtime. `run()` is what the CLI and an embedding service call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._runtime.executor import Executor
+from ._runtime.fetcher import Fetcher
+from ._runtime.inflight import InFlight
+from ._runtime.lease import keep_leases
+from ._runtime.scheduler import Slots
+from ._runtime.settle import Settler
+from .brokers.base import Delivery
+from .errors import BrokerUnavailable, ConfigError
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("aioworkers")
+
+# After the grace period, cancelled runs still need to hand their jobs back.
+SETTLE_GRACE = 5.0
+BURST_POLL = 0.2
+
+
+class Worker:
+    """Runs jobs from ``queues`` with at most ``concurrency`` in flight.
+
+    ``await worker.run()`` until `stop()`; ``async with app.worker():`` runs it in the
+    background on the current loop and drains it on exit. The worker installs no signal
+    handlers: `stop()` is what a SIGTERM handler calls (a second call cancels now).
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        concurrency: int,
+        queues: list[str],
+        grace: float,
+        poll: float,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+        if grace < 0:
+            raise ConfigError(f"grace must be >= 0 seconds, got {grace}")
+        if not queues:
+            raise ConfigError("a worker needs at least one queue")
+        self.app = app
+        self.concurrency = concurrency
+        self.queues = queues
+        self.grace = grace
+        self.poll = poll
+        self.state = "IDLE"
+        self._inflight = InFlight()
+        self._slots = Slots(concurrency)
+        self._settler = Settler(app.broker)
+        self._executor = Executor(
+            app.tasks,
+            max_message_size=app.max_message_size,
+            max_deliveries=app.max_deliveries,
+        )
+        self._quiet = False
+        self._stops = 0
+        self._grace_scope: anyio.CancelScope | None = None
+        self._started = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Worker {self.app.broker_name}:{','.join(self.queues)} {self.state} "
+            f"in_flight={len(self._inflight)}/{self.concurrency}>"
+        )
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Jobs settled by this worker, by outcome: ok, retried, dead, released, lease_lost."""
+        return dict(self._settler.counts)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def quiet(self) -> None:
+        """Stop fetching; jobs in flight go on."""
+        if not self._quiet:
+            self._quiet = True
+            self._slots.close()
+            if self.state == "RUNNING":
+                self.state = "QUIET"
+
+    def stop(self) -> None:
+        """Quiet, drain within ``grace``, release the rest. A second call cancels now."""
+        self._stops += 1
+        self.quiet()
+        if self._stops > 1:
+            log.warning("stopping now: cancelling %d jobs in flight", len(self._inflight))
+            if self._grace_scope is not None:
+                self._grace_scope.cancel()
+            self._inflight.cancel_all()
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Run until `stop()`, or in ``burst`` mode until the queues are empty."""
+        if self.state != "IDLE":
+            raise RuntimeError("a Worker runs once; make another with app.worker()")
+        self.state = "RUNNING"
+        await self.app._run_hooks("startup")
+        try:
+            log.info("worker started %r", self)
+            self._started.set()
+            await self._run(burst)
+        finally:
+            self.state = "STOPPED"
+            await self.app._run_hooks("shutdown")
+            log.info("worker stopped %r counts=%s", self, self.counts)
+
+    async def _run(self, burst: bool) -> None:
+        broker = self.app.broker
+        visibility = self.app.visibility_timeout
+        async with anyio.create_task_group() as service:
+            service.start_soon(partial(keep_leases, broker, self._inflight, visibility=visibility))
+            service.start_soon(self._settler.run_acks)
+            async with anyio.create_task_group() as jobs:
+
+                def start(delivery: Delivery) -> None:
+                    jobs.start_soon(self._job, delivery, self._inflight.add(delivery))
+
+                async with anyio.create_task_group() as fetchers:
+                    for queue in self.queues:
+                        fetcher = Fetcher(
+                            broker,
+                            queue,
+                            self._slots,
+                            wait=min(self.poll, BURST_POLL) if burst else self.poll,
+                            quiet=lambda: self._quiet,
+                            drained=self._drained if burst else None,
+                        )
+                        fetchers.start_soon(fetcher.run, start)
+                self.quiet()
+                await self._drain(jobs)
+            with anyio.move_on_after(SETTLE_GRACE):
+                await self._settler.flush_acks()
+            # Leases are kept until every job is settled; only then stop the lease loop.
+            service.cancel_scope.cancel()
+
+    async def _drain(self, jobs: anyio.abc.TaskGroup) -> None:
+        with anyio.move_on_after(self.grace) as self._grace_scope:
+            await self._inflight.wait_empty()
+        if len(self._inflight):
+            log.warning("grace period over: releasing %d unfinished jobs", len(self._inflight))
+            self._inflight.cancel_all()
+        with anyio.move_on_after(SETTLE_GRACE):
+            await self._inflight.wait_empty()
+        if len(self._inflight):
+            # Settles stuck on an unreachable broker: their leases run out and the broker
+            # redelivers them, so abandoning them loses nothing.
+            log.error("abandoning %d unsettled jobs to lease expiry", len(self._inflight))
+            jobs.cancel_scope.cancel()
+
+    async def _job(self, delivery: Delivery, scope: anyio.CancelScope) -> None:
+        try:
+            outcome = await self._executor.execute(delivery, scope)
+            await self._settler.settle(delivery, outcome)
+        except Exception:
+            log.exception("internal error while running %r; the broker will redeliver it", delivery)
+        finally:
+            self._inflight.remove(delivery)
+            self._slots.give(1)
+
+    async def _drained(self) -> bool:
+        if len(self._inflight) or self._settler.pending_acks:
+            return False
+        try:
+            for queue in self.queues:
+                depth = await self.app.broker.depth(queue)
+                if depth.ready or depth.delayed or depth.in_flight:
+                    return False
+        except BrokerUnavailable:
+            return False
+        return True
+
+    async def __aenter__(self) -> Worker:
+        self._task = asyncio.create_task(self.run())
+        started = asyncio.create_task(self._started.wait())
+        await asyncio.wait({self._task, started}, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if self._task.done():
+            await self._task  # raises what failed at start-up
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        assert self._task is not None
+        await self._task
