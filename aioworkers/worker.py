@@ -27,6 +27,7 @@ log = logging.getLogger("aioworkers")
 # After the grace period, cancelled runs still need to hand their jobs back.
 SETTLE_GRACE = 5.0
 BURST_POLL = 0.2
+OUTCOMES = ("ok", "retried", "dead", "released", "lease_lost")
 
 
 class Worker:
@@ -118,7 +119,9 @@ class Worker:
         finally:
             self.state = "STOPPED"
             await self.app._run_hooks("shutdown")
-            log.info("worker stopped %r counts=%s", self, self.counts)
+            counts = self._settler.counts
+            summary = " ".join(f"{k}={counts[k]}" for k in OUTCOMES)
+            log.info("worker stopped %r %s", self, summary)
 
     async def _run(self, burst: bool) -> None:
         broker = self.app.broker

@@ -1,0 +1,285 @@
+"""The command line: ``aioworkers run | enqueue | stats | dlq``.
+
+The CLI owns the process: it installs the signal handlers and the event loop, then calls
+the same `Worker.run()` an embedding service calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import asdict
+from typing import Any, NoReturn
+
+import orjson
+
+from .app import App
+from .errors import AioworkersError, ConfigError, redact
+from .worker import Worker
+
+log = logging.getLogger("aioworkers")
+
+
+class UsageError(Exception):
+    """A mistake on the command line: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line that says what to fix, instead of argparse's usage dump.
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def load_app(spec: str) -> App:
+    """Import ``MODULE:ATTR`` (the current directory is importable) and check it is an App."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"expected MODULE:ATTR (for example myapp:app), got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise UsageError(
+                f"cannot import module {module_name!r}: run from the directory that holds it "
+                "or add it to PYTHONPATH"
+            ) from None
+        raise UsageError(f"importing {module_name!r} failed: {exc}") from None
+    except Exception as exc:
+        raise UsageError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+    try:
+        app = getattr(module, attr)
+    except AttributeError:
+        apps = [name for name, value in vars(module).items() if isinstance(value, App)]
+        hint = f"; App objects there: {', '.join(apps)}" if apps else ""
+        raise UsageError(f"module {module_name!r} has no attribute {attr!r}{hint}") from None
+    if not isinstance(app, App):
+        raise UsageError(f"{spec} is a {type(app).__name__}, not an aioworkers.App")
+    return app
+
+
+def _csv(value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
+    return items
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _seconds(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if s < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return s
+
+
+def _json(kind: type) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {value!r}") from None
+        if not isinstance(doc, kind):
+            raise argparse.ArgumentTypeError(f"expected a JSON {kind.__name__}, got {value!r}")
+        return doc
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="aioworkers", description="asyncio background job workers")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("app", metavar="MODULE:ATTR", help="the App, e.g. myapp:app")
+        p.add_argument("--broker", metavar="URL", help="broker URL (overrides the app's)")
+        p.add_argument("--log-level", default="INFO", type=str.upper, help="default INFO")
+        return p
+
+    run = command("run", "run a worker until SIGTERM/SIGINT (twice: stop now)")
+    run.add_argument("--queues", type=_csv, help="comma-separated (default: the app's)")
+    run.add_argument("--concurrency", type=_positive_int, help="jobs in flight at most")
+    run.add_argument("--grace", type=_seconds, help="seconds to finish jobs on shutdown")
+    run.add_argument("--burst", action="store_true", help="exit once the queues are empty")
+
+    enqueue = command("enqueue", "enqueue one job")
+    enqueue.add_argument("task", help="registered task name")
+    enqueue.add_argument("--args", type=_json(list), default=[], help="JSON array")
+    enqueue.add_argument("--kwargs", type=_json(dict), default={}, help="JSON object")
+    enqueue.add_argument("--delay", type=_seconds, default=0.0, help="seconds")
+    enqueue.add_argument("--key", help="idempotency key")
+    enqueue.add_argument("--queue", help="queue (default: the task's)")
+
+    stats = command("stats", "show ready, in-flight, delayed and dead jobs per queue")
+    stats.add_argument("--queues", type=_csv, help="comma-separated (default: the app's)")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+
+    dlq = sub.add_parser("dlq", help="list, replay or purge dead letters")
+    dlq_sub = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    for action, text in (
+        ("list", "list dead letters"),
+        ("replay", "enqueue dead letters again as first attempts"),
+        ("purge", "delete dead letters"),
+    ):
+        p = dlq_sub.add_parser(action, help=text, description=text)
+        p.add_argument("app", metavar="MODULE:ATTR", help="the App, e.g. myapp:app")
+        p.add_argument("--broker", metavar="URL", help="broker URL (overrides the app's)")
+        p.add_argument("--log-level", default="WARNING", type=str.upper)
+        p.add_argument("--queue", help="queue (default: the app's)")
+        if action == "list":
+            p.add_argument("--limit", type=_positive_int, default=100)
+            p.add_argument("--json", action="store_true", help="print JSON")
+        if action == "replay":
+            p.add_argument("--ids", type=_csv, help="job ids (default: all)")
+    return parser
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+async def cmd_run(app: App, args: argparse.Namespace) -> int:
+    worker = app.worker(concurrency=args.concurrency, queues=args.queues, grace=args.grace)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, worker, sig)
+    try:
+        await worker.run(burst=args.burst)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def _on_signal(worker: Worker, sig: signal.Signals) -> None:
+    if worker.state in ("RUNNING", "IDLE"):
+        log.info("%s: draining %d jobs (send again to stop now)", sig.name, worker.in_flight)
+    worker.stop()
+
+
+async def cmd_enqueue(app: App, args: argparse.Namespace) -> int:
+    _require_shared_broker(app, "enqueue")
+    if app.tasks and args.task not in app.tasks:
+        raise UsageError(f"unknown task {args.task!r}; registered: {', '.join(sorted(app.tasks))}")
+    try:
+        job_id = await app.enqueue(
+            args.task, args.args, args.kwargs, delay=args.delay, key=args.key, queue=args.queue
+        )
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    print(job_id)
+    return 0
+
+
+async def cmd_stats(app: App, args: argparse.Namespace) -> int:
+    _warn_private_broker(app)
+    queues = args.queues or app.queues()
+    rows = {q: asdict(await app.stats(q)) for q in queues}
+    if args.json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print(f"{'queue':<24} {'ready':>8} {'in_flight':>10} {'delayed':>8} {'dead':>8}")
+    for q, d in rows.items():
+        print(f"{q:<24} {d['ready']:>8} {d['in_flight']:>10} {d['delayed']:>8} {d['dead']:>8}")
+    return 0
+
+
+async def cmd_dlq(app: App, args: argparse.Namespace) -> int:
+    _warn_private_broker(app)
+    dlq = app.dlq(args.queue)
+    if args.action == "purge":
+        print(f"purged {await dlq.purge()} dead letters from {dlq.queue!r}")
+    elif args.action == "replay":
+        print(f"replayed {await dlq.replay(args.ids)} dead letters to {dlq.queue!r}")
+    else:
+        entries = await dlq.list(args.limit)
+        if args.json:
+            docs = [asdict(e) | {"body": e.body.decode(errors="replace")} for e in entries]
+            print(orjson.dumps(docs, option=orjson.OPT_INDENT_2).decode())
+        else:
+            for e in entries:
+                print(
+                    f"{e.id}  {e.task or '-'}  {e.reason}  attempts={e.attempts}  {e.error or ''}"
+                )
+            print(f"{len(entries)} dead letters in {dlq.queue!r}", file=sys.stderr)
+    return 0
+
+
+def _require_shared_broker(app: App, what: str) -> None:
+    if app.broker_name.startswith("memory:"):
+        raise UsageError(
+            f"the memory:// broker lives inside one process, so '{what}' from the command line "
+            "cannot reach a worker: use a shared broker (--broker URL or AIOWORKERS_BROKER_URL)"
+        )
+
+
+def _warn_private_broker(app: App) -> None:
+    if app.broker_name.startswith("memory:"):
+        print("note: memory:// is private to this process; these are its numbers", file=sys.stderr)
+
+
+COMMANDS: dict[str, Callable[[App, argparse.Namespace], Coroutine[Any, Any, int]]] = {
+    "run": cmd_run,
+    "enqueue": cmd_enqueue,
+    "stats": cmd_stats,
+    "dlq": cmd_dlq,
+}
+
+
+async def _main(app: App, args: argparse.Namespace) -> int:
+    async with app:
+        return await COMMANDS[args.command](app, args)
+
+
+def _runner() -> asyncio.Runner:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``aioworkers`` console script; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=args.log_level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        app = load_app(args.app)
+        if args.broker:
+            app.set_broker(args.broker)
+        with _runner() as runner:
+            return runner.run(_main(app, args))
+    except (UsageError, ConfigError) as exc:
+        print(f"aioworkers: error: {redact(str(exc))}", file=sys.stderr)
+        return 2
+    except AioworkersError as exc:
+        print(f"aioworkers: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

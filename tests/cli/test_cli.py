@@ -1,0 +1,160 @@
+"""The command line as a user runs it: exit codes, one-line errors, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from aioworkers import cli
+
+APPS = Path(__file__).parent / "apps"
+
+
+def aioworkers_cmd(
+    *args: str, seed: str = "", timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aioworkers", *args],
+        cwd=APPS,
+        env=_env(seed),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _env(seed: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "AIOWORKERS_BROKER_URL"}
+    env["CLIAPP_SEED"] = seed
+    return env
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "nosuchmodule:app"], "cannot import module 'nosuchmodule'"),
+        (["run", "cliapp"], "expected MODULE:ATTR"),
+        (["run", "cliapp:ap"], "has no attribute 'ap'; App objects there: app"),
+        (["run", "cliapp:not_an_app"], "is a int, not an aioworkers.App"),
+        (["run", "cliapp:app", "--broker", "kafka://u:hunter2@h"], "scheme must be one of"),
+        (["run", "cliapp:app", "--concurrency", "0"], "--concurrency: must be >= 1"),
+        (["run", "cliapp:app", "--grace", "soon"], "--grace: expected seconds"),
+        (["run", "cliapp:app", "--bogus"], "unrecognized arguments: --bogus"),
+        (["frobnicate", "cliapp:app"], "invalid choice: 'frobnicate'"),
+        (["enqueue", "cliapp:app", "nap", "--args", "[1"], "--args: not valid JSON"),
+        (["enqueue", "cliapp:app", "nap", "--kwargs", "[]"], "expected a JSON dict"),
+        (["enqueue", "cliapp:app", "nap", "--args", "[1]"], "memory:// broker lives inside"),
+        (["dlq", "list"], "required: MODULE:ATTR"),
+    ],
+)
+def test_bad_invocations_fail_with_one_line_and_exit_2(argv: list[str], message: str) -> None:
+    result = aioworkers_cmd(*argv)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("aioworkers: error: ")
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+    assert "hunter2" not in result.stderr
+
+
+def test_run_burst_runs_jobs_and_dead_letters_bad_ones() -> None:
+    result = aioworkers_cmd("run", "cliapp:app", "--burst", seed="nap=0.01,nap=0.02,fail,garbage")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("nap done") == 2
+    assert "ok=2 retried=0 dead=2 released=0" in result.stderr
+    assert "dead-lettered (decode_error)" in result.stderr
+    assert "dead-lettered (max_retries)" in result.stderr
+
+
+def _start_worker(seed: str, *extra: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aioworkers", "run", "cliapp:app", *extra],
+        cwd=APPS,
+        env=_env(seed),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # blocks until the job is running
+    assert line.startswith("nap start"), line
+    return proc
+
+
+def test_sigterm_lets_the_job_in_flight_finish_and_exits_0() -> None:
+    proc = _start_worker("nap=1.0", "--grace", "10")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "nap done 1.0" in out
+    assert "SIGTERM: draining 1 jobs" in err
+    assert "ok=1 retried=0 dead=0 released=0" in err
+
+
+def test_sigint_then_second_signal_stops_now_and_releases() -> None:
+    proc = _start_worker("nap=30", "--grace", "30")
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - started < 10
+    assert "nap done" not in out
+    assert "ok=0 retried=0 dead=0 released=1" in err
+
+
+def test_grace_expiry_releases_unfinished_jobs() -> None:
+    proc = _start_worker("nap=30", "--grace", "0.5")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "grace period over: releasing 1 unfinished jobs" in err
+    assert "ok=0 retried=0 dead=0 released=1" in err
+
+
+def test_stats_json() -> None:
+    result = aioworkers_cmd("stats", "cliapp:app", "--json")
+    assert result.returncode == 0, result.stderr
+    assert orjson.loads(result.stdout) == {
+        "default": {"ready": 0, "in_flight": 0, "delayed": 0, "dead": 0}
+    }
+
+
+def test_dlq_list_replay_purge_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(APPS))
+    try:
+        import cliapp
+    finally:
+        sys.path.remove(str(APPS))
+    app = cliapp.app
+
+    async def seed_dead() -> list[str]:
+        ids = [await cliapp.fail.enqueue() for _ in range(3)]
+        await app.worker(poll=0.05).run(burst=True)
+        return ids
+
+    ids = asyncio.run(seed_dead())
+    assert cli.main(["dlq", "list", "cliapp:app", "--json"]) == 0
+    listed = orjson.loads(capsys.readouterr().out)
+    assert [d["id"] for d in listed] == ids
+    assert {d["reason"] for d in listed} == {"max_retries"}
+    assert all(d["error"] == "RuntimeError: always fails" for d in listed)
+
+    assert cli.main(["dlq", "replay", "cliapp:app", "--ids", ids[0]]) == 0
+    assert "replayed 1 dead letters" in capsys.readouterr().out
+    assert asyncio.run(app.stats()).ready == 1
+
+    assert cli.main(["dlq", "purge", "cliapp:app"]) == 0
+    assert "purged 2 dead letters" in capsys.readouterr().out
+    assert asyncio.run(app.stats()).dead == 0

@@ -1,0 +1,284 @@
+"""Shared fixtures for the runtime tests: a broker wrapper that injects faults and records
+calls, app factories on the memory broker, a fake clock and polling helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pytest
+
+from aioworkers import App, Broker, BrokerUnavailable, DeadLetter, Delivery, QueueDepth, Worker
+from aioworkers.brokers.memory import MemoryBroker
+
+# Short enough that lease expiry is quick, long enough that a busy loop never loses a lease.
+VISIBILITY = 2.0
+# How long a fetch waits: small, so quiet/stop take effect quickly.
+POLL = 0.05
+
+BROKER_METHODS = frozenset(
+    {
+        "publish",
+        "fetch",
+        "ack",
+        "retry",
+        "release",
+        "extend",
+        "dead_letter",
+        "depth",
+        "dead_letters",
+        "remove_dead_letters",
+        "aclose",
+    }
+)
+
+
+@dataclass
+class BrokerCall:
+    """One call made through a `FaultyBroker`; ``error`` is what it raised, if anything."""
+
+    method: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    at: float = field(default_factory=time.monotonic)
+    error: BaseException | None = None
+    result: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class FaultyBroker:
+    """Wraps any `Broker`, records every call, and injects faults on demand.
+
+    - ``fail_next("ack", 3)``: the next 3 ``ack`` calls raise `BrokerUnavailable` without
+      reaching the wrapped broker;
+    - ``fail_while("fetch")`` / ``heal("fetch")``: every call raises until healed;
+    - ``lose_leases = True``: ``extend`` reports every delivery as lost (and extends none);
+    - ``hold("fetch")``: an `asyncio.Event`; calls reach the wrapped broker at once but
+      return only once the event is set (a slow reply).
+    """
+
+    def __init__(self, inner: Broker) -> None:
+        self.inner = inner
+        self.calls: list[BrokerCall] = []
+        self.lose_leases = False
+        self._fail_next: Counter[str] = Counter()
+        self._failing: set[str] = set()
+        self._holds: dict[str, asyncio.Event] = {}
+
+    def __repr__(self) -> str:
+        return f"<FaultyBroker {self.inner!r}>"
+
+    # -- fault control --------------------------------------------------------------------
+
+    def fail_next(self, method: str, times: int = 1) -> None:
+        self._fail_next[_checked(method)] += times
+
+    def fail_while(self, method: str) -> None:
+        self._failing.add(_checked(method))
+
+    def heal(self, method: str) -> None:
+        self._failing.discard(_checked(method))
+        self._fail_next.pop(method, None)
+
+    def hold(self, method: str) -> asyncio.Event:
+        gate = self._holds[_checked(method)] = asyncio.Event()
+        return gate
+
+    # -- inspection -----------------------------------------------------------------------
+
+    def calls_of(self, method: str, *, ok: bool | None = None) -> list[BrokerCall]:
+        _checked(method)
+        return [c for c in self.calls if c.method == method and (ok is None or c.ok is ok)]
+
+    def count(self, method: str, *, ok: bool | None = None) -> int:
+        return len(self.calls_of(method, ok=ok))
+
+    def settled(self, method: str) -> list[Delivery]:
+        """The deliveries passed to successful calls of ``method`` (ack, release, retry,
+        dead_letter, extend), batches flattened, in call order."""
+        out: list[Delivery] = []
+        for call in self.calls_of(method, ok=True):
+            first = call.args[0]
+            out.extend(first if isinstance(first, list | tuple) else [first])
+        return out
+
+    # -- the Broker protocol --------------------------------------------------------------
+
+    async def _call(
+        self, method: str, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
+    ) -> Any:
+        call = BrokerCall(method, args, kwargs)
+        self.calls.append(call)
+        if method in self._failing or self._fail_next[method] > 0:
+            if self._fail_next[method] > 0:
+                self._fail_next[method] -= 1
+            call.error = BrokerUnavailable(f"injected fault in {method}")
+            raise call.error
+        try:
+            call.result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            call.error = exc
+            raise
+        gate = self._holds.get(method)
+        if gate is not None:
+            await gate.wait()
+        return call.result
+
+    async def publish(self, queue: str, bodies: Sequence[bytes], *, delay: float = 0.0) -> None:
+        await self._call("publish", self.inner.publish, queue, list(bodies), delay=delay)
+
+    async def fetch(self, queue: str, *, max_messages: int, wait: float) -> list[Delivery]:
+        got: list[Delivery] = await self._call(
+            "fetch", self.inner.fetch, queue, max_messages=max_messages, wait=wait
+        )
+        return got
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        await self._call("ack", self.inner.ack, list(deliveries))
+
+    async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> None:
+        await self._call("retry", self.inner.retry, delivery, body=body, delay=delay)
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        await self._call("release", self.inner.release, list(deliveries))
+
+    async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:
+        if self.lose_leases:
+
+            async def lose_all(ds: list[Delivery], *, visibility: float) -> list[Delivery]:
+                return list(ds)
+
+            fn: Callable[..., Awaitable[Any]] = lose_all
+        else:
+            fn = self.inner.extend
+        lost: list[Delivery] = await self._call(
+            "extend", fn, list(deliveries), visibility=visibility
+        )
+        return lost
+
+    async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
+        await self._call("dead_letter", self.inner.dead_letter, delivery, letter)
+
+    async def depth(self, queue: str) -> QueueDepth:
+        depth: QueueDepth = await self._call("depth", self.inner.depth, queue)
+        return depth
+
+    async def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetter]:
+        letters: list[DeadLetter] = await self._call(
+            "dead_letters", self.inner.dead_letters, queue, limit=limit
+        )
+        return letters
+
+    async def remove_dead_letters(self, queue: str, entry_ids: Collection[str] | None) -> int:
+        n: int = await self._call(
+            "remove_dead_letters", self.inner.remove_dead_letters, queue, entry_ids
+        )
+        return n
+
+    async def aclose(self) -> None:
+        await self._call("aclose", self.inner.aclose)
+
+
+def _checked(method: str) -> str:
+    if method not in BROKER_METHODS:
+        raise ValueError(f"not a Broker method: {method!r}")
+    return method
+
+
+class FakeClock:
+    """A monotonic clock for `MemoryBroker(clock=...)` that moves only when told to."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def wait_until(
+    predicate: Callable[[], bool], *, timeout: float = 5.0, what: str = "condition"
+) -> None:
+    """Poll ``predicate`` every 5 ms until it holds; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def run_burst(worker: Worker, *, timeout: float = 10.0) -> None:
+    """Run ``worker`` until its queues are empty, failing the test if that takes too long."""
+    async with asyncio.timeout(timeout):
+        await worker.run(burst=True)
+
+
+async def stats_eventually(
+    app: App, expected: QueueDepth, *, queue: str | None = None, timeout: float = 5.0
+) -> None:
+    """Wait until ``app.stats(queue)`` equals ``expected``."""
+    deadline = time.monotonic() + timeout
+    while (got := await app.stats(queue)) != expected:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"stats stayed {got}, expected {expected}")
+        await asyncio.sleep(0.005)
+
+
+class MakeApp(Protocol):
+    def __call__(
+        self,
+        *,
+        visibility_timeout: float = VISIBILITY,
+        clock: Callable[[], float] | None = None,
+        **kwargs: Any,
+    ) -> tuple[App, FaultyBroker]: ...
+
+
+@pytest.fixture
+def make_app() -> MakeApp:
+    """Build an `App` on a fresh `MemoryBroker` wrapped in a `FaultyBroker`."""
+
+    def make(
+        *,
+        visibility_timeout: float = VISIBILITY,
+        clock: Callable[[], float] | None = None,
+        **kwargs: Any,
+    ) -> tuple[App, FaultyBroker]:
+        inner = MemoryBroker(visibility_timeout=visibility_timeout, clock=clock or time.monotonic)
+        faulty = FaultyBroker(inner)
+        app = App(faulty, visibility_timeout=visibility_timeout, **kwargs)
+        return app, faulty
+
+    return make
+
+
+@pytest.fixture
+def app_and_broker(make_app: MakeApp) -> tuple[App, FaultyBroker]:
+    return make_app()
+
+
+@pytest.fixture
+def app(app_and_broker: tuple[App, FaultyBroker]) -> App:
+    return app_and_broker[0]
+
+
+@pytest.fixture
+def faulty(app_and_broker: tuple[App, FaultyBroker]) -> FaultyBroker:
+    return app_and_broker[1]
+
+
+@pytest.fixture
+async def memory_app() -> AsyncIterator[App]:
+    """An `App("memory://")`, the way a user makes one."""
+    app = App("memory://", visibility_timeout=VISIBILITY)
+    async with app:
+        yield app
