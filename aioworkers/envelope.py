@@ -86,52 +86,50 @@ def decode(body: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Envelope:
     return _from_doc(doc)
 
 
-_REQUIRED: dict[str, type | tuple[type, ...]] = {
-    "v": int,
-    "id": str,
-    "task": str,
-    "args": list,
-    "kwargs": dict,
-    "attempt": int,
-    "enqueued_at": int,
-}
-_OPTIONAL: dict[str, type | tuple[type, ...]] = {"eta": int, "key": str, "headers": dict}
+_FIELDS: tuple[tuple[str, type], ...] = (
+    ("v", int),
+    ("id", str),
+    ("task", str),
+    ("args", list),
+    ("kwargs", dict),
+    ("attempt", int),
+    ("enqueued_at", int),
+)
 
 
 def _from_doc(doc: dict[str, Any]) -> Envelope:
-    for name, kind in _REQUIRED.items():
-        value = doc.get(name)
-        # bool is an int subclass; true is not an attempt number
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise DecodeError("schema_error", f"field {name!r} missing or not {_name(kind)}")
-    for name, kind in _OPTIONAL.items():
-        value = doc.get(name)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise DecodeError("schema_error", f"field {name!r} is not {_name(kind)}")
+    # Exact type checks: orjson returns exact types, and `type(x) is int` also refuses bools.
+    for name, kind in _FIELDS:
+        if type(doc.get(name)) is not kind:
+            raise DecodeError("schema_error", f"field {name!r} missing or not {kind.__name__}")
     if doc["v"] != VERSION:
         raise DecodeError("schema_error", f"unsupported envelope version {doc['v']!r}")
     if not doc["id"] or not doc["task"]:
         raise DecodeError("schema_error", "empty 'id' or 'task'")
     if doc["attempt"] < 1:
         raise DecodeError("schema_error", "'attempt' must be >= 1")
-    headers = doc.get("headers") or {}
-    if not all(isinstance(v, str) for v in headers.values()):
-        raise DecodeError("schema_error", "'headers' values must be strings")
+    eta = doc.get("eta")
+    key = doc.get("key")
+    headers = doc.get("headers")
+    if eta is not None and type(eta) is not int:
+        raise DecodeError("schema_error", "field 'eta' is not int")
+    if key is not None and type(key) is not str:
+        raise DecodeError("schema_error", "field 'key' is not str")
+    if headers is None:
+        headers = {}
+    elif type(headers) is not dict or not all(type(v) is str for v in headers.values()):
+        raise DecodeError("schema_error", "field 'headers' is not an object of strings")
     return Envelope(
-        id=doc["id"],
-        task=doc["task"],
-        args=doc["args"],
-        kwargs=doc["kwargs"],
-        attempt=doc["attempt"],
-        enqueued_at=doc["enqueued_at"],
-        eta=doc.get("eta"),
-        key=doc.get("key"),
-        headers=headers,
+        doc["id"],
+        doc["task"],
+        doc["args"],
+        doc["kwargs"],
+        doc["attempt"],
+        doc["enqueued_at"],
+        eta,
+        key,
+        headers,
     )
-
-
-def _name(kind: type | tuple[type, ...]) -> str:
-    return kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
 
 
 def fingerprint(body: bytes) -> str:

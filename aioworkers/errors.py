@@ -62,7 +62,9 @@ class Reject(AioworkersError):
         self.reason = reason
 
 
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
+# Like urlsplit, the user info runs to the *last* "@" before the host's "/", "?" or "#", so
+# a password with a raw "@" (which redis-py and yarl accept) is hidden whole.
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/?#@\s]*):[^/?#\s]*@")
 
 
 def redact(text: str) -> str:

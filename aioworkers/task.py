@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+_Fits = Callable[[Sequence[Any], dict[str, Any]], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,7 @@ class Task(Generic[P, R]):
         self.queue = queue
         self.policy = policy
         self.signature = inspect.signature(fn)
+        self._fits = _fast_fit(self.signature)
 
     def __repr__(self) -> str:
         return f"<Task {self.name} queue={self.queue or self.app.queue}>"
@@ -87,8 +89,10 @@ class Task(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
         return self.fn(*args, **kwargs)
 
-    def check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Raise ``TypeError`` now if the worker could not call the handler with these."""
+    def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+        """Raise ``TypeError`` if the handler cannot be called with these arguments."""
+        if self._fits is not None and self._fits(args, kwargs):
+            return
         try:
             self.signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -107,3 +111,29 @@ class Task(Generic[P, R]):
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """Publish one job with default options; returns its id."""
         return await self.options().enqueue(*args, **kwargs)
+
+
+def _fast_fit(
+    signature: inspect.Signature,
+) -> Callable[[Sequence[Any], dict[str, Any]], bool] | None:
+    """A quick yes for the common signature shape (named parameters only), checked on
+    every job; a no falls back to ``Signature.bind`` for the precise error."""
+    params = signature.parameters.values()
+    if any(p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params):
+        return None
+    positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    names = frozenset(signature.parameters)
+    required = frozenset(p.name for p in params if p.default is p.empty)
+
+    def fits(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+        if len(args) > len(positional):
+            return False
+        given = set(positional[: len(args)])
+        if kwargs:
+            keys = kwargs.keys()
+            if not keys <= names or not given.isdisjoint(keys):
+                return False
+            given.update(keys)
+        return required <= given
+
+    return fits

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._runtime.executor import Executor
+from ._runtime.classify import JobCancelled
+from ._runtime.executor import Executor, Outcome, uncancel
 from ._runtime.fetcher import Fetcher
-from ._runtime.inflight import InFlight
+from ._runtime.inflight import InFlight, Run
 from ._runtime.lease import keep_leases
 from ._runtime.scheduler import Slots
 from ._runtime.settle import Settler
@@ -129,46 +130,66 @@ class Worker:
         async with anyio.create_task_group() as service:
             service.start_soon(partial(keep_leases, broker, self._inflight, visibility=visibility))
             service.start_soon(self._settler.run_acks)
-            async with anyio.create_task_group() as jobs:
-
-                def start(delivery: Delivery) -> None:
-                    jobs.start_soon(self._job, delivery, self._inflight.add(delivery))
-
-                async with anyio.create_task_group() as fetchers:
-                    for queue in self.queues:
-                        fetcher = Fetcher(
-                            broker,
-                            queue,
-                            self._slots,
-                            wait=min(self.poll, BURST_POLL) if burst else self.poll,
-                            quiet=lambda: self._quiet,
-                            drained=self._drained if burst else None,
-                        )
-                        fetchers.start_soon(fetcher.run, start)
+            async with anyio.create_task_group() as fetchers:
+                for queue in self.queues:
+                    fetcher = Fetcher(
+                        broker,
+                        queue,
+                        self._slots,
+                        wait=min(self.poll, BURST_POLL) if burst else self.poll,
+                        quiet=lambda: self._quiet,
+                        drained=self._drained if burst else None,
+                    )
+                    fetchers.start_soon(fetcher.run, self._start)
+            try:
                 self.quiet()
-                await self._drain(jobs)
+                await self._drain()
+            finally:
+                if len(self._inflight):
+                    await self._abandon()  # cancelled from outside: still hand jobs back
             with anyio.move_on_after(SETTLE_GRACE):
                 await self._settler.flush_acks()
             # Leases are kept until every job is settled; only then stop the lease loop.
             service.cancel_scope.cancel()
 
-    async def _drain(self, jobs: anyio.abc.TaskGroup) -> None:
+    def _start(self, delivery: Delivery) -> None:
+        # One plain asyncio task per job: the hot path pays for nothing more.
+        run = self._inflight.add(delivery)
+        run.task = asyncio.get_running_loop().create_task(self._job(delivery, run))
+
+    async def _drain(self) -> None:
         with anyio.move_on_after(self.grace) as self._grace_scope:
             await self._inflight.wait_empty()
         if len(self._inflight):
             log.warning("grace period over: releasing %d unfinished jobs", len(self._inflight))
-            self._inflight.cancel_all()
-        with anyio.move_on_after(SETTLE_GRACE):
-            await self._inflight.wait_empty()
-        if len(self._inflight):
-            # Settles stuck on an unreachable broker: their leases run out and the broker
-            # redelivers them, so abandoning them loses nothing.
-            log.error("abandoning %d unsettled jobs to lease expiry", len(self._inflight))
-            jobs.cancel_scope.cancel()
+            await self._abandon()
 
-    async def _job(self, delivery: Delivery, scope: anyio.CancelScope) -> None:
+    async def _abandon(self) -> None:
+        """Last resort: release what can be released in a few seconds, then cancel the rest.
+
+        Settles stuck on an unreachable broker are cancelled: their leases run out and the
+        broker redelivers them, so abandoning them loses nothing.
+        """
+        with anyio.CancelScope(shield=True):
+            self._inflight.cancel_all()
+            with anyio.move_on_after(SETTLE_GRACE):
+                await self._inflight.wait_empty()
+            tasks = self._inflight.tasks()
+            if tasks:
+                log.error("abandoning %d unsettled jobs to lease expiry", len(tasks))
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _job(self, delivery: Delivery, run: Run) -> None:
         try:
-            outcome = await self._executor.execute(delivery, scope)
+            try:
+                outcome = await self._executor.execute(delivery, run)
+            except asyncio.CancelledError:
+                if not run.cancel_requested:
+                    raise
+                uncancel()  # cancelled before it started: hand it back untouched
+                outcome = Outcome(None, None, JobCancelled())
             await self._settler.settle(delivery, outcome)
         except Exception:
             log.exception("internal error while running %r; the broker will redeliver it", delivery)

@@ -5,12 +5,11 @@ Returns an `Outcome` and never calls the broker: settling is `settle.py`'s job.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-import anyio
 
 from ..brokers.base import Delivery
 from ..envelope import Envelope, decode
@@ -18,6 +17,7 @@ from ..errors import DecodeError
 from ..job import Job, _current, from_epoch_ms
 from ..task import Task
 from .classify import JobCancelled, TooManyDeliveries
+from .inflight import Run
 
 
 @dataclass(slots=True)
@@ -55,12 +55,12 @@ class Executor:
             # Never import or getattr a name from a message: the registry is the allow-list.
             return env, None, DecodeError("unknown_task", f"no task named {env.task!r}")
         try:
-            task.signature.bind(*env.args, **env.kwargs)
+            task.check_arguments(env.args, env.kwargs)
         except TypeError as exc:
             return env, task, DecodeError("bad_arguments", str(exc))
         return env, task, None
 
-    async def execute(self, delivery: Delivery, scope: anyio.CancelScope) -> Outcome:
+    async def execute(self, delivery: Delivery, run: Run) -> Outcome:
         env, task, invalid = self.prepare(delivery)
         if invalid is not None or env is None or task is None:
             return Outcome(env, task, invalid)
@@ -68,12 +68,12 @@ class Executor:
             # Checked before dispatch: a job that kills its process must not loop forever.
             error = TooManyDeliveries(f"delivered {delivery.count} times")
             return Outcome(env, task, error)
-        if scope.cancel_called:
+        if run.cancel_requested:
             return Outcome(env, task, JobCancelled())
-        return await self._run(delivery, env, task, scope)
+        return await self._run(delivery, env, task, run)
 
     async def _run(
-        self, delivery: Delivery, env: Envelope, task: Task[Any, Any], scope: anyio.CancelScope
+        self, delivery: Delivery, env: Envelope, task: Task[Any, Any], run: Run
     ) -> Outcome:
         _current.set(
             Job(
@@ -89,18 +89,32 @@ class Executor:
         )
         error: BaseException | None = None
         start = time.perf_counter()
-        with scope:
-            try:
-                timeout = task.policy.timeout
-                if timeout is None:
-                    await task.fn(*env.args, **env.kwargs)
-                else:
-                    with anyio.move_on_after(timeout) as limit:
+        try:
+            timeout = task.policy.timeout
+            if timeout is None:
+                await task.fn(*env.args, **env.kwargs)
+            else:
+                limit = asyncio.timeout(timeout)
+                try:
+                    async with limit:
                         await task.fn(*env.args, **env.kwargs)
-                    if limit.cancelled_caught:
-                        error = TimeoutError(f"task {task.name!r} timed out after {timeout}s")
-            except Exception as exc:
-                error = exc
-        if scope.cancelled_caught:
+                except TimeoutError as exc:
+                    if not limit.expired():
+                        raise  # the handler's own timeout, not the task's
+                    raise TimeoutError(f"task {task.name!r} timed out after {timeout}s") from exc
+        except asyncio.CancelledError:
+            if not run.cancel_requested:
+                raise  # not ours: let whoever cancelled the task see it
+            # Ours (shutdown past grace, or lease lost): swallow it so the job is released.
+            uncancel()
             error = JobCancelled()
+        except Exception as exc:
+            error = exc
         return Outcome(env, task, error, time.perf_counter() - start)
+
+
+def uncancel() -> None:
+    """Take back a cancellation of the current task that the runtime asked for itself."""
+    current = asyncio.current_task()
+    if current is not None:
+        current.uncancel()

@@ -4,48 +4,65 @@ from __future__ import annotations
 
 import asyncio
 
-import anyio
-
 from ..brokers.base import Delivery
 
 
+class Run:
+    """The task running one delivery, and whether the runtime asked to cancel it."""
+
+    __slots__ = ("cancel_requested", "task")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self.cancel_requested = False
+
+    def cancel(self) -> None:
+        # The flag tells the executor this cancellation is ours (release the job), not one
+        # from outside; set before the task exists, it stops the handler from starting.
+        self.cancel_requested = True
+        if self.task is not None:
+            self.task.cancel()
+
+
 class InFlight:
-    """Deliveries from fetch until settled, each with the cancel scope of its run.
+    """Deliveries from fetch until settled, each with its `Run`.
 
     The scheduler adds, settle removes, the lease loop reads a snapshot and cancels runs
     whose lease was lost; shutdown cancels what is left after the grace period.
     """
 
     def __init__(self) -> None:
-        self._scopes: dict[Delivery, anyio.CancelScope] = {}
+        self._runs: dict[Delivery, Run] = {}
         self._empty = asyncio.Event()
         self._empty.set()
 
     def __len__(self) -> int:
-        return len(self._scopes)
+        return len(self._runs)
 
-    def add(self, delivery: Delivery) -> anyio.CancelScope:
-        # The scope exists before the run starts, so a cancel can land before it begins.
-        scope = self._scopes[delivery] = anyio.CancelScope()
+    def add(self, delivery: Delivery) -> Run:
+        run = self._runs[delivery] = Run()
         self._empty.clear()
-        return scope
+        return run
 
     def remove(self, delivery: Delivery) -> None:
-        self._scopes.pop(delivery, None)
-        if not self._scopes:
+        self._runs.pop(delivery, None)
+        if not self._runs:
             self._empty.set()
 
     def snapshot(self) -> list[Delivery]:
-        return list(self._scopes)
+        return list(self._runs)
 
     def cancel(self, delivery: Delivery) -> None:
-        scope = self._scopes.get(delivery)
-        if scope is not None:
-            scope.cancel()
+        run = self._runs.get(delivery)
+        if run is not None:
+            run.cancel()
 
     def cancel_all(self) -> None:
-        for scope in self._scopes.values():
-            scope.cancel()
+        for run in self._runs.values():
+            run.cancel()
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [run.task for run in self._runs.values() if run.task is not None]
 
     async def wait_empty(self) -> None:
         await self._empty.wait()
