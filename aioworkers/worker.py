@@ -15,7 +15,7 @@ from ._runtime.executor import Executor, Outcome, uncancel
 from ._runtime.fetcher import Fetcher
 from ._runtime.inflight import InFlight, Run
 from ._runtime.lease import keep_leases
-from ._runtime.scheduler import Slots
+from ._runtime.scheduler import Scheduler
 from ._runtime.settle import Settler
 from .brokers.base import Delivery
 from .errors import BrokerUnavailable, ConfigError
@@ -61,7 +61,7 @@ class Worker:
         self.poll = poll
         self.state = "IDLE"
         self._inflight = InFlight()
-        self._slots = Slots(concurrency)
+        self._scheduler = Scheduler(concurrency, self._inflight, self._start)
         self._settler = Settler(app.broker)
         self._executor = Executor(
             app.tasks,
@@ -73,6 +73,7 @@ class Worker:
         self._grace_scope: anyio.CancelScope | None = None
         self._started = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._release_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -90,12 +91,17 @@ class Worker:
         return len(self._inflight)
 
     def quiet(self) -> None:
-        """Stop fetching; jobs in flight go on."""
+        """Stop fetching; jobs running go on, fetched ones not started are released."""
         if not self._quiet:
             self._quiet = True
-            self._slots.close()
             if self.state == "RUNNING":
                 self.state = "QUIET"
+            unstarted = self._scheduler.close()
+            if unstarted:
+                # Hand them to another worker now rather than after their lease runs out.
+                self._release_task = asyncio.get_running_loop().create_task(
+                    self._release(unstarted)
+                )
 
     def stop(self) -> None:
         """Quiet, drain within ``grace``, release the rest. A second call cancels now."""
@@ -135,12 +141,12 @@ class Worker:
                     fetcher = Fetcher(
                         broker,
                         queue,
-                        self._slots,
+                        self._scheduler,
                         wait=min(self.poll, BURST_POLL) if burst else self.poll,
                         quiet=lambda: self._quiet,
                         drained=self._drained if burst else None,
                     )
-                    fetchers.start_soon(fetcher.run, self._start)
+                    fetchers.start_soon(fetcher.run)
             try:
                 self.quiet()
                 await self._drain()
@@ -152,10 +158,18 @@ class Worker:
             # Leases are kept until every job is settled; only then stop the lease loop.
             service.cancel_scope.cancel()
 
-    def _start(self, delivery: Delivery) -> None:
+    def _start(self, delivery: Delivery, run: Run) -> None:
         # One plain asyncio task per job: the hot path pays for nothing more.
-        run = self._inflight.add(delivery)
         run.task = asyncio.get_running_loop().create_task(self._job(delivery, run))
+
+    async def _release(self, deliveries: list[Delivery]) -> None:
+        try:
+            await self.app.broker.release(deliveries)
+        except BrokerUnavailable:
+            log.warning("could not release %d jobs; their leases will expire", len(deliveries))
+        finally:
+            for delivery in deliveries:
+                self._inflight.remove(delivery)
 
     async def _drain(self) -> None:
         with anyio.move_on_after(self.grace) as self._grace_scope:
@@ -195,7 +209,7 @@ class Worker:
             log.exception("internal error while running %r; the broker will redeliver it", delivery)
         finally:
             self._inflight.remove(delivery)
-            self._slots.give(1)
+            self._scheduler.done()
 
     async def _drained(self) -> bool:
         if len(self._inflight) or self._settler.pending_acks:

@@ -1,4 +1,4 @@
-"""The fetch loop: ask the broker for as many deliveries as there are free slots."""
+"""The fetch loop: ask the broker for no more deliveries than there are free slots."""
 
 from __future__ import annotations
 
@@ -8,24 +8,22 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
-from ..brokers.base import Broker, Delivery
+from ..brokers.base import Broker
 from ..errors import BrokerUnavailable
 from ..retry import next_delay
-from .scheduler import Slots
+from .scheduler import Scheduler
 
 log = logging.getLogger("aioworkers")
 
-Start = Callable[[Delivery], None]
-
 
 class Fetcher:
-    """One per queue. Stops when ``quiet`` is set, or in burst mode once ``drained()``."""
+    """One per queue. Stops when ``quiet()``, or in burst mode once ``drained()``."""
 
     def __init__(
         self,
         broker: Broker,
         queue: str,
-        slots: Slots,
+        scheduler: Scheduler,
         *,
         wait: float,
         quiet: Callable[[], bool],
@@ -33,38 +31,32 @@ class Fetcher:
     ) -> None:
         self.broker = broker
         self.queue = queue
-        self.slots = slots
+        self.scheduler = scheduler
         self.wait = wait
         self.quiet = quiet
         self.drained = drained
 
-    async def run(self, start: Start) -> None:
+    async def run(self) -> None:
         failures = 0
         idle = True
         while not self.quiet():
             if idle and self.drained is not None and await self.drained():
                 return
-            n = await self.slots.take(self.slots.capacity)
-            if n == 0:
+            room = await self.scheduler.wait_for_room()
+            if room == 0:
                 continue
             try:
-                got = await self.broker.fetch(self.queue, max_messages=n, wait=self.wait)
+                got = await self.broker.fetch(self.queue, max_messages=room, wait=self.wait)
             except BrokerUnavailable as exc:
-                self.slots.give(n)
                 failures += 1
                 delay = next_delay(failures, base=0.2, cap=10.0)
                 log.warning("fetch from %r failed, retrying in %.1fs: %s", self.queue, delay, exc)
                 await anyio.sleep(delay)
                 continue
             failures = 0
-            self.slots.give(n - len(got))
             idle = not got
-            if got and self.quiet():
-                # Went quiet while waiting: hand them to another worker at once.
-                self.slots.give(len(got))
-                # If the broker is down, their leases run out and it redelivers them.
+            if not self.scheduler.submit(got):
+                # Went quiet while waiting: hand them to another worker at once. If the
+                # broker is down, their leases run out and it redelivers them.
                 with contextlib.suppress(BrokerUnavailable):
                     await self.broker.release(got)
-                return
-            for delivery in got:
-                start(delivery)
