@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._runtime.classify import JobCancelled
-from ._runtime.executor import Executor, Outcome, uncancel
+from ._runtime.executor import Executor
 from ._runtime.fetcher import Fetcher
 from ._runtime.inflight import InFlight, Run
 from ._runtime.lease import keep_leases
@@ -72,6 +71,7 @@ class Worker:
         self._stops = 0
         self._grace_scope: anyio.CancelScope | None = None
         self._started = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._release_task: asyncio.Task[None] | None = None
 
@@ -91,7 +91,9 @@ class Worker:
         return len(self._inflight)
 
     def quiet(self) -> None:
-        """Stop fetching; jobs running go on, fetched ones not started are released."""
+        """Stop fetching (for good); jobs running go on, fetched ones not started are
+        released to other workers. `run()` returns only after `stop()` (or, in burst mode,
+        once nothing is left)."""
         if not self._quiet:
             self._quiet = True
             if self.state == "RUNNING":
@@ -107,6 +109,7 @@ class Worker:
         """Quiet, drain within ``grace``, release the rest. A second call cancels now."""
         self._stops += 1
         self.quiet()
+        self._stopping.set()
         if self._stops > 1:
             log.warning("stopping now: cancelling %d jobs in flight", len(self._inflight))
             if self._grace_scope is not None:
@@ -149,6 +152,8 @@ class Worker:
                     fetchers.start_soon(fetcher.run)
             try:
                 self.quiet()
+                if not burst:
+                    await self._stopping.wait()
                 await self._drain()
             finally:
                 if len(self._inflight):
@@ -196,15 +201,14 @@ class Worker:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _job(self, delivery: Delivery, run: Run) -> None:
+        run.started = True
         try:
-            try:
-                outcome = await self._executor.execute(delivery, run)
-            except asyncio.CancelledError:
-                if not run.cancel_requested:
-                    raise
-                uncancel()  # cancelled before it started: hand it back untouched
-                outcome = Outcome(None, None, JobCancelled())
-            await self._settler.settle(delivery, outcome)
+            outcome = await self._executor.execute(delivery, run)
+            if run.lost:
+                # Another worker may hold it now: settling anything would act over it.
+                self._settler.counts["lease_lost"] += 1
+            else:
+                await self._settler.settle(delivery, outcome)
         except Exception:
             log.exception("internal error while running %r; the broker will redeliver it", delivery)
         finally:

@@ -55,7 +55,7 @@ class Fetcher:
                 continue
             failures = 0
             idle = not got
-            if not self.scheduler.submit(got):
+            if got and not self.scheduler.submit(got):
                 # Went quiet while waiting: hand them to another worker at once. If the
                 # broker is down, their leases run out and it redelivers them.
                 with contextlib.suppress(BrokerUnavailable):

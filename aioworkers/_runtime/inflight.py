@@ -10,17 +10,23 @@ from ..brokers.base import Delivery
 class Run:
     """The task running one delivery, and whether the runtime asked to cancel it."""
 
-    __slots__ = ("cancel_requested", "task")
+    __slots__ = ("cancel_requested", "lost", "started", "task")
 
     def __init__(self) -> None:
         self.task: asyncio.Task[None] | None = None
+        self.started = False  # set by the task's first step
         self.cancel_requested = False
+        self.lost = False  # the lease is gone: settle nothing
 
     def cancel(self) -> None:
+        if self.cancel_requested:
+            return  # once: a second cancel could interrupt the settle that follows
         # The flag tells the executor this cancellation is ours (release the job), not one
-        # from outside; set before the task exists, it stops the handler from starting.
+        # from outside; set before the task has started, it stops the handler from starting.
         self.cancel_requested = True
-        if self.task is not None:
+        # A task cancelled before its first step never enters its coroutine, so nothing
+        # would settle the delivery or free its slot: until then the flag alone must do.
+        if self.task is not None and self.started:
             self.task.cancel()
 
 
@@ -52,9 +58,11 @@ class InFlight:
     def snapshot(self) -> list[Delivery]:
         return list(self._runs)
 
-    def cancel(self, delivery: Delivery) -> None:
+    def lose(self, delivery: Delivery) -> None:
+        """The lease of ``delivery`` was lost: cancel its run and settle nothing."""
         run = self._runs.get(delivery)
         if run is not None:
+            run.lost = True
             run.cancel()
 
     def cancel_all(self) -> None:

@@ -30,4 +30,4 @@ async def keep_leases(broker: Broker, inflight: InFlight, *, visibility: float) 
             continue
         for delivery in lost:
             log.warning("lease lost for %r: cancelling its run", delivery)
-            inflight.cancel(delivery)
+            inflight.lose(delivery)

@@ -45,12 +45,14 @@ async def with_backoff(call: Callable[[], Awaitable[Any]], what: str) -> Any:
 
 class Settler:
     """Turns outcomes into broker calls. Acks are batched: every ack that arrives while a
-    round trip is in progress goes out together in the next one."""
+    round trip is in progress goes out together in the next one, and each job waits for
+    its own to be confirmed."""
 
     def __init__(self, broker: Broker, *, max_ack_batch: int = 1000) -> None:
         self._broker = broker
-        self._acks: list[Delivery] = []
+        self._acks: list[tuple[Delivery, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self._max_batch = max_ack_batch
         self.counts: Counter[str] = Counter()
 
@@ -69,23 +71,28 @@ class Settler:
         broker = self._broker
         match decision:
             case c.Ack():
-                self.counts["ok"] += 1
-                self._acks.append(delivery)
+                acked = asyncio.get_running_loop().create_future()
+                self._acks.append((delivery, acked))
                 self._wake.set()
+                # Held (slot and lease) until the broker has the ack: a lease that lapsed
+                # while the ack waited would hand a finished job to another worker.
+                await acked
+                self.counts["ok"] += 1
             case c.RetryLater(delay=delay):
                 assert outcome.envelope is not None
                 body = encode(outcome.envelope.next_attempt())
-                self.counts["retried"] += 1
                 _log_failure(logging.WARNING, delivery, outcome, f"retry in {delay:.2f}s")
                 await with_backoff(lambda: broker.retry(delivery, body=body, delay=delay), "retry")
+                # Counted once done: a delivery whose lease was lost counts as lease_lost only.
+                self.counts["retried"] += 1
             case c.DeadLetter(reason=reason):
                 letter = dead_letter_for(delivery, outcome, reason)
-                self.counts["dead"] += 1
                 _log_failure(logging.ERROR, delivery, outcome, f"dead-lettered ({reason})")
                 await with_backoff(lambda: broker.dead_letter(delivery, letter), "dead_letter")
+                self.counts["dead"] += 1
             case c.Release():
-                self.counts["released"] += 1
                 await with_backoff(lambda: broker.release([delivery]), "release")
+                self.counts["released"] += 1
 
     async def run_acks(self) -> None:
         """Flush acks as they come, until cancelled."""
@@ -95,10 +102,18 @@ class Settler:
             await self.flush_acks()
 
     async def flush_acks(self) -> None:
-        while self._acks:
-            batch = self._acks[: self._max_batch]
-            del self._acks[: self._max_batch]
-            await with_backoff(partial(self._broker.ack, batch), "ack")
+        # One flush at a time: the last flush at shutdown must wait for a batch `run_acks`
+        # is still retrying, not find the list empty and let that batch be cancelled.
+        async with self._flushing:
+            while self._acks:
+                batch = self._acks[: self._max_batch]
+                del self._acks[: self._max_batch]
+                try:
+                    await with_backoff(partial(self._broker.ack, [d for d, _ in batch]), "ack")
+                finally:
+                    for _, acked in batch:
+                        if not acked.done():
+                            acked.set_result(None)
 
     @property
     def pending_acks(self) -> int:

@@ -118,6 +118,7 @@ def test_grace_expiry_releases_unfinished_jobs() -> None:
     proc = _start_worker("nap=30", "--grace", "0.5")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=20)
+    assert "nap done" not in out
     assert proc.returncode == 0, err
     assert "grace period over: releasing 1 unfinished jobs" in err
     assert "ok=0 retried=0 dead=0 released=1" in err

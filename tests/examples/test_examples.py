@@ -39,4 +39,3 @@ def test_quickstart() -> None:
 
 
 COVERED = {"quickstart.py": test_quickstart}
-

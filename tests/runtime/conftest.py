@@ -206,27 +206,27 @@ class FakeClock:
 
 
 async def wait_until(
-    predicate: Callable[[], bool], *, timeout: float = 5.0, what: str = "condition"
+    predicate: Callable[[], bool], *, within: float = 5.0, what: str = "condition"
 ) -> None:
-    """Poll ``predicate`` every 5 ms until it holds; fail the test after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
+    """Poll ``predicate`` every 5 ms until it holds; fail the test after ``within`` s."""
+    deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.005)
 
 
-async def run_burst(worker: Worker, *, timeout: float = 10.0) -> None:
+async def run_burst(worker: Worker, *, within: float = 10.0) -> None:
     """Run ``worker`` until its queues are empty, failing the test if that takes too long."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         await worker.run(burst=True)
 
 
 async def stats_eventually(
-    app: App, expected: QueueDepth, *, queue: str | None = None, timeout: float = 5.0
+    app: App, expected: QueueDepth, *, queue: str | None = None, within: float = 5.0
 ) -> None:
     """Wait until ``app.stats(queue)`` equals ``expected``."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while (got := await app.stats(queue)) != expected:
         if time.monotonic() > deadline:
             raise AssertionError(f"stats stayed {got}, expected {expected}")

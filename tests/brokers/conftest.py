@@ -1,0 +1,126 @@
+"""The broker under test for the conformance suite, and helpers that talk only to the
+Broker protocol.
+
+Adding a broker: write an async context manager that yields a `BrokerCase` (skip with
+``pytest.skip`` when its server is not reachable) and add it to ``FACTORIES``. Every test
+in ``test_conformance.py`` then runs against it. Tests use a fresh uuid queue name each, so
+runs against a shared server don't interfere, and read ``case.visibility`` / ``case.delay``
+instead of hard-coding times, so a broker with coarser timers (SQS: whole seconds) sets
+larger values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+
+from aioworkers import Broker, Delivery, QueueDepth
+from aioworkers.brokers.memory import MemoryBroker
+
+
+@dataclass(frozen=True)
+class BrokerCase:
+    """A broker instance and the timings the suite may rely on with it.
+
+    ``visibility``: the lease a fetch grants (the broker's visibility timeout), seconds.
+    ``delay``: a short publish/retry delay the broker honours.
+    ``slack``: how late a broker may make a message visible (timers, polling, clock skew).
+    """
+
+    name: str
+    broker: Broker
+    visibility: float
+    delay: float
+    slack: float
+
+    def queue(self) -> str:
+        return f"conformance-{uuid.uuid4().hex}"
+
+
+@asynccontextmanager
+async def memory_case() -> AsyncIterator[BrokerCase]:
+    # A real clock, not a fake one, so each test runs unchanged on a networked broker.
+    broker = MemoryBroker(visibility_timeout=0.5)
+    try:
+        yield BrokerCase("memory", broker, visibility=0.5, delay=0.3, slack=0.5)
+    finally:
+        await broker.aclose()
+
+
+FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[BrokerCase]]] = {
+    "memory": memory_case,
+}
+
+
+@pytest.fixture(params=sorted(FACTORIES))
+async def case(request: pytest.FixtureRequest) -> AsyncIterator[BrokerCase]:
+    async with FACTORIES[request.param]() as broker_case:
+        yield broker_case
+
+
+@pytest.fixture
+def broker(case: BrokerCase) -> Broker:
+    return case.broker
+
+
+@pytest.fixture
+def queue(case: BrokerCase) -> str:
+    return case.queue()
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+async def fetch_n(
+    broker: Broker, queue: str, n: int, *, within: float, max_messages: int = 10
+) -> list[Delivery]:
+    """Fetch until ``n`` deliveries arrived or ``within`` seconds passed (a broker may hand out
+    fewer than are ready in one call); never asks for more than ``n`` in all."""
+    got: list[Delivery] = []
+    deadline = time.monotonic() + within
+    while len(got) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        want = min(max_messages, n - len(got))
+        batch = await broker.fetch(queue, max_messages=want, wait=min(remaining, 1.0))
+        assert len(batch) <= want, f"asked for {want}, got {len(batch)}"
+        got.extend(batch)
+    return got
+
+
+async def drain(broker: Broker, queue: str, *, duration: float) -> list[Delivery]:
+    """Fetch and ack everything that becomes visible within ``duration`` seconds."""
+    got: list[Delivery] = []
+    deadline = time.monotonic() + duration
+    while (remaining := deadline - time.monotonic()) > 0:
+        batch = await broker.fetch(queue, max_messages=10, wait=min(remaining, 0.5))
+        if batch:
+            await broker.ack(batch)
+            got.extend(batch)
+    return got
+
+
+async def wait_depth(
+    broker: Broker, queue: str, expected: QueueDepth, *, within: float = 2.0
+) -> None:
+    """Assert that ``depth`` reaches ``expected`` within ``within`` seconds (some brokers report
+    depth approximately and late); fails with the last value seen."""
+    deadline = time.monotonic() + within
+    while True:
+        depth = await broker.depth(queue)
+        if depth == expected or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert depth == expected
+
+
+def bodies(deliveries: list[Delivery]) -> list[bytes]:
+    """The bodies, sorted: the protocol does not promise FIFO order."""
+    return sorted(d.body for d in deliveries)
