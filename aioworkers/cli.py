@@ -92,6 +92,15 @@ def _seconds(value: str) -> float:
     return s
 
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _level(value: str) -> str:
+    if value.upper() not in LEVELS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LEVELS)}, got {value!r}")
+    return value.upper()
+
+
 def _json(kind: type) -> Callable[[str], Any]:
     def parse(value: str) -> Any:
         try:
@@ -113,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("app", metavar="MODULE:ATTR", help="the App, e.g. myapp:app")
         p.add_argument("--broker", metavar="URL", help="broker URL (overrides the app's)")
-        p.add_argument("--log-level", default="INFO", type=str.upper, help="default INFO")
+        p.add_argument("--log-level", default="INFO", type=_level, help="default INFO")
         return p
 
     run = command("run", "run a worker until SIGTERM/SIGINT (twice: stop now)")
@@ -144,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = dlq_sub.add_parser(action, help=text, description=text)
         p.add_argument("app", metavar="MODULE:ATTR", help="the App, e.g. myapp:app")
         p.add_argument("--broker", metavar="URL", help="broker URL (overrides the app's)")
-        p.add_argument("--log-level", default="WARNING", type=str.upper)
+        p.add_argument("--log-level", default="WARNING", type=_level)
         p.add_argument("--queue", help="queue (default: the app's)")
         if action == "list":
             p.add_argument("--limit", type=_positive_int, default=100)

@@ -11,8 +11,9 @@ from typing import Any, Protocol, runtime_checkable
 class Delivery:
     """One hand-out of a message by a broker.
 
-    ``count`` is how many times this message has been delivered (1 on the first delivery);
-    ``token`` is broker-private (lease token, delivery tag, receipt handle). Identity
+    ``count`` is how many times this message has been delivered (1 on the first delivery;
+    a `Broker.release` at shutdown is not counted, so a restart never makes a job look
+    poisonous); ``token`` is broker-private (lease token, delivery tag, receipt handle). Identity
     equality: two deliveries of the same message are different deliveries.
     """
 

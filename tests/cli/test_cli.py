@@ -49,6 +49,7 @@ def _env(seed: str) -> dict[str, str]:
         (["run", "cliapp:app", "--concurrency", "0"], "--concurrency: must be >= 1"),
         (["run", "cliapp:app", "--grace", "soon"], "--grace: expected seconds"),
         (["run", "cliapp:app", "--bogus"], "unrecognized arguments: --bogus"),
+        (["run", "cliapp:app", "--log-level", "loud"], "--log-level: expected one of DEBUG"),
         (["frobnicate", "cliapp:app"], "invalid choice: 'frobnicate'"),
         (["enqueue", "cliapp:app", "nap", "--args", "[1"], "--args: not valid JSON"),
         (["enqueue", "cliapp:app", "nap", "--kwargs", "[]"], "expected a JSON dict"),
