@@ -176,6 +176,22 @@ end
 return {r[1], out}
 """
 
+# KEYS: stream. ARGV: group, min_idle_ms, self -> number of consumers removed.
+# Consumers of crashed workers stay in the group forever; once they hold nothing and have
+# been idle long, drop them. Atomic, so a consumer that just got entries is never dropped.
+_PRUNE = """
+local n = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  if info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) and info['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    n = n + 1
+  end
+end
+return n
+"""
+
 # KEYS: stream, delayed, dead. ARGV: group -> {ready, in_flight, delayed, dead}
 _DEPTH = """
 local len = redis.call('XLEN', KEYS[1])
@@ -188,6 +204,8 @@ return {len - pending, pending, redis.call('ZCARD', KEYS[2]), redis.call('XLEN',
 _OWN_PARAMS = ("prefix", "group")
 _STREAM_ID = re.compile(r"\d+-\d+")
 _CHUNK = 500  # ids per script call: well inside Lua's unpack() limit
+PRUNE_EVERY = 300.0  # seconds between sweeps for consumers of dead workers
+PRUNE_IDLE = 3600.0  # how long a consumer holding nothing must be idle to be dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +259,7 @@ class RedisBroker:
         self._groups: set[str] = set()
         self._reclaim_at: dict[str, float] = {}
         self._cursor: dict[str, str] = {}
+        self._prune_at: dict[str, float] = {}
         self._host = f"{parts.hostname}:{parts.port or 6379}{parts.path}"
         register = self._redis.register_script
         self._ack = register(_ACK)
@@ -252,6 +271,7 @@ class RedisBroker:
         self._promote = register(_PROMOTE)
         self._reclaim = register(_RECLAIM)
         self._depth = register(_DEPTH)
+        self._prune = register(_PRUNE)
 
     def __repr__(self) -> str:
         return f"<RedisBroker {self._host} prefix={self.prefix} consumer={self.consumer}>"
@@ -347,6 +367,12 @@ class RedisBroker:
         # Follow the cursor at once while it has more; rescan from the start later.
         pause = 0.0 if cursor != "0-0" else min(self.visibility_timeout / 2, 5.0)
         self._reclaim_at[queue] = time.monotonic() + pause
+        if cursor == "0-0" and time.monotonic() >= self._prune_at.get(queue, 0.0):
+            self._prune_at[queue] = time.monotonic() + PRUNE_EVERY
+            idle_ms = int(max(PRUNE_IDLE, 10 * self.visibility_timeout) * 1000)
+            await self._prune(
+                keys=[self.keys(queue).stream], args=[self.group, idle_ms, self.consumer]
+            )
         return [
             Delivery(queue, _s(entry_id), _body(_pairs(fields)), int(n))
             for entry_id, fields, n in entries
