@@ -83,24 +83,21 @@ async def test_idle_consumers_of_dead_workers_are_pruned_but_busy_ones_kept(
     prefix: str, client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(redis_broker, "PRUNE_IDLE", 0.0)
-    dead = make(prefix, "dead-idle", visibility=0.05)
-    busy = make(prefix, "dead-busy", visibility=0.05)
-    live = make(prefix, "live", visibility=0.05)
+    dead = make(prefix, "dead-idle", visibility=0.2)
+    busy = make(prefix, "busy", visibility=0.2)
+    live = make(prefix, "live", visibility=0.2)
     await dead.publish("q", [b"a", b"b"])
     (a,) = await dead.fetch("q", max_messages=1, wait=0.5)
     await dead.ack([a])
-    (b,) = await busy.fetch("q", max_messages=1, wait=0.5)  # never acked: still pending
-    await asyncio.sleep(0.6)  # idle longer than 10 x visibility
-    # live's fetch reclaims b (idle past visibility) and then sweeps the group.
-    (again,) = await live.fetch("q", max_messages=1, wait=0.5)
-    assert again.body == b"b"
-    await live.fetch("q", max_messages=1, wait=0)
-    names = {
-        c["name"].decode() for c in await client.xinfo_consumers(live.keys("q").stream, "workers")
-    }
+    (b,) = await busy.fetch("q", max_messages=1, wait=0.5)
+    await asyncio.sleep(2.2)  # every consumer idle longer than 10 x visibility
+    assert await busy.extend([b], visibility=0.2) == []  # b stays busy's, not reclaimable
+    assert await live.fetch("q", max_messages=1, wait=0) == []  # reclaim finds nothing, sweeps
+    stream = live.keys("q").stream
+    names = {c["name"].decode() for c in await client.xinfo_consumers(stream, "workers")}
     assert "dead-idle" not in names
-    assert "live" in names
-    await live.ack([again])
+    assert "busy" in names  # it holds an entry: only a reclaim may take it
+    await busy.ack([b])
     for broker in (dead, busy, live):
         await broker.aclose()
 
