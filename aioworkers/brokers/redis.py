@@ -226,7 +226,7 @@ async def _mapped() -> AsyncIterator[None]:
 
 
 def _nogroup(exc: rexc.ResponseError) -> bool:
-    return str(exc).startswith("NOGROUP")
+    return "NOGROUP" in str(exc)
 
 
 class RedisBroker:
@@ -331,24 +331,33 @@ class RedisBroker:
             reclaimed = await self._reclaim_expired(queue, max_messages)
             if reclaimed:
                 return reclaimed
-        next_eta_ms = int(await self._promote(keys=[k.stream, k.delayed, k.payloads], args=[1000]))
+        # One round trip when jobs are waiting: move due delayed jobs, then read without
+        # blocking. Only an empty read pays a second, blocking one.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await self._promote(keys=[k.stream, k.delayed, k.payloads], args=[1000], client=pipe)
+            pipe.xreadgroup(self.group, self.consumer, {k.stream: ">"}, count=max_messages)
+            next_eta_ms, reply = await pipe.execute()
+        out = self._deliveries(queue, reply)
         block_ms = int(wait * 1000)
-        if next_eta_ms >= 0:
-            block_ms = min(block_ms, max(next_eta_ms, 1))
-        reply: Any = await self._redis.xreadgroup(
-            self.group,
-            self.consumer,
-            {k.stream: ">"},
-            count=max_messages,
-            block=block_ms if block_ms > 0 else None,
+        if int(next_eta_ms) >= 0:
+            # Never sleep past the next eta: the job due then is read on time.
+            block_ms = min(block_ms, max(int(next_eta_ms), 1))
+        if out or block_ms <= 0:
+            return out
+        reply = await self._redis.xreadgroup(
+            self.group, self.consumer, {k.stream: ">"}, count=max_messages, block=block_ms
         )
+        return self._deliveries(queue, reply)
+
+    @staticmethod
+    def _deliveries(queue: str, reply: Any) -> list[Delivery]:
         if isinstance(reply, dict):  # RESP3
             reply = list(reply.items())
-        out = []
-        for _stream, entries in reply or ():
-            for entry_id, fields in entries:
-                out.append(Delivery(queue, _s(entry_id), _body(fields), 1))
-        return out
+        return [
+            Delivery(queue, _s(entry_id), _body(fields), 1)
+            for _stream, entries in reply or ()
+            for entry_id, fields in entries
+        ]
 
     async def _reclaim_expired(self, queue: str, count: int) -> list[Delivery]:
         """Take over entries idle longer than the visibility timeout (their worker died)."""
