@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
@@ -12,14 +13,20 @@ from typing import Any, ParamSpec, TypeVar, overload
 from .brokers import Broker, DeadLetter, QueueDepth, check_url, open_broker
 from .envelope import DEFAULT_MAX_SIZE, Envelope, encode, new_id, now_ms, reset_attempt
 from .errors import ConfigError, redact
+from .idempotency import IdempotencyStore, MemoryStore, default_url_for, open_store
+from .idempotency import check_url as check_store_url
 from .task import Call, Policy, Task
 from .worker import Worker
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
+log = logging.getLogger("aioworkers")
+
 ENV_BROKER_URL = "AIOWORKERS_BROKER_URL"
 DEFAULT_BROKER_URL = "memory://"
+# A done key is remembered this long: longer than any redelivery or retry of its job.
+DEFAULT_IDEMPOTENCY_TTL = 24 * 3600.0
 
 Hook = Callable[[], Awaitable[None]]
 
@@ -29,6 +36,11 @@ class App:
 
     ``broker`` is a URL (``memory://``; more schemes as backends land) or a `Broker`;
     ``None`` reads ``AIOWORKERS_BROKER_URL`` and falls back to the embedded default.
+
+    ``idempotency`` is where the keys of ``@app.task(idempotent=True)`` tasks live: an
+    `IdempotencyStore` or a URL (``memory://``, ``redis://...``); ``None`` uses the
+    broker's Redis server on a Redis broker, else this process's memory. A done key is
+    remembered ``idempotency_ttl`` seconds.
     """
 
     def __init__(
@@ -41,7 +53,8 @@ class App:
         max_deliveries: int = 5,
         max_message_size: int = DEFAULT_MAX_SIZE,
         grace: float = 30.0,
-        idempotency: object | None = None,
+        idempotency: str | IdempotencyStore | None = None,
+        idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
     ) -> None:
         if visibility_timeout <= 0:
             raise ConfigError(f"visibility_timeout must be > 0 seconds, got {visibility_timeout}")
@@ -49,14 +62,19 @@ class App:
             raise ConfigError(f"max_deliveries must be >= 1, got {max_deliveries}")
         if concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
-        if idempotency is not None:
-            raise ConfigError("idempotency stores are not available yet; pass idempotency=None")
+        if not idempotency_ttl > 0:
+            raise ConfigError(f"idempotency_ttl must be > 0 seconds, got {idempotency_ttl}")
+        if isinstance(idempotency, str):
+            check_store_url(idempotency)
         self.queue = queue
         self.concurrency = concurrency
         self.visibility_timeout = visibility_timeout
         self.max_deliveries = max_deliveries
         self.max_message_size = max_message_size
         self.grace = grace
+        self.idempotency_ttl = idempotency_ttl
+        self._store: IdempotencyStore | None = None if isinstance(idempotency, str) else idempotency
+        self._store_url = idempotency if isinstance(idempotency, str) else ""
         self.tasks: dict[str, Task[Any, Any]] = {}
         self._hooks: dict[str, list[Hook]] = {"startup": [], "shutdown": []}
         self._broker: Broker | None = None
@@ -96,10 +114,20 @@ class App:
             return redact(self._broker_url)
         return type(self._broker).__name__
 
+    @property
+    def idempotency(self) -> IdempotencyStore:
+        """The idempotency store, created from the URL (or in memory) on first use."""
+        if self._store is None:
+            url = self._store_url or default_url_for(self._broker_url)
+            self._store = open_store(url) if url else MemoryStore()
+        return self._store
+
     async def aclose(self) -> None:
-        """Close the broker connection."""
+        """Close the broker and idempotency store connections."""
         if self._broker is not None:
             await self._broker.aclose()
+        if self._store is not None:
+            await self._store.aclose()
 
     async def __aenter__(self) -> App:
         return self
@@ -127,6 +155,7 @@ class App:
         timeout: float | None = None,
         backoff: float = 1.0,
         max_backoff: float = 3600.0,
+        idempotent: bool = False,
     ) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Task[P, R]]: ...
 
     def task(
@@ -138,12 +167,15 @@ class App:
         timeout: float | None = None,
         backoff: float = 1.0,
         max_backoff: float = 3600.0,
+        idempotent: bool = False,
     ) -> Any:
         """Register an ``async def`` handler: ``@app.task`` or ``@app.task(retries=5, ...)``.
 
         ``retries`` is how many times a failed job is tried again (so ``retries + 1``
         attempts in all); ``timeout`` bounds one attempt; the delay before attempt n+1 is
-        uniform in ``[0, min(max_backoff, backoff * 2 ** (n - 1))]``.
+        uniform in ``[0, min(max_backoff, backoff * 2 ** (n - 1))]``. ``idempotent`` runs
+        each job at most once to completion per idempotency key (the enqueue ``key``, else
+        the job id), never twice at once; see the ``idempotency`` store of the `App`.
         """
         if retries < 0 or backoff < 0 or max_backoff < 0 or (timeout is not None and timeout <= 0):
             raise ConfigError("retries, backoff and max_backoff must be >= 0, timeout > 0")
@@ -155,7 +187,7 @@ class App:
             task_name = name if isinstance(name, str) else fn.__name__
             if task_name in self.tasks:
                 raise ConfigError(f"a task named {task_name!r} is already registered")
-            task = Task(self, fn, name=task_name, queue=queue, policy=policy)
+            task = Task(self, fn, name=task_name, queue=queue, policy=policy, idempotent=idempotent)
             self.tasks[task_name] = task
             return task
 

@@ -74,12 +74,14 @@ class Task(Generic[P, R]):
         name: str,
         queue: str | None,
         policy: Policy,
+        idempotent: bool = False,
     ) -> None:
         self.app = app
         self.fn = fn
         self.name = name
         self.queue = queue
         self.policy = policy
+        self.idempotent = idempotent
         self.signature = inspect.signature(fn)
         self._fits = _fast_fit(self.signature)
 

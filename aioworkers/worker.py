@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._runtime.executor import Executor
+from ._runtime.executor import Executor, uncancel
 from ._runtime.fetcher import Fetcher
 from ._runtime.inflight import InFlight, Run
 from ._runtime.lease import keep_leases
@@ -27,7 +27,7 @@ log = logging.getLogger("aioworkers")
 # After the grace period, cancelled runs still need to hand their jobs back.
 SETTLE_GRACE = 5.0
 BURST_POLL = 0.2
-OUTCOMES = ("ok", "retried", "dead", "released", "lease_lost")
+OUTCOMES = ("ok", "retried", "dead", "released", "lease_lost", "duplicate", "deferred")
 
 
 class Worker:
@@ -62,10 +62,14 @@ class Worker:
         self._inflight = InFlight()
         self._scheduler = Scheduler(concurrency, self._inflight, self._start)
         self._settler = Settler(app.broker)
+        self._store = app.idempotency
         self._executor = Executor(
             app.tasks,
             max_message_size=app.max_message_size,
             max_deliveries=app.max_deliveries,
+            store=self._store,
+            lease=app.visibility_timeout,
+            ttl=app.idempotency_ttl,
         )
         self._quiet = False
         self._stops = 0
@@ -83,7 +87,8 @@ class Worker:
 
     @property
     def counts(self) -> dict[str, int]:
-        """Jobs settled by this worker, by outcome: ok, retried, dead, released, lease_lost."""
+        """Jobs settled by this worker, by outcome: ok, retried, dead, released, lease_lost,
+        duplicate (key already done: acked unrun), deferred (key busy or store down)."""
         return dict(self._settler.counts)
 
     @property
@@ -137,7 +142,11 @@ class Worker:
         broker = self.app.broker
         visibility = self.app.visibility_timeout
         async with anyio.create_task_group() as service:
-            service.start_soon(partial(keep_leases, broker, self._inflight, visibility=visibility))
+            service.start_soon(
+                partial(
+                    keep_leases, broker, self._inflight, visibility=visibility, store=self._store
+                )
+            )
             service.start_soon(self._settler.run_acks)
             async with anyio.create_task_group() as fetchers:
                 for queue in self.queues:
@@ -172,6 +181,8 @@ class Worker:
             await self.app.broker.release(deliveries)
         except BrokerUnavailable:
             log.warning("could not release %d jobs; their leases will expire", len(deliveries))
+        else:
+            self._settler.counts["released"] += len(deliveries)
         finally:
             for delivery in deliveries:
                 self._inflight.remove(delivery)
@@ -209,6 +220,13 @@ class Worker:
                 self._settler.counts["lease_lost"] += 1
             else:
                 await self._settler.settle(delivery, outcome)
+        except asyncio.CancelledError:
+            if not run.lost:
+                raise
+            # The lease loop found the lease lost while this run was settling: the broker
+            # refuses whatever the settle sent (it checks ownership), so it counts as lost.
+            uncancel()
+            self._settler.counts["lease_lost"] += 1
         except Exception:
             log.exception("internal error while running %r; the broker will redeliver it", delivery)
         finally:

@@ -77,3 +77,19 @@ def _give_up(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI is set: a missing broker is a failure)", pytrace=False)
     pytest.skip(reason)
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+async def delete_prefix(prefix: str, url: str = REDIS_URL) -> None:
+    """Remove every key a test created under its own prefix (and nothing else)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()

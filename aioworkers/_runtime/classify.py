@@ -19,9 +19,22 @@ class TooManyDeliveries(Exception):
     """The message was delivered more often than allowed, e.g. it keeps killing workers."""
 
 
+class Duplicate(Exception):
+    """The job's idempotency key is done: acknowledge the job without running it."""
+
+
+class Deferred(Exception):
+    """The job could not start (its key is in progress elsewhere, or the store is
+    unreachable): run the same attempt again after ``delay`` seconds."""
+
+    def __init__(self, delay: float, why: str) -> None:
+        super().__init__(why)
+        self.delay = delay
+
+
 @dataclass(frozen=True, slots=True)
 class Ack:
-    pass
+    outcome: str = "ok"  # what the worker counts: "ok", or "duplicate" for a done key
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +52,16 @@ class Release:
     pass
 
 
-Decision = Ack | RetryLater | DeadLetter | Release
+@dataclass(frozen=True, slots=True)
+class Defer:
+    """Publish the job again after ``delay`` with the same attempt: this one did not count."""
+
+    delay: float
+
+
+Decision = Ack | RetryLater | DeadLetter | Release | Defer
 ACK = Ack()
+DUPLICATE = Ack("duplicate")
 RELEASE = Release()
 
 
@@ -55,6 +76,11 @@ def classify(
         return ACK
     if isinstance(error, JobCancelled):
         return RELEASE
+    if isinstance(error, Duplicate):
+        return DUPLICATE
+    if isinstance(error, Deferred):
+        # Before the retry budget: a job that never ran has not used an attempt.
+        return Defer(error.delay)
     if isinstance(error, DecodeError):
         return DeadLetter(error.reason)
     if isinstance(error, TooManyDeliveries):

@@ -10,13 +10,16 @@ from ..brokers.base import Delivery
 class Run:
     """The task running one delivery, and whether the runtime asked to cancel it."""
 
-    __slots__ = ("cancel_requested", "lost", "started", "task")
+    __slots__ = ("cancel_requested", "claim", "lost", "started", "task")
 
     def __init__(self) -> None:
         self.task: asyncio.Task[None] | None = None
         self.started = False  # set by the task's first step
         self.cancel_requested = False
         self.lost = False  # the lease is gone: settle nothing
+        # (key, owner) of the idempotency claim held while the handler runs; the lease
+        # loop extends it with the delivery's lease.
+        self.claim: tuple[str, str] | None = None
 
     def cancel(self) -> None:
         if self.cancel_requested:
@@ -58,10 +61,18 @@ class InFlight:
     def snapshot(self) -> list[Delivery]:
         return list(self._runs)
 
-    def lose(self, delivery: Delivery) -> None:
-        """The lease of ``delivery`` was lost: cancel its run and settle nothing."""
+    def claims(self) -> dict[tuple[str, str], Delivery]:
+        """The idempotency claims held now, ``(key, owner) -> delivery``."""
+        return {run.claim: d for d, run in self._runs.items() if run.claim is not None}
+
+    def lose(self, delivery: Delivery, claim: tuple[str, str] | None = None) -> None:
+        """The lease of ``delivery`` was lost: cancel its run and settle nothing.
+
+        With ``claim``, it is that idempotency claim that was lost, and only a run that
+        still holds it is cancelled: one that has just completed or released it is fine.
+        """
         run = self._runs.get(delivery)
-        if run is not None:
+        if run is not None and (claim is None or run.claim == claim):
             run.lost = True
             run.cancel()
 

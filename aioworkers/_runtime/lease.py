@@ -1,4 +1,4 @@
-"""The lease loop: the only caller of `Broker.extend`."""
+"""The lease loop: the only caller of `Broker.extend`, and of `IdempotencyStore.extend`."""
 
 from __future__ import annotations
 
@@ -8,17 +8,32 @@ import anyio
 
 from ..brokers.base import Broker
 from ..errors import BrokerUnavailable
+from ..idempotency.base import IdempotencyStore, StoreUnavailable
 from .inflight import InFlight
 
 log = logging.getLogger("aioworkers")
 
 
-async def keep_leases(broker: Broker, inflight: InFlight, *, visibility: float) -> None:
-    """Every ``visibility / 3`` seconds, extend every delivery held; cancel runs whose lease
-    was lost, so a worker that stalled never settles a job another worker now holds."""
-    interval = visibility / 3
+async def keep_leases(
+    broker: Broker,
+    inflight: InFlight,
+    *,
+    visibility: float,
+    store: IdempotencyStore | None = None,
+) -> None:
+    """Every ``visibility / 3`` seconds, extend every delivery held and every idempotency
+    claim of a running job; cancel runs whose lease or claim was lost, so a worker that
+    stalled never settles a job, or runs a key, another worker now holds."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_keep_deliveries, broker, inflight, visibility)
+        if store is not None:
+            # A loop of its own: a slow store must not delay the broker's heartbeat.
+            tg.start_soon(_keep_claims, store, inflight, visibility)
+
+
+async def _keep_deliveries(broker: Broker, inflight: InFlight, visibility: float) -> None:
     while True:
-        await anyio.sleep(interval)
+        await anyio.sleep(visibility / 3)
         held = inflight.snapshot()
         if not held:
             continue
@@ -31,3 +46,24 @@ async def keep_leases(broker: Broker, inflight: InFlight, *, visibility: float) 
         for delivery in lost:
             log.warning("lease lost for %r: cancelling its run", delivery)
             inflight.lose(delivery)
+
+
+async def _keep_claims(store: IdempotencyStore, inflight: InFlight, lease: float) -> None:
+    while True:
+        await anyio.sleep(lease / 3)
+        held = inflight.claims()
+        if not held:
+            continue
+        try:
+            lost = await store.extend(list(held), lease=lease)
+        except StoreUnavailable as exc:
+            log.warning("could not extend %d idempotency claims: %s", len(held), exc)
+            continue
+        except Exception:
+            # A faulty store must not take the broker's heartbeat down with it.
+            log.exception("could not extend %d idempotency claims", len(held))
+            continue
+        for claim in lost:
+            # Another run may hold the key now: never run it twice at once.
+            log.warning("idempotency key %r lost by %r: cancelling its run", claim[0], held[claim])
+            inflight.lose(held[claim], claim)

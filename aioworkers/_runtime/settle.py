@@ -70,14 +70,14 @@ class Settler:
     async def _apply(self, delivery: Delivery, outcome: Outcome, decision: c.Decision) -> None:
         broker = self._broker
         match decision:
-            case c.Ack():
+            case c.Ack(outcome=counted_as):
                 acked = asyncio.get_running_loop().create_future()
                 self._acks.append((delivery, acked))
                 self._wake.set()
                 # Held (slot and lease) until the broker has the ack: a lease that lapsed
                 # while the ack waited would hand a finished job to another worker.
                 await acked
-                self.counts["ok"] += 1
+                self.counts[counted_as] += 1
             case c.RetryLater(delay=delay):
                 assert outcome.envelope is not None
                 body = encode(outcome.envelope.next_attempt())
@@ -93,6 +93,15 @@ class Settler:
             case c.Release():
                 await with_backoff(lambda: broker.release([delivery]), "release")
                 self.counts["released"] += 1
+            case c.Defer(delay=delay):
+                # The body unchanged: same attempt, so waiting on a key uses no retry.
+                env = outcome.envelope
+                job_id = env.id if env is not None else delivery.message_id
+                log.info("job deferred id=%s for %.2fs: %s", job_id, delay, outcome.error)
+                await with_backoff(
+                    lambda: broker.retry(delivery, body=delivery.body, delay=delay), "retry"
+                )
+                self.counts["deferred"] += 1
 
     async def run_acks(self) -> None:
         """Flush acks as they come, until cancelled."""

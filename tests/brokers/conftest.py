@@ -23,7 +23,7 @@ import pytest
 from aioworkers import Broker, Delivery, QueueDepth
 from aioworkers.brokers.memory import MemoryBroker
 
-from ..services import REDIS, ensure
+from ..services import REDIS, REDIS_URL, delete_prefix, ensure
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,6 @@ async def memory_case() -> AsyncIterator[BrokerCase]:
         await broker.aclose()
 
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
 @asynccontextmanager
 async def redis_case() -> AsyncIterator[BrokerCase]:
     ensure(REDIS)
@@ -70,19 +67,6 @@ async def redis_case() -> AsyncIterator[BrokerCase]:
     finally:
         await broker.aclose()
         await delete_prefix(prefix)
-
-
-async def delete_prefix(prefix: str) -> None:
-    """Remove every key a test created under its own prefix (and nothing else)."""
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[BrokerCase]]] = {

@@ -8,6 +8,9 @@ from aioworkers._runtime.classify import (
     Ack,
     DeadLetter,
     Decision,
+    Defer,
+    Deferred,
+    Duplicate,
     JobCancelled,
     Release,
     RetryLater,
@@ -37,6 +40,13 @@ CASES = [
     pytest.param(JobCancelled(), 1, POLICY, Release(), id="cancelled"),
     pytest.param(JobCancelled(), 4, POLICY, Release(), id="cancelled-last-attempt"),
     pytest.param(JobCancelled(), 1, NO_RETRIES, Release(), id="cancelled-no-retries"),
+    # idempotency: a done key is acked (counted as a duplicate); a busy key or an unreachable
+    # store defers the same attempt, so retries spent or none, it never dead-letters
+    pytest.param(Duplicate(), 1, POLICY, Ack("duplicate"), id="duplicate"),
+    pytest.param(Duplicate(), 9, NO_RETRIES, Ack("duplicate"), id="duplicate-past-retries"),
+    pytest.param(Deferred(0.5, "busy"), 1, POLICY, Defer(0.5), id="deferred"),
+    pytest.param(Deferred(0.5, "busy"), 4, POLICY, Defer(0.5), id="deferred-last-attempt"),
+    pytest.param(Deferred(0.5, "down"), 1, NO_RETRIES, Defer(0.5), id="deferred-no-retries"),
     # undecodable: dead at once with the decode reason, retries left or not
     *(
         pytest.param(DecodeError(r, "detail"), 1, MANY_RETRIES, DeadLetter(r), id=f"decode-{r}")

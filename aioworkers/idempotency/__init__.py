@@ -1,0 +1,63 @@
+"""Idempotency stores: where a job's key is claimed while it runs and remembered once done.
+
+The Redis store is imported only when a ``redis://`` URL is used.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from ..errors import ConfigError, redact
+from .base import ClaimResult, IdempotencyStore, StoreUnavailable
+from .memory import MemoryStore
+
+__all__ = [
+    "SCHEMES",
+    "ClaimResult",
+    "IdempotencyStore",
+    "MemoryStore",
+    "StoreUnavailable",
+    "check_url",
+    "default_url_for",
+    "open_store",
+]
+
+SCHEMES = ("memory", "redis", "rediss")
+
+
+def check_url(url: str) -> str:
+    """The URL's scheme, or a `ConfigError` that says which schemes exist."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in SCHEMES:
+        known = ", ".join(f"{s}://" for s in SCHEMES)
+        raise ConfigError(
+            f"unknown idempotency store URL {redact(url)!r}: the scheme must be one of {known}"
+        )
+    return scheme
+
+
+def open_store(url: str) -> IdempotencyStore:
+    """Create the store for ``url`` (nothing connects until first use)."""
+    if check_url(url) == "memory":
+        return MemoryStore()
+    try:
+        from .redis import RedisStore
+    except ImportError as exc:
+        raise ConfigError(
+            f"a redis:// idempotency store needs the redis client: "
+            f"pip install 'aioworkers[redis]' ({exc})"
+        ) from None
+    return RedisStore(url)
+
+
+def default_url_for(broker_url: str) -> str:
+    """The store a broker URL implies: on a Redis broker, the same server (keys under
+    ``<broker prefix>:idempotency``), so every worker of the app sees every key; otherwise
+    none (""), and keys stay in each process's memory."""
+    parts = urlsplit(broker_url)
+    if parts.scheme.lower() not in ("redis", "rediss"):
+        return ""
+    query = dict(parse_qsl(parts.query))
+    query.pop("group", None)
+    query["prefix"] = f"{query.get('prefix', 'aioworkers')}:idempotency"
+    return urlunsplit(parts._replace(query=urlencode(query)))

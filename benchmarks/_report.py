@@ -1,0 +1,334 @@
+"""Turn the harness's records into summary rows, a Markdown table and a PNG chart."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+Record = dict[str, Any]
+Row = dict[str, Any]
+Check = Callable[[float | None, float | None, float | None], bool]
+
+P99_TARGET_MS = 5.0
+RSS_GROWTH_TARGET = 1.10
+
+
+def _rate(r: Record) -> float:
+    return float(r["jobs"] / r["elapsed"])
+
+
+def _cpu_us(r: Record) -> float:
+    return float(r["cpu"] / r["jobs"] * 1e6)
+
+
+def _efficiency(r: Record) -> float:
+    return float(r["ideal"] / r["elapsed"])
+
+
+def _latency(q: str) -> Callable[[Record], float | None]:
+    def value(r: Record) -> float | None:
+        got = r.get("latency_ms", {}).get(q)
+        return None if got is None else float(got)
+
+    return value
+
+
+def _rss(r: Record) -> float:
+    return float(r["maxrss_mb"])
+
+
+def _median(
+    records: list[Record],
+    workload: str,
+    side: str,
+    value: Callable[[Record], float | None],
+    depth: int,
+) -> float | None:
+    got = [
+        value(r)
+        for r in records
+        if r["workload"] == workload
+        and r["side"] == side
+        and r["depth"] == depth
+        and not r["error"]
+    ]
+    xs = [x for x in got if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _row(
+    records: list[Record],
+    key: str,
+    label: str,
+    metric: str,
+    value: Callable[[Record], float | None],
+    *,
+    fmt: str,
+    depth: int = 0,
+    target: str = "",
+    check: Check | None = None,
+) -> Row | None:
+    workload = key.split(".")[0]
+    if not any(r["workload"] == workload and r["depth"] == depth for r in records):
+        return None
+    raw = _median(records, workload, "raw", value, depth)
+    aio = _median(records, workload, "aioworkers", value, depth)
+    ratio = aio / raw if raw and aio is not None else None
+    met = check(raw, aio, ratio) if check is not None and aio is not None else None
+    return {
+        "key": key,
+        "label": label,
+        "metric": metric,
+        "raw": raw,
+        "aioworkers": aio,
+        "ratio": ratio,
+        "target": target,
+        "met": met,
+        "fmt": fmt,
+    }
+
+
+def _growth(small: Row | None, large: Row | None, depths: tuple[int, int]) -> Row | None:
+    if small is None or large is None:
+        return None
+
+    def grow(side: str) -> float | None:
+        a, b = small[side], large[side]
+        return b / a if a and b is not None else None
+
+    aio = grow("aioworkers")
+    return {
+        "key": "RSS.growth",
+        "label": "RSS flatness",
+        "metric": f"peak RSS @{depths[1]:,} / @{depths[0]:,} queued",
+        "raw": grow("raw"),
+        "aioworkers": aio,
+        "ratio": None,
+        "target": f"aioworkers ≤ {RSS_GROWTH_TARGET:.2f}",
+        "met": None if aio is None else aio <= RSS_GROWTH_TARGET,
+        "fmt": "{:.3f}",
+    }
+
+
+def summarize(records: list[Record]) -> list[Row]:
+    """Medians over repeats for each side, their ratio, and whether the issue's target
+    (a ratio to the raw loop, or an absolute latency) was met."""
+    depths = sorted({r["depth"] for r in records if r["workload"] == "RSS"})
+    ideal = next((r["ideal"] for r in records if r["workload"] == "W2"), None)
+    rows = [
+        _row(
+            records,
+            "W0.rate",
+            "W0 framework overhead",
+            "jobs/s, no-op counted in-process",
+            _rate,
+            fmt="{:,.0f}",
+        ),
+        _row(
+            records, "W0.cpu", "W0 framework overhead", "worker CPU µs/job", _cpu_us, fmt="{:.0f}"
+        ),
+        _row(
+            records,
+            "W1.rate",
+            "W1 no-op throughput",
+            "jobs/s, one INCR each",
+            _rate,
+            fmt="{:,.0f}",
+            target="ratio ≥ 0.6 (goal 0.8)",
+            check=lambda raw, aio, ratio: ratio is not None and ratio >= 0.6,
+        ),
+        _row(records, "W1.cpu", "W1 no-op throughput", "worker CPU µs/job", _cpu_us, fmt="{:.0f}"),
+        _row(
+            records,
+            "W2.efficiency",
+            "W2 I/O-bound",
+            f"efficiency, ideal {ideal or 0:.2f} s / actual",
+            _efficiency,
+            fmt="{:.2f}",
+            target="ratio ≥ 0.8",
+            check=lambda raw, aio, ratio: ratio is not None and ratio >= 0.8,
+        ),
+        _row(
+            records,
+            "W3.p50",
+            "W3 latency",
+            "p50 start - enqueued, ms",
+            _latency("p50"),
+            fmt="{:.2f}",
+        ),
+        _row(
+            records,
+            "W3.p99",
+            "W3 latency",
+            "p99 start - enqueued, ms",
+            _latency("p99"),
+            fmt="{:.2f}",
+            target=f"aioworkers ≤ {P99_TARGET_MS:.0f} ms (raw < 1 ms)",
+            check=lambda raw, aio, ratio: aio is not None and aio <= P99_TARGET_MS,
+        ),
+        _row(records, "W1.rss", "Peak RSS", "MB, W1 worker process", _rss, fmt="{:.1f}"),
+    ]
+    if len(depths) == 2:
+        small = _row(
+            records,
+            "RSS.small",
+            "Peak RSS",
+            f"MB, {depths[0]:,} jobs queued",
+            _rss,
+            fmt="{:.1f}",
+            depth=depths[0],
+        )
+        large = _row(
+            records,
+            "RSS.large",
+            "Peak RSS",
+            f"MB, {depths[1]:,} jobs queued",
+            _rss,
+            fmt="{:.1f}",
+            depth=depths[1],
+        )
+        rows += [small, large, _growth(small, large, (depths[0], depths[1]))]
+    return [r for r in rows if r is not None]
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
+    preset = meta["preset"]
+    lines = [
+        f"### aioworkers vs a raw redis.asyncio loop ({meta['mode']})",
+        "",
+        f"{meta['time']} · {meta['cpus']} CPUs, load {meta['loadavg_start'][0]:.2f} → "
+        f"{meta.get('loadavg_end', [0.0])[0]:.2f} · Python {meta['python']} · Redis "
+        f"{meta['redis_server']} · redis-py {meta['versions'].get('redis')} · loop "
+        f"{'/'.join(meta.get('loops', [])) or '?'} · aioworkers {meta['git']}",
+        "",
+        f"Median of {preset['repeat']} run(s) per side (sides alternating first), each in a "
+        "fresh process; concurrency "
+        f"{preset['concurrency']} (W2: {preset['w2_concurrency']}).",
+        "",
+        "| workload | metric | raw redis.asyncio | aioworkers | aioworkers / raw | target | met |",
+        "|---|---|--:|--:|--:|---|---|",
+    ]
+    for r in rows:
+        met = {True: "yes", False: "**no**", None: ""}[r["met"]]
+        lines.append(
+            f"| {r['label']} | {r['metric']} | {_cell(r['raw'], r['fmt'])} | "
+            f"{_cell(r['aioworkers'], r['fmt'])} | {_cell(r['ratio'], '{:.2f}')} | "
+            f"{r['target']} | {met} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_chart(rows: list[Row], meta: dict[str, Any], path: Path) -> bool:
+    """Three panels: throughput ratios with their targets, W3 latency, peak RSS."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    by_key = {r["key"]: r for r in rows}
+    fig, (ratios, latency, memory) = plt.subplots(1, 3, figsize=(14, 4.2))
+    fig.suptitle(f"aioworkers vs raw redis.asyncio loop ({meta['mode']}, {meta['time'][:10]})")
+
+    bars = [
+        (k, lbl, t)
+        for k, lbl, t in (
+            ("W0.rate", "W0 no-op\njobs/s", None),
+            ("W1.rate", "W1 INCR\njobs/s", 0.6),
+            ("W2.efficiency", "W2 sleep\nefficiency", 0.8),
+        )
+        if by_key.get(k, {}).get("ratio") is not None
+    ]
+    for i, (key, _label, target) in enumerate(bars):
+        ratios.bar(i, by_key[key]["ratio"], color="tab:blue")
+        ratios.text(
+            i, by_key[key]["ratio"], f"{by_key[key]['ratio']:.2f}", ha="center", va="bottom"
+        )
+        if target is not None:
+            ratios.hlines(target, i - 0.4, i + 0.4, colors="tab:red", linestyles="--")
+    ratios.axhline(1.0, color="grey", linewidth=0.8)
+    ratios.set_xticks(range(len(bars)), [b[1] for b in bars])
+    ratios.set_title("aioworkers / raw (higher is better; red: target)")
+
+    _grouped(latency, by_key, ["W3.p50", "W3.p99"], ["p50", "p99"])
+    latency.set_ylim(0, max(latency.get_ylim()[1], P99_TARGET_MS * 1.2))
+    latency.axhline(P99_TARGET_MS, color="tab:red", linestyle="--", linewidth=1)
+    latency.set_title("W3 start - enqueued, ms (red: p99 target)")
+
+    _grouped(
+        memory, by_key, ["W1.rss", "RSS.small", "RSS.large"], ["W1", "small queue", "large queue"]
+    )
+    memory.set_title("peak worker RSS, MB")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _grouped(ax: Any, by_key: dict[str, Row], keys: list[str], labels: list[str]) -> None:
+    present = [(k, lbl) for k, lbl in zip(keys, labels, strict=True) if k in by_key]
+    for offset, side, color in ((-0.2, "raw", "tab:grey"), (0.2, "aioworkers", "tab:blue")):
+        xs = [i + offset for i in range(len(present))]
+        ys = [by_key[k][side] or 0.0 for k, _ in present]
+        ax.bar(xs, ys, width=0.4, label=side, color=color)
+    ax.set_xticks(range(len(present)), [lbl for _, lbl in present])
+    top = max((by_key[k][s] or 0.0 for k, _ in present for s in ("raw", "aioworkers")), default=1)
+    ax.set_ylim(0, top * 1.25 or 1)  # room for the legend above the bars
+    ax.legend(loc="upper left", ncols=2)
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git() -> str:
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, check=False
+        )
+        return out.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "?"
+    return commit + ("+dirty" if git("status", "--porcelain") else "")
+
+
+async def collect_meta(
+    client: aioredis.Redis, args: argparse.Namespace, run_id: str, preset: dict[str, Any]
+) -> dict[str, Any]:
+    info = await client.info("server")
+    return {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "mode": args.mode,
+        "workloads": args.workloads,
+        "sides": args.side_list,
+        "broker": args.broker,
+        "prefix": run_id,
+        "preset": preset,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "loadavg_start": list(os.getloadavg()),
+        "redis_server": info.get("redis_version"),
+        "versions": {
+            name: _version(name) for name in ("aioworkers", "redis", "hiredis", "uvloop", "orjson")
+        },
+        "git": _git(),
+    }

@@ -1,0 +1,348 @@
+"""Benchmark harness: aioworkers against a raw redis.asyncio loop, same Redis, same run.
+
+    python benchmarks/run.py [--quick | --smoke] [--only W1,W2] [--broker redis]
+
+Each workload runs for both sides, each in its own fresh worker subprocess (so peak RSS
+is per side), with the sides' order alternating between repeats; every figure is
+reported as a ratio to the raw loop measured in the same run, because absolute numbers on
+a shared machine mean little. Results go to ``benchmarks/results/<mode>.{json,md,png}``.
+See benchmarks/README.md for what each figure means.
+
+Every key this run creates lives under its own prefix ``aiowbench-<pid>-<random>:`` and is
+deleted after each trial and on exit; no other key is read or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from _child import Spec, run
+from _report import collect_meta, markdown, summarize, write_chart
+
+import aioworkers
+from aioworkers.envelope import Envelope, encode, new_id, now_ms
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SIDES = {"raw": HERE / "_raw.py", "aioworkers": HERE / "_aio.py"}
+WORKLOADS = ("W0", "W1", "W2", "W3", "RSS")
+GROUP = "workers"
+ENQUEUE_CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class Preset:
+    repeat: int  # runs of W0-W3 per side (medians reported); RSS runs once per depth
+    concurrency: int  # W0, W1, W3, RSS
+    w0_jobs: int
+    w1_jobs: int
+    w2_jobs: int
+    w2_concurrency: int
+    w2_sleep: float
+    w3_rate: float  # jobs/s
+    w3_seconds: float
+    w3_warmup: float  # seconds of samples dropped at the start
+    rss_depths: tuple[int, int]  # jobs queued
+    rss_jobs: int  # jobs processed at each depth
+    timeout: float  # per child
+
+    @property
+    def w2_ideal(self) -> float:
+        return self.w2_jobs * self.w2_sleep / self.w2_concurrency
+
+
+PRESETS = {
+    "full": Preset(
+        3, 100, 20_000, 20_000, 10_000, 500, 0.05, 500, 4.0, 0.5, (20_000, 200_000), 10_000, 300
+    ),
+    "quick": Preset(
+        1, 100, 5_000, 5_000, 5_000, 500, 0.05, 500, 2.0, 0.5, (5_000, 50_000), 3_000, 120
+    ),
+    "smoke": Preset(1, 100, 300, 300, 1_000, 500, 0.05, 200, 1.0, 0.25, (300, 1_500), 200, 30),
+}
+
+
+@dataclass(frozen=True)
+class Trial:
+    workload: str
+    side: str
+    rep: int = 0
+    depth: int = 0  # RSS: jobs queued
+
+    @property
+    def queue(self) -> str:
+        return f"{self.workload.lower()}-{self.rep}" + (f"-{self.depth}" if self.depth else "")
+
+    def __str__(self) -> str:
+        where = f"@{self.depth:,}" if self.depth else f"#{self.rep + 1}"
+        return f"{self.workload:<3} {where:<8} {self.side:<10}"
+
+
+def with_query(url: str, **params: str) -> str:
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query.update(params)
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def envelope(task: str, args: list[Any]) -> bytes:
+    """The bytes aioworkers would write: both sides read exactly the same messages."""
+    return encode(Envelope(new_id(), task, args, {}, enqueued_at=now_ms()))
+
+
+class Harness:
+    def __init__(self, args: argparse.Namespace, preset: Preset) -> None:
+        self.preset = preset
+        self.url: str = args.url
+        self.uvloop = not args.no_uvloop
+        self.run_id = f"aiowbench-{os.getpid()}-{secrets.token_hex(3)}"
+        self.redis = aioredis.from_url(self.url)
+        self.broker_url = with_query(self.url, prefix=f"{self.run_id}:aio")
+        self.app = aioworkers.App(self.broker_url)
+        self.env = dict(os.environ)
+        # The children measure this checkout, whatever else is installed.
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+        )
+
+    async def aclose(self) -> None:
+        try:
+            await self.cleanup()
+        finally:
+            await self.app.aclose()
+            await self.redis.aclose()
+
+    async def cleanup(self) -> int:
+        """Delete every key under this run's prefix (and nothing else)."""
+        deleted = 0
+        batch: list[bytes] = []
+        async for key in self.redis.scan_iter(match=f"{self.run_id}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                deleted += await self.redis.unlink(*batch)
+                batch.clear()
+        if batch:
+            deleted += await self.redis.unlink(*batch)
+        return deleted
+
+    def spec(self, t: Trial) -> tuple[Spec, int]:
+        """The child's spec, and how many jobs to enqueue before it starts."""
+        p = self.preset
+        task, queued, target = {
+            "W0": ("w0", p.w0_jobs, p.w0_jobs),
+            "W1": ("w1", p.w1_jobs, p.w1_jobs),
+            "W2": ("w2", p.w2_jobs, p.w2_jobs),
+            "W3": ("w3", 0, int(p.w3_rate * p.w3_seconds)),
+            "RSS": ("w1", t.depth, p.rss_jobs),
+        }[t.workload]
+        spec = Spec(
+            workload=t.workload,
+            task=task,
+            redis_url=self.url,
+            queue=t.queue,
+            counter=f"{self.run_id}:{t.side}:{t.queue}:counter",
+            target=target,
+            concurrency=p.w2_concurrency if t.workload == "W2" else p.concurrency,
+            timeout=p.timeout,
+            stream=f"{self.run_id}:raw:{{{t.queue}}}:stream" if t.side == "raw" else "",
+            broker_url=self.broker_url if t.side == "aioworkers" else "",
+            sleep=p.w2_sleep,
+            warmup=int(p.w3_rate * p.w3_warmup),
+            uvloop=self.uvloop,
+        )
+        return spec, queued
+
+    async def trial(self, t: Trial) -> dict[str, Any]:
+        spec, queued = self.spec(t)
+        try:
+            if t.side == "raw":
+                await self.redis.xgroup_create(spec.stream, GROUP, "0", mkstream=True)
+            await self.enqueue(t, spec, queued)
+            result = await self.spawn(t, spec)
+            counter = int(await self.redis.get(spec.counter) or 0)
+        finally:
+            await self.cleanup()
+        error = result.get("error")
+        expected = spec.target
+        if not error and (counter < expected if t.workload == "RSS" else counter != expected):
+            error = f"counter is {counter}, expected {expected}"
+        return {
+            **asdict(t),
+            **result,
+            "jobs": spec.target,
+            "queued": queued,
+            "counter": counter,
+            "ideal": self.preset.w2_ideal if t.workload == "W2" else None,
+            "error": error,
+        }
+
+    async def enqueue(self, t: Trial, spec: Spec, n: int) -> None:
+        for start in range(0, n, ENQUEUE_CHUNK):
+            ids = range(start, min(n, start + ENQUEUE_CHUNK))
+            if t.side == "raw":
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for i in ids:
+                        pipe.xadd(spec.stream, {"b": envelope(spec.task, [i])})
+                    await pipe.execute()
+            else:
+                calls = (aioworkers.Call(spec.task, (i,), queue=spec.queue) for i in ids)
+                await self.app.enqueue_many(calls)
+
+    async def produce(self, t: Trial, spec: Spec) -> None:
+        """W3: enqueue at a steady rate while the worker runs; each job carries its send
+        time (wall clock, comparable across processes on one machine)."""
+        rate = self.preset.w3_rate
+        start = time.perf_counter()
+        for seq in range(spec.target):
+            wait = start + seq / rate - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if t.side == "raw":
+                sent = time.time()
+                await self.redis.xadd(spec.stream, {"b": envelope("w3", [sent, seq])})
+            else:
+                await self.app.enqueue("w3", args=[time.time(), seq], queue=spec.queue)
+
+    async def spawn(self, t: Trial, spec: Spec) -> dict[str, Any]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(SIDES[t.side]),
+            spec.to_json(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self.env,
+            cwd=ROOT,
+        )
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        stderr = asyncio.create_task(proc.stderr.read())
+        producer: asyncio.Task[None] | None = None
+        result: dict[str, Any] | None = None
+        try:
+            async with asyncio.timeout(spec.timeout + 30):
+                async for line in proc.stdout:
+                    text = line.decode().strip()
+                    if text == "READY" and t.workload == "W3":
+                        producer = asyncio.create_task(self.produce(t, spec))
+                    elif text.startswith("RESULT "):
+                        result = json.loads(text.removeprefix("RESULT "))
+                await proc.wait()
+            if producer is not None:
+                await producer
+        except TimeoutError:
+            pass
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            if producer is not None and not producer.done():
+                producer.cancel()
+        err = (await stderr).decode(errors="replace").strip()
+        if result is None:
+            tail = "\n".join(err.splitlines()[-15:])
+            return {"error": f"child exited {proc.returncode} without a result:\n{tail}"}
+        if err:
+            result["stderr"] = err[-2000:]
+        return result
+
+    def trials(self, workloads: list[str], sides: list[str]) -> Iterator[Trial]:
+        for workload in workloads:
+            if workload == "RSS":
+                for depth in self.preset.rss_depths:
+                    yield from (Trial("RSS", side, 0, depth) for side in sides)
+                continue
+            for rep in range(self.preset.repeat):
+                # Alternate which side goes first, so drift in the machine's load evens out.
+                order = sides if rep % 2 == 0 else sides[::-1]
+                yield from (Trial(workload, side, rep) for side in order)
+
+
+def brief(record: dict[str, Any]) -> str:
+    if record["error"]:
+        return "ERROR " + str(record["error"]).splitlines()[0]
+    rss = f"rss {record['maxrss_mb']:.1f} MB"
+    if record["workload"] == "W3":
+        lat = record["latency_ms"]
+        return f"p50 {lat.get('p50', 0):.2f} ms  p99 {lat.get('p99', 0):.2f} ms  {rss}"
+    rate = record["jobs"] / record["elapsed"]
+    extra = f"  efficiency {record['ideal'] / record['elapsed']:.2f}" if record["ideal"] else ""
+    return f"{rate:,.0f} jobs/s{extra}  {rss}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller numbers, one repeat")
+    size.add_argument("--smoke", action="store_true", help="a few hundred jobs (the test)")
+    parser.add_argument("--only", default="", help=f"comma-separated subset of {WORKLOADS}")
+    parser.add_argument("--broker", default="redis", choices=["redis"])
+    parser.add_argument("--url", default="redis://127.0.0.1:6379/0", help="the Redis to use")
+    parser.add_argument("--sides", default="raw,aioworkers", help="raw, aioworkers or both")
+    parser.add_argument("--repeat", type=int, default=0, help="override the preset's repeat")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--no-uvloop", action="store_true")
+    args = parser.parse_args(argv)
+    args.mode = "quick" if args.quick else "smoke" if args.smoke else "full"
+    args.workloads = [w.strip().upper() for w in args.only.split(",") if w.strip()] or list(
+        WORKLOADS
+    )
+    args.side_list = [s.strip() for s in args.sides.split(",") if s.strip()]
+    if unknown := set(args.workloads) - set(WORKLOADS):
+        parser.error(f"unknown workloads {sorted(unknown)}; choose from {WORKLOADS}")
+    if unknown := set(args.side_list) - set(SIDES):
+        parser.error(f"unknown sides {sorted(unknown)}; choose from {list(SIDES)}")
+    return args
+
+
+async def main(args: argparse.Namespace) -> int:
+    preset = PRESETS[args.mode]
+    if args.repeat:
+        preset = Preset(**{**asdict(preset), "repeat": args.repeat})
+    harness = Harness(args, preset)
+    meta = await collect_meta(harness.redis, args, harness.run_id, asdict(preset))
+    records: list[dict[str, Any]] = []
+    print(f"aioworkers benchmark ({args.mode}), keys under {harness.run_id}:", file=sys.stderr)
+    try:
+        for t in harness.trials(args.workloads, args.side_list):
+            record = await harness.trial(t)
+            records.append(record)
+            print(f"  {t} {brief(record)}", file=sys.stderr, flush=True)
+    finally:
+        await harness.aclose()
+    meta["loadavg_end"] = list(os.getloadavg())
+    meta["loops"] = sorted({r["loop"] for r in records if r.get("loop")})
+    rows = summarize(records)
+    name = (
+        args.mode
+        if args.workloads == list(WORKLOADS)
+        else f"{args.mode}-{'-'.join(args.workloads)}"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": meta, "summary": rows, "records": records}
+    (args.out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    table = markdown(rows, meta)
+    (args.out / f"{name}.md").write_text(table)
+    if not write_chart(rows, meta, args.out / f"{name}.png"):
+        print("matplotlib is not installed: no chart", file=sys.stderr)
+    print(table)
+    print(f"written to {args.out / name}.{{json,md,png}}", file=sys.stderr)
+    failed = [r for r in records if r["error"]]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    options = parse_args()
+    code = run(main(options), use_uvloop=not options.no_uvloop)
+    sys.exit(code)

@@ -1,0 +1,67 @@
+"""The benchmark harness runs end to end in its smallest mode, against the real Redis, so
+it cannot rot: both sides, every workload, the report files, and no key left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from ..services import REDIS, ensure
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN = ROOT / "benchmarks" / "run.py"
+URL = f"redis://{REDIS.host}:{REDIS.port}/0"
+
+
+@pytest.mark.timeout(180)
+def test_smoke_run_reports_every_workload_for_both_sides(tmp_path: Path) -> None:
+    ensure(REDIS)
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--smoke", "--url", URL, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    doc = json.loads((tmp_path / "smoke.json").read_text())
+    records = doc["records"]
+    assert {(r["workload"], r["side"]) for r in records} == {
+        (w, s) for w in ("W0", "W1", "W2", "W3", "RSS") for s in ("raw", "aioworkers")
+    }
+    for r in records:
+        assert r["error"] is None, r
+        assert r["elapsed"] > 0
+        assert r["maxrss_mb"] > 0
+        if r["workload"] != "RSS":
+            # Every job ran once: the counter the jobs (or the child, at the end) wrote.
+            assert r["counter"] == r["jobs"], r
+    for r in records:
+        if r["workload"] == "W3":
+            assert r["latency_ms"]["samples"] > 0
+
+    rows = {row["key"]: row for row in doc["summary"]}
+    for key in ("W0.rate", "W1.rate", "W2.efficiency", "W3.p99", "W1.rss", "RSS.growth"):
+        assert rows[key]["raw"] is not None, key
+        assert rows[key]["aioworkers"] is not None, key
+    assert "| W1 no-op throughput |" in (tmp_path / "smoke.md").read_text()
+    assert "| W1 no-op throughput |" in proc.stdout
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert (tmp_path / "smoke.png").stat().st_size > 0
+
+    client = redis.Redis.from_url(URL)
+    try:
+        assert list(client.scan_iter(match=f"{doc['meta']['prefix']}:*")) == []
+    finally:
+        client.close()
