@@ -16,6 +16,7 @@ from .errors import ConfigError, redact
 from .idempotency import IdempotencyStore, MemoryStore, default_url_for, open_store
 from .idempotency import check_url as check_store_url
 from .task import Call, Policy, Task
+from .telemetry import Producer, Telemetry, messaging_system
 from .worker import Worker
 
 P = ParamSpec("P")
@@ -80,6 +81,8 @@ class App:
         self._broker: Broker | None = None
         self._broker_url = ""
         self.set_broker(broker)
+        # OpenTelemetry: the global providers unless replaced (see `Telemetry`).
+        self.telemetry = Telemetry()
 
     def __repr__(self) -> str:
         return f"<App {self.broker_name} queue={self.queue} tasks={len(self.tasks)}>"
@@ -232,15 +235,25 @@ class App:
         groups: dict[tuple[str, float], list[bytes]] = defaultdict(list)
         ids = []
         now = now_ms()
-        for call in calls:
-            queue, body, job_id = self._encode(call, now)
-            groups[(queue, call.delay)].append(body)
-            ids.append(job_id)
-        for (queue, delay), bodies in groups.items():
-            await self.broker.publish(queue, bodies, delay=delay)
+        producer = self.telemetry.producer(messaging_system(self.broker_name))
+        try:
+            for call in calls:
+                queue, body, job_id = self._encode(call, now, producer)
+                groups[(queue, call.delay)].append(body)
+                ids.append(job_id)
+            for (queue, delay), bodies in groups.items():
+                await self.broker.publish(queue, bodies, delay=delay)
+                if producer is not None:
+                    producer.published(queue, delay)
+        except BaseException as exc:
+            if producer is not None:
+                producer.failed(exc)
+            raise
         return ids
 
-    def _encode(self, call: Call, now: int) -> tuple[str, bytes, str]:
+    def _encode(
+        self, call: Call, now: int, producer: Producer | None = None
+    ) -> tuple[str, bytes, str]:
         if call.delay < 0:
             raise ValueError(f"delay must be >= 0 seconds, got {call.delay}")
         task = self.tasks.get(call.task)
@@ -256,6 +269,8 @@ class App:
             eta=now + int(call.delay * 1000) if call.delay else None,
             key=call.key,
         )
+        if producer is not None:
+            producer.start(queue, call.delay, env)  # its trace context goes into env.headers
         body = encode(env)
         if len(body) > self.max_message_size:
             raise ValueError(
@@ -273,10 +288,14 @@ class App:
         queues: Sequence[str] | None = None,
         grace: float | None = None,
         poll: float = 1.0,
+        max_jobs: int | None = None,
+        job_timeout: float | None = None,
     ) -> Worker:
         """A worker for ``queues`` (default: the app's queue and every task's queue).
 
         ``poll`` bounds how long one fetch waits, and so how soon a stop takes effect.
+        ``max_jobs`` stops the worker (`Worker.recycle`) once it has started that many
+        jobs; ``job_timeout`` bounds each attempt of tasks registered without a timeout.
         """
         return Worker(
             self,
@@ -284,6 +303,8 @@ class App:
             queues=list(queues) if queues else self.queues(),
             grace=self.grace if grace is None else grace,
             poll=poll,
+            max_jobs=max_jobs,
+            job_timeout=job_timeout,
         )
 
     def queues(self) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import orjson
 
+from . import monitor, supervisor
 from .app import App
 from .errors import AioworkersError, ConfigError, redact
 from .worker import Worker
@@ -82,6 +83,13 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _port(value: str) -> int:
+    n = _positive_int(value)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {n}")
+    return n
+
+
 def _seconds(value: str) -> float:
     try:
         s = float(value)
@@ -90,6 +98,27 @@ def _seconds(value: str) -> float:
     if s < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
     return s
+
+
+def _count(value: str) -> int:
+    return 0 if value.strip() == "0" else _positive_int(value)
+
+
+def _positive_seconds(value: str) -> float:
+    s = _seconds(value)
+    if s == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return s
+
+
+def _megabytes(value: str) -> float:
+    try:
+        mb = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected megabytes, got {value!r}") from None
+    if not mb > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return mb
 
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -123,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("app", metavar="MODULE:ATTR", help="the App, e.g. myapp:app")
         p.add_argument("--broker", metavar="URL", help="broker URL (overrides the app's)")
         p.add_argument("--log-level", default="INFO", type=_level, help="default INFO")
+        p.add_argument("--log-format", default="text", choices=monitor.LOG_FORMATS)
         return p
 
     run = command("run", "run a worker until SIGTERM/SIGINT (twice: stop now)")
@@ -130,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--concurrency", type=_positive_int, help="jobs in flight at most")
     run.add_argument("--grace", type=_seconds, help="seconds to finish jobs on shutdown")
     run.add_argument("--burst", action="store_true", help="exit once the queues are empty")
+    # Monitoring (issue 6): Prometheus /metrics and /healthz, OTLP export.
+    run.add_argument("--metrics-port", type=_port, help="serve /metrics and /healthz on PORT")
+    run.add_argument("--metrics-host", default="127.0.0.1", help="default 127.0.0.1")
+    run.add_argument("--otlp", action="store_true", help="export via OTLP (OTEL_* env vars)")
+    # Deployment (issue 7): several processes under a supervisor, recycled on limits.
+    run.add_argument("--processes", type=_count, help="worker processes (0: one per CPU)")
+    run.add_argument("--max-jobs-per-child", type=_positive_int, help="recycle after N jobs")
+    run.add_argument("--max-memory-per-child", type=_megabytes, help="recycle past MB resident")
+    run.add_argument("--max-job-seconds", type=_positive_seconds, help="default task timeout")
 
     enqueue = command("enqueue", "enqueue one job")
     enqueue.add_argument("task", help="registered task name")
@@ -142,6 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     stats = command("stats", "show ready, in-flight, delayed and dead jobs per queue")
     stats.add_argument("--queues", type=_csv, help="comma-separated (default: the app's)")
     stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.add_argument(
+        "--watch",
+        type=_positive_seconds,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) with rates",
+    )
+    stats.add_argument("--count", type=_positive_int, help="with --watch: stop after N")
+    stats.add_argument(
+        "--fail-if",
+        type=monitor.threshold,
+        action="append",
+        metavar="EXPR",
+        help="exit 1 if e.g. 'dead>0' or 'ready>1000' holds on a queue (repeatable)",
+    )
 
     dlq = sub.add_parser("dlq", help="list, replay or purge dead letters")
     dlq_sub = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -154,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("app", metavar="MODULE:ATTR", help="the App, e.g. myapp:app")
         p.add_argument("--broker", metavar="URL", help="broker URL (overrides the app's)")
         p.add_argument("--log-level", default="WARNING", type=_level)
+        p.add_argument("--log-format", default="text", choices=monitor.LOG_FORMATS)
         p.add_argument("--queue", help="queue (default: the app's)")
         if action == "list":
             p.add_argument("--limit", type=_positive_int, default=100)
@@ -167,16 +223,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def cmd_run(app: App, args: argparse.Namespace) -> int:
-    worker = app.worker(concurrency=args.concurrency, queues=args.queues, grace=args.grace)
+    # Before the worker: it checks once whether a telemetry provider is set.
+    exporters = monitor.Exporters.from_args(args)
+    worker = app.worker(
+        concurrency=args.concurrency,
+        queues=args.queues,
+        grace=args.grace,
+        max_jobs=args.max_jobs_per_child,
+        job_timeout=args.max_job_seconds,
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, worker, sig)
+    watch = asyncio.create_task(
+        supervisor.watch_child(worker, max_memory_mb=args.max_memory_per_child)
+    )
+    exporters.watch(app, worker)
     try:
         await worker.run(burst=args.burst)
     finally:
+        watch.cancel()
+        exporters.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-    return 0
+    return supervisor.RECYCLE_EXIT if worker.recycled else 0
 
 
 def _on_signal(worker: Worker, sig: signal.Signals) -> None:
@@ -201,15 +271,7 @@ async def cmd_enqueue(app: App, args: argparse.Namespace) -> int:
 
 async def cmd_stats(app: App, args: argparse.Namespace) -> int:
     _warn_private_broker(app)
-    queues = args.queues or app.queues()
-    rows = {q: asdict(await app.stats(q)) for q in queues}
-    if args.json:
-        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
-        return 0
-    print(f"{'queue':<24} {'ready':>8} {'in_flight':>10} {'delayed':>8} {'dead':>8}")
-    for q, d in rows.items():
-        print(f"{q:<24} {d['ready']:>8} {d['in_flight']:>10} {d['delayed']:>8} {d['dead']:>8}")
-    return 0
+    return await monitor.stats(app, args.queues or app.queues(), args)
 
 
 async def cmd_dlq(app: App, args: argparse.Namespace) -> int:
@@ -271,10 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``aioworkers`` console script; returns the exit code."""
     try:
         args = build_parser().parse_args(argv)
-        logging.basicConfig(
-            level=args.log_level,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        monitor.configure_logging(args.log_level, args.log_format)
+        if args.command == "run" and (processes := supervisor.plan(args)) is not None:
+            raw = list(sys.argv[1:] if argv is None else argv)
+            return supervisor.supervise(raw, processes, grace=args.grace)
         app = load_app(args.app)
         if args.broker:
             app.set_broker(args.broker)

@@ -18,6 +18,7 @@ from ._runtime.scheduler import Scheduler
 from ._runtime.settle import Settler
 from .brokers.base import Delivery
 from .errors import BrokerUnavailable, ConfigError
+from .telemetry import messaging_system
 
 if TYPE_CHECKING:
     from .app import App
@@ -36,6 +37,9 @@ class Worker:
     ``await worker.run()`` until `stop()`; ``async with app.worker():`` runs it in the
     background on the current loop and drains it on exit. The worker installs no signal
     handlers: `stop()` is what a SIGTERM handler calls (a second call cancels now).
+
+    ``max_jobs`` recycles the worker (see `recycle`) once it has started that many jobs;
+    ``job_timeout`` bounds each attempt of a task registered without a ``timeout``.
     """
 
     def __init__(
@@ -46,6 +50,8 @@ class Worker:
         queues: list[str],
         grace: float,
         poll: float,
+        max_jobs: int | None = None,
+        job_timeout: float | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
@@ -61,7 +67,14 @@ class Worker:
         self.state = "IDLE"
         self._inflight = InFlight()
         self._scheduler = Scheduler(concurrency, self._inflight, self._start)
-        self._settler = Settler(app.broker)
+        # Checked once: with no OpenTelemetry provider configured this is None and the
+        # hot path makes no telemetry call at all.
+        self._telemetry = app.telemetry.for_worker(
+            messaging_system(app.broker_name), self._inflight.snapshot
+        )
+        self._settler = Settler(app.broker, telemetry=self._telemetry)
+        traced = self._telemetry is not None and self._telemetry.tracer is not None
+        self._job_coro = self._traced_job if traced else self._job
         self._store = app.idempotency
         self._executor = Executor(
             app.tasks,
@@ -70,7 +83,11 @@ class Worker:
             store=self._store,
             lease=app.visibility_timeout,
             ttl=app.idempotency_ttl,
+            default_timeout=job_timeout,
         )
+        self.max_jobs = max_jobs
+        self.jobs_started = 0
+        self.recycled: str | None = None  # why the worker stopped itself, if it did
         self._quiet = False
         self._stops = 0
         self._grace_scope: anyio.CancelScope | None = None
@@ -121,6 +138,18 @@ class Worker:
                 self._grace_scope.cancel()
             self._inflight.cancel_all()
 
+    async def wait_started(self) -> None:
+        """Return once `run()` has run the startup hooks and begun fetching."""
+        await self._started.wait()
+
+    def recycle(self, reason: str) -> None:
+        """Stop because of a limit (``reason``), for a fresh process to take over: `stop()`
+        with `recycled` set, so the CLI exits with its recycle code. Ignored once stopping."""
+        if self._stops == 0:
+            self.recycled = reason
+            log.info("recycling: %s; draining %d jobs", reason, len(self._inflight))
+            self.stop()
+
     async def run(self, *, burst: bool = False) -> None:
         """Run until `stop()`, or in ``burst`` mode until the queues are empty."""
         if self.state != "IDLE":
@@ -144,10 +173,17 @@ class Worker:
         async with anyio.create_task_group() as service:
             service.start_soon(
                 partial(
-                    keep_leases, broker, self._inflight, visibility=visibility, store=self._store
+                    keep_leases,
+                    broker,
+                    self._inflight,
+                    visibility=visibility,
+                    store=self._store,
+                    telemetry=self._telemetry,
                 )
             )
             service.start_soon(self._settler.run_acks)
+            if self._telemetry is not None:
+                service.start_soon(self._telemetry.poll_depth, broker.depth, self.queues)
             async with anyio.create_task_group() as fetchers:
                 for queue in self.queues:
                     fetcher = Fetcher(
@@ -157,6 +193,7 @@ class Worker:
                         wait=min(self.poll, BURST_POLL) if burst else self.poll,
                         quiet=lambda: self._quiet,
                         drained=self._drained if burst else None,
+                        telemetry=self._telemetry,
                     )
                     fetchers.start_soon(fetcher.run)
             try:
@@ -174,7 +211,10 @@ class Worker:
 
     def _start(self, delivery: Delivery, run: Run) -> None:
         # One plain asyncio task per job: the hot path pays for nothing more.
-        run.task = asyncio.get_running_loop().create_task(self._job(delivery, run))
+        run.task = asyncio.get_running_loop().create_task(self._job_coro(delivery, run))
+        self.jobs_started += 1
+        if self.jobs_started == self.max_jobs:
+            self.recycle(f"ran max_jobs={self.max_jobs} jobs")
 
     async def _release(self, deliveries: list[Delivery]) -> None:
         try:
@@ -182,7 +222,8 @@ class Worker:
         except BrokerUnavailable:
             log.warning("could not release %d jobs; their leases will expire", len(deliveries))
         else:
-            self._settler.counts["released"] += len(deliveries)
+            for delivery in deliveries:
+                self._settler.count("released", delivery)
         finally:
             for delivery in deliveries:
                 self._inflight.remove(delivery)
@@ -211,13 +252,17 @@ class Worker:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _traced_job(self, delivery: Delivery, run: Run) -> None:
+        assert self._telemetry is not None
+        await self._telemetry.traced(delivery, self._job(delivery, run))
+
     async def _job(self, delivery: Delivery, run: Run) -> None:
         run.started = True
         try:
             outcome = await self._executor.execute(delivery, run)
             if run.lost:
                 # Another worker may hold it now: settling anything would act over it.
-                self._settler.counts["lease_lost"] += 1
+                self._settler.count("lease_lost", delivery, outcome)
             else:
                 await self._settler.settle(delivery, outcome)
         except asyncio.CancelledError:
@@ -226,7 +271,7 @@ class Worker:
             # The lease loop found the lease lost while this run was settling: the broker
             # refuses whatever the settle sent (it checks ownership), so it counts as lost.
             uncancel()
-            self._settler.counts["lease_lost"] += 1
+            self._settler.count("lease_lost", delivery)
         except Exception:
             log.exception("internal error while running %r; the broker will redeliver it", delivery)
         finally:

@@ -12,8 +12,32 @@ from _child import Spec, Work, main
 import aioworkers
 
 
+def configure_otel(which: str) -> None:
+    """SDK meter and tracer providers, as a user's process would have them: every span
+    sampled and handed to a batch processor (whose exporter drops them), metrics
+    aggregated in memory."""
+    from opentelemetry import metrics, trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Discard(SpanExporter):
+        def export(self, spans: object) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    if which in ("all", "metrics"):
+        metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    if which in ("all", "traces"):
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(BatchSpanProcessor(Discard()))
+        trace.set_tracer_provider(tracer_provider)
+
+
 class AioWorker:
     def __init__(self, spec: Spec, work: Work) -> None:
+        if spec.otel:
+            configure_otel(spec.otel)
         self.app = aioworkers.App(spec.broker_url, queue=spec.queue, concurrency=spec.concurrency)
         for name, handler in work.handlers.items():
             self.app.task(name)(handler)

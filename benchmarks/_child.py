@@ -46,6 +46,7 @@ class Spec:
     sleep: float = 0.0  # W2: seconds each job sleeps
     warmup: int = 0  # W3: latency samples with seq below this are dropped
     uvloop: bool = True
+    otel: str = ""  # aioworkers side: OpenTelemetry SDK providers: "", metrics, traces, all
 
     @classmethod
     def from_argv(cls) -> Spec:

@@ -107,6 +107,7 @@ class Harness:
         self.preset = preset
         self.url: str = args.url
         self.uvloop = not args.no_uvloop
+        self.otel = args.otel
         self.run_id = f"aiowbench-{os.getpid()}-{secrets.token_hex(3)}"
         self.redis = aioredis.from_url(self.url)
         self.broker_url = with_query(self.url, prefix=f"{self.run_id}:aio")
@@ -161,6 +162,7 @@ class Harness:
             sleep=p.w2_sleep,
             warmup=int(p.w3_rate * p.w3_warmup),
             uvloop=self.uvloop,
+            otel=self.otel if t.side == "aioworkers" else "",
         )
         return spec, queued
 
@@ -293,6 +295,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=0, help="override the preset's repeat")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument(
+        "--otel",
+        nargs="?",
+        const="all",
+        default="",
+        choices=["all", "metrics", "traces"],
+        help="aioworkers side with OpenTelemetry SDK providers (default: meter and tracer)",
+    )
     args = parser.parse_args(argv)
     args.mode = "quick" if args.quick else "smoke" if args.smoke else "full"
     args.workloads = [w.strip().upper() for w in args.only.split(",") if w.strip()] or list(
@@ -329,6 +339,9 @@ async def main(args: argparse.Namespace) -> int:
         if args.workloads == list(WORKLOADS)
         else f"{args.mode}-{'-'.join(args.workloads)}"
     )
+    if args.otel:
+        name += f"-otel-{args.otel}"
+    meta["otel"] = args.otel
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"meta": meta, "summary": rows, "records": records}
     (args.out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -56,6 +56,7 @@ class Executor:
         store: IdempotencyStore | None = None,
         lease: float = 30.0,
         ttl: float = 86400.0,
+        default_timeout: float | None = None,
     ) -> None:
         self._registry = registry
         self._max_size = max_message_size
@@ -63,6 +64,7 @@ class Executor:
         self._store = store
         self._lease = lease
         self._ttl = ttl
+        self._default_timeout = default_timeout
 
     def prepare(
         self, delivery: Delivery
@@ -201,7 +203,7 @@ class Executor:
         error: BaseException | None = None
         start = time.perf_counter()
         try:
-            timeout = task.policy.timeout
+            timeout = task.policy.timeout or self._default_timeout
             if timeout is None:
                 await task.fn(*env.args, **env.kwargs)
             else:

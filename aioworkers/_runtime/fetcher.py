@@ -11,6 +11,7 @@ import anyio
 from ..brokers.base import Broker
 from ..errors import BrokerUnavailable
 from ..retry import next_delay
+from ..telemetry import WorkerTelemetry
 from .scheduler import Scheduler
 
 log = logging.getLogger("aioworkers")
@@ -28,6 +29,7 @@ class Fetcher:
         wait: float,
         quiet: Callable[[], bool],
         drained: Callable[[], Awaitable[bool]] | None,
+        telemetry: WorkerTelemetry | None = None,
     ) -> None:
         self.broker = broker
         self.queue = queue
@@ -35,6 +37,7 @@ class Fetcher:
         self.wait = wait
         self.quiet = quiet
         self.drained = drained
+        self.telemetry = telemetry
 
     async def run(self) -> None:
         failures = 0
@@ -55,6 +58,8 @@ class Fetcher:
                 continue
             failures = 0
             idle = not got
+            if got and self.telemetry is not None:
+                self.telemetry.fetched(self.queue, len(got))
             if got and not self.scheduler.submit(got):
                 # Went quiet while waiting: hand them to another worker at once. If the
                 # broker is down, their leases run out and it redelivers them.

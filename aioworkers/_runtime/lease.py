@@ -9,6 +9,7 @@ import anyio
 from ..brokers.base import Broker
 from ..errors import BrokerUnavailable
 from ..idempotency.base import IdempotencyStore, StoreUnavailable
+from ..telemetry import WorkerTelemetry
 from .inflight import InFlight
 
 log = logging.getLogger("aioworkers")
@@ -20,18 +21,21 @@ async def keep_leases(
     *,
     visibility: float,
     store: IdempotencyStore | None = None,
+    telemetry: WorkerTelemetry | None = None,
 ) -> None:
     """Every ``visibility / 3`` seconds, extend every delivery held and every idempotency
     claim of a running job; cancel runs whose lease or claim was lost, so a worker that
     stalled never settles a job, or runs a key, another worker now holds."""
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_keep_deliveries, broker, inflight, visibility)
+        tg.start_soon(_keep_deliveries, broker, inflight, visibility, telemetry)
         if store is not None:
             # A loop of its own: a slow store must not delay the broker's heartbeat.
             tg.start_soon(_keep_claims, store, inflight, visibility)
 
 
-async def _keep_deliveries(broker: Broker, inflight: InFlight, visibility: float) -> None:
+async def _keep_deliveries(
+    broker: Broker, inflight: InFlight, visibility: float, telemetry: WorkerTelemetry | None
+) -> None:
     while True:
         await anyio.sleep(visibility / 3)
         held = inflight.snapshot()
@@ -43,6 +47,8 @@ async def _keep_deliveries(broker: Broker, inflight: InFlight, visibility: float
             # Two more tries fit in the lease before it runs out.
             log.warning("could not extend %d leases: %s", len(held), exc)
             continue
+        if telemetry is not None:
+            telemetry.extended(held, lost)
         for delivery in lost:
             log.warning("lease lost for %r: cancelling its run", delivery)
             inflight.lose(delivery)

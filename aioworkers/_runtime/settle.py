@@ -17,6 +17,7 @@ from ..brokers.base import Broker, DeadLetter, Delivery
 from ..envelope import Envelope, encode, fingerprint
 from ..errors import BrokerUnavailable, LeaseLost, redact
 from ..task import Policy
+from ..telemetry import WorkerTelemetry
 from . import classify as c
 from .executor import Outcome
 
@@ -48,13 +49,27 @@ class Settler:
     round trip is in progress goes out together in the next one, and each job waits for
     its own to be confirmed."""
 
-    def __init__(self, broker: Broker, *, max_ack_batch: int = 1000) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        max_ack_batch: int = 1000,
+        telemetry: WorkerTelemetry | None = None,
+    ) -> None:
         self._broker = broker
+        self._telemetry = telemetry
         self._acks: list[tuple[Delivery, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
         self._max_batch = max_ack_batch
         self.counts: Counter[str] = Counter()
+
+    def count(self, name: str, delivery: Delivery, outcome: Outcome | None = None) -> None:
+        """The one place a delivery is counted as an outcome (``ok``, ``retried``, ...):
+        `counts`, and the metrics and span of the job when telemetry is on."""
+        self.counts[name] += 1
+        if self._telemetry is not None:
+            self._telemetry.settled(name, delivery, outcome)
 
     async def settle(self, delivery: Delivery, outcome: Outcome) -> c.Decision:
         env = outcome.envelope
@@ -63,7 +78,7 @@ class Settler:
         try:
             await self._apply(delivery, outcome, decision)
         except LeaseLost:
-            self.counts["lease_lost"] += 1
+            self.count("lease_lost", delivery, outcome)
             log.warning("lease lost, not settling %r (another worker owns it now)", delivery)
         return decision
 
@@ -77,22 +92,24 @@ class Settler:
                 # Held (slot and lease) until the broker has the ack: a lease that lapsed
                 # while the ack waited would hand a finished job to another worker.
                 await acked
-                self.counts[counted_as] += 1
+                self.count(counted_as, delivery, outcome)
             case c.RetryLater(delay=delay):
                 assert outcome.envelope is not None
                 body = encode(outcome.envelope.next_attempt())
-                _log_failure(logging.WARNING, delivery, outcome, f"retry in {delay:.2f}s")
+                _log_failure(
+                    logging.WARNING, delivery, outcome, f"retry in {delay:.2f}s", "retried"
+                )
                 await with_backoff(lambda: broker.retry(delivery, body=body, delay=delay), "retry")
                 # Counted once done: a delivery whose lease was lost counts as lease_lost only.
-                self.counts["retried"] += 1
+                self.count("retried", delivery, outcome)
             case c.DeadLetter(reason=reason):
                 letter = dead_letter_for(delivery, outcome, reason)
-                _log_failure(logging.ERROR, delivery, outcome, f"dead-lettered ({reason})")
+                _log_failure(logging.ERROR, delivery, outcome, f"dead-lettered ({reason})", "dead")
                 await with_backoff(lambda: broker.dead_letter(delivery, letter), "dead_letter")
-                self.counts["dead"] += 1
+                self.count("dead", delivery, outcome)
             case c.Release():
                 await with_backoff(lambda: broker.release([delivery]), "release")
-                self.counts["released"] += 1
+                self.count("released", delivery, outcome)
             case c.Defer(delay=delay):
                 # The body unchanged: same attempt, so waiting on a key uses no retry.
                 env = outcome.envelope
@@ -101,7 +118,7 @@ class Settler:
                 await with_backoff(
                     lambda: broker.retry(delivery, body=delivery.body, delay=delay), "retry"
                 )
-                self.counts["deferred"] += 1
+                self.count("deferred", delivery, outcome)
 
     async def run_acks(self) -> None:
         """Flush acks as they come, until cancelled."""
@@ -159,8 +176,23 @@ def _traceback(error: BaseException | None) -> str | None:
     return redact(text)[-MAX_TRACEBACK_CHARS:]
 
 
-def _log_failure(level: int, delivery: Delivery, outcome: Outcome, what: str) -> None:
+def _log_failure(
+    level: int, delivery: Delivery, outcome: Outcome, what: str, counted_as: str
+) -> None:
     env: Envelope | None = outcome.envelope
+    error = _describe(outcome.error)
+    # The same facts as fields, for `--log-format json` (see aioworkers.monitor).
+    job = {
+        "job_id": env.id if env is not None else delivery.message_id,
+        "task": env.task if env is not None else None,
+        "attempt": env.attempt if env is not None else None,
+        "queue": delivery.queue,
+        "duration": round(outcome.duration, 6),
+        "error": error,
+        "error_type": type(outcome.error).__name__ if outcome.error is not None else None,
+        "outcome": counted_as,
+        "detail": what,
+    }
     if env is None:
         # Never log the body of a message we could not read: size and hash identify it.
         log.log(
@@ -169,8 +201,9 @@ def _log_failure(level: int, delivery: Delivery, outcome: Outcome, what: str) ->
             delivery.message_id,
             len(delivery.body),
             fingerprint(delivery.body),
-            _describe(outcome.error),
+            error,
             what,
+            extra={"job": job},
         )
         return
     log.log(
@@ -181,6 +214,7 @@ def _log_failure(level: int, delivery: Delivery, outcome: Outcome, what: str) ->
         env.attempt,
         delivery.queue,
         outcome.duration,
-        _describe(outcome.error),
+        error,
         what,
+        extra={"job": job},
     )

@@ -25,6 +25,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from ..errors import BrokerUnavailable, ConfigError, LeaseLost
 from .base import DeadLetter, Delivery, QueueDepth
@@ -254,7 +256,12 @@ class RedisBroker:
         # Unique per process and per broker: a restarted worker never inherits a PEL.
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self._redis: aioredis.Redis = aioredis.from_url(
-            urlunsplit(parts._replace(query=client_query))
+            urlunsplit(parts._replace(query=client_query)),
+            # A pooled connection that went stale (server restarted) fails once: retry on
+            # a fresh one before reporting BrokerUnavailable. Scripts are fenced, so a
+            # retried settle can never act twice.
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2),
+            retry_on_error=[rexc.ConnectionError, rexc.TimeoutError],
         )
         self._groups: set[str] = set()
         self._reclaim_at: dict[str, float] = {}
@@ -479,6 +486,19 @@ class RedisBroker:
             )
         return QueueDepth(int(ready), int(in_flight), int(delayed), int(dead))
 
+    async def totals(self, queue: str) -> dict[str, int]:
+        """Counters for rates (``aioworkers stats --watch``), not part of the Broker protocol:
+        ``added``, entries ever added to the ready stream (new jobs, and retries as they
+        become ready); ``left``, those that left it (acked, retried or dead-lettered);
+        ``dead``, dead letters ever written. They restart from 0 if a key is deleted."""
+        k = self.keys(queue)
+        async with _mapped(), self._redis.pipeline(transaction=False) as pipe:
+            pipe.execute_command("XINFO", "STREAM", k.stream)
+            pipe.execute_command("XINFO", "STREAM", k.dead)
+            stream, dead = await pipe.execute(raise_on_error=False)
+        added, length = _added(stream)
+        return {"added": added, "left": added - length, "dead": _added(dead)[0]}
+
     async def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetter]:
         async with _mapped():
             entries: Any = await self._redis.xrange(self.keys(queue).dead, count=limit)
@@ -513,6 +533,17 @@ class RedisBroker:
             pass  # best effort: an idle consumer entry is harmless
         finally:
             await self._redis.aclose()
+
+
+def _added(info: Any) -> tuple[int, int]:
+    """``(entries-added, length)`` from an XINFO STREAM reply; zeros for a missing key."""
+    if not isinstance(info, list | dict):
+        return 0, 0  # no such key (an error reply)
+    fields = info if isinstance(info, dict) else _pairs(info)
+    get = {_s(key): value for key, value in fields.items()}
+    length = int(get.get("length", 0))
+    # entries-added needs Redis >= 7; before that, the length is the best there is.
+    return int(get.get("entries-added", length)), length
 
 
 def _s(value: bytes | str) -> str:

@@ -1,0 +1,156 @@
+"""Metric names, attributes and values after a workload whose outcomes are known, on
+real Redis, read with the SDK's in-memory reader."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aioworkers
+from aioworkers.telemetry import Telemetry
+
+from .conftest import Otel, make_app
+
+N_OK, M_RETRIED, K_DEAD = 12, 5, 3
+
+
+def by(points: list[Any], **attrs: str) -> list[Any]:
+    return [p for p in points if all(p.attributes.get(k) == v for k, v in attrs.items())]
+
+
+def total(points: list[Any], **attrs: str) -> int:
+    return sum(int(p.value) for p in by(points, **attrs))
+
+
+async def run_workload(app: aioworkers.App) -> tuple[aioworkers.Worker, str]:
+    tries: dict[int, int] = {}
+
+    @app.task(retries=0)
+    async def fine(i: int) -> None:
+        await asyncio.sleep(0.01)
+
+    @app.task(retries=2, backoff=0)
+    async def flaky(i: int) -> None:
+        tries[i] = tries.get(i, 0) + 1
+        if tries[i] == 1:
+            raise ConnectionError("first try fails")
+
+    @app.task(retries=0)
+    async def broken(i: int) -> None:
+        raise ValueError("always fails")
+
+    calls = [fine.call(i) for i in range(N_OK)]
+    calls += [flaky.call(i) for i in range(M_RETRIED)]
+    calls += [broken.call(i) for i in range(K_DEAD)]
+    await app.enqueue_many(calls)
+    worker = app.worker(concurrency=8, poll=0.1)
+    return worker, app.queue
+
+
+async def test_metrics_after_a_known_workload(otel: Otel, redis_url: str) -> None:
+    app = make_app(redis_url)
+    app.telemetry = otel.telemetry()
+    worker, queue = await run_workload(app)
+    system = {"messaging.system": "redis", "messaging.destination.name": queue}
+    async with app, worker:
+        for _ in range(200):
+            if sum(worker.counts.values()) >= N_OK + 2 * M_RETRIED + K_DEAD:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # one more depth poll, after the last settle
+        jobs = otel.points("aioworkers.jobs")
+        depth = otel.points("aioworkers.queue.depth")
+        in_flight = otel.points("aioworkers.jobs.in_flight")
+
+    assert worker.counts["ok"] == N_OK + M_RETRIED
+    assert total(jobs, **system, **{"aioworkers.job.outcome": "ok"}) == N_OK + M_RETRIED
+    assert total(jobs, **{"aioworkers.task.name": "fine", "aioworkers.job.outcome": "ok"}) == N_OK
+    assert total(jobs, **{"aioworkers.task.name": "flaky", "aioworkers.job.outcome": "ok"}) == (
+        M_RETRIED
+    )
+    assert total(jobs, **system, **{"aioworkers.job.outcome": "retried"}) == M_RETRIED
+    assert total(jobs, **system, **{"aioworkers.job.outcome": "dead"}) == K_DEAD
+    assert {p.attributes["aioworkers.job.outcome"] for p in jobs} == {"ok", "retried", "dead"}
+
+    attempts = N_OK + 2 * M_RETRIED + K_DEAD
+    durations = otel.points("messaging.process.duration")
+    assert sum(p.count for p in durations) == attempts
+    assert all(p.attributes["messaging.operation.name"] == "process" for p in durations)
+    (fine,) = by(durations, **{"aioworkers.task.name": "fine"})
+    assert "error.type" not in fine.attributes
+    assert fine.count == N_OK
+    assert fine.sum >= 0.01 * N_OK
+    assert sum(p.count for p in by(durations, **{"error.type": "ConnectionError"})) == M_RETRIED
+    assert sum(p.count for p in by(durations, **{"error.type": "ValueError"})) == K_DEAD
+
+    assert sum(p.count for p in otel.points("aioworkers.queue.lag")) == attempts
+    assert total(otel.points("messaging.client.consumed.messages"), **system) == attempts
+    sent = otel.points("messaging.client.sent.messages")
+    assert (
+        total(sent, **system, **{"messaging.operation.name": "send"}) == N_OK + M_RETRIED + K_DEAD
+    )
+
+    states = {p.attributes["aioworkers.queue.state"]: p.value for p in by(depth, **system)}
+    assert states == {"ready": 0, "in_flight": 0, "delayed": 0, "dead": K_DEAD}
+    assert [p.value for p in by(in_flight, **system)] == [0]
+
+
+async def test_lease_extensions_are_counted(otel: Otel, redis_url: str) -> None:
+    app = aioworkers.App(redis_url, queue="lease", visibility_timeout=0.3)
+    app.telemetry = otel.telemetry()
+
+    @app.task
+    async def slow() -> None:
+        await asyncio.sleep(0.5)
+
+    await slow.enqueue()
+    async with app:
+        await app.worker(poll=0.1).run(burst=True)
+    extended = otel.points("aioworkers.lease.extensions")
+    assert total(extended, **{"messaging.destination.name": "lease"}) >= 2
+    assert total(otel.points("aioworkers.jobs"), **{"aioworkers.job.outcome": "ok"}) == 1
+
+
+async def test_no_provider_means_no_telemetry_on_the_hot_path() -> None:
+    # The global providers are the API's proxies in this test process: nothing is on.
+    app = aioworkers.App("memory://")
+    assert app.telemetry.for_worker("memory", list) is None
+    assert app.telemetry.producer("memory") is None
+    assert repr(app.telemetry) == "<Telemetry off>"
+    worker = app.worker()
+    assert worker._telemetry is None
+    assert worker._job_coro == worker._job
+
+
+async def test_a_provider_passed_in_turns_telemetry_on(otel: Otel) -> None:
+    tel = Telemetry(meter_provider=otel.meter_provider)
+    worker_tel = tel.for_worker("memory", list)
+    assert worker_tel is not None
+    assert worker_tel.tracer is None
+    assert repr(tel) == "<Telemetry metrics>"
+
+
+async def test_depth_gauges_hold_the_last_poll_after_a_burst_run(
+    otel: Otel, redis_url: str
+) -> None:
+    app = make_app(redis_url)
+    # The default interval: the only polls are the first one and the one at stop.
+    app.telemetry = otel.telemetry(depth_interval=15.0)
+
+    @app.task(retries=0)
+    async def maybe(fail: bool) -> None:
+        if fail:
+            raise RuntimeError("no")
+
+    await app.enqueue_many([maybe.call(False), maybe.call(True), maybe.call(True)])
+    await app.enqueue("maybe", [False], delay=60)
+    async with app:
+        worker = app.worker(poll=0.1)
+        async with worker:
+            for _ in range(100):
+                if sum(worker.counts.values()) == 3:
+                    break
+                await asyncio.sleep(0.05)
+    depth = otel.points("aioworkers.queue.depth")
+    states = {p.attributes["aioworkers.queue.state"]: p.value for p in depth}
+    assert states == {"ready": 0, "in_flight": 0, "delayed": 1, "dead": 2}

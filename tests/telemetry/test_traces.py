@@ -1,0 +1,112 @@
+"""Trace continuity from the producer to the consumer across real Redis: the producer
+span's context travels in the envelope headers; one consumer span per attempt."""
+
+from __future__ import annotations
+
+import asyncio
+
+from opentelemetry.trace import SpanKind, StatusCode
+
+import aioworkers
+from aioworkers.telemetry import Telemetry
+
+from .conftest import Otel, make_app
+
+
+async def test_consumer_spans_continue_the_producer_trace(otel: Otel, redis_url: str) -> None:
+    app = make_app(redis_url)
+    app.telemetry = otel.telemetry()
+    tracer = otel.tracer_provider.get_tracer("test")
+    seen: list[str] = []
+
+    @app.task(retries=1, backoff=0)
+    async def flaky(n: int) -> None:
+        job = aioworkers.current_job()
+        seen.append(job.headers["traceparent"])
+        with tracer.start_as_current_span("inside the handler"):
+            if job.attempt == 1:
+                raise RuntimeError("first attempt fails")
+
+    with tracer.start_as_current_span("web request") as request:
+        job_id = await flaky.enqueue(1)
+    async with app:
+        await app.worker(poll=0.1).run(burst=True)
+
+    spans = otel.finished()
+    producer = next(s for s in spans if s.kind is SpanKind.PRODUCER)
+    consumers = sorted(
+        (s for s in spans if s.kind is SpanKind.CONSUMER),
+        key=lambda s: s.attributes["aioworkers.job.attempt"],
+    )
+    assert producer.name == f"send {app.queue}"
+    assert producer.parent is not None
+    assert producer.parent.span_id == request.get_span_context().span_id
+    assert producer.attributes["messaging.message.id"] == job_id
+    # The W3C header the handler saw names the producer span.
+    assert seen[0].split("-")[2] == f"{producer.context.span_id:016x}"
+
+    assert [c.attributes["aioworkers.job.attempt"] for c in consumers] == [1, 2]
+    for consumer in consumers:
+        assert consumer.name == f"process {app.queue}"
+        assert consumer.context.trace_id == producer.context.trace_id
+        assert consumer.parent is not None
+        assert consumer.parent.span_id == producer.context.span_id
+        assert consumer.attributes["messaging.system"] == "redis"
+        assert consumer.attributes["messaging.destination.name"] == app.queue
+        assert consumer.attributes["messaging.operation.name"] == "process"
+        assert consumer.attributes["messaging.message.id"] == job_id
+        assert consumer.attributes["aioworkers.task.name"] == "flaky"
+    first, second = consumers
+    assert first.attributes["aioworkers.job.outcome"] == "retried"
+    assert first.status.status_code is StatusCode.ERROR
+    (event,) = first.events
+    assert event.name == "exception"
+    assert event.attributes["exception.type"] == "RuntimeError"
+    assert second.attributes["aioworkers.job.outcome"] == "ok"
+    assert second.status.status_code is StatusCode.UNSET
+    assert not second.events
+
+    # The handler's own spans are children of the consumer span of their attempt.
+    inner = [s for s in spans if s.name == "inside the handler"]
+    assert sorted(s.parent.span_id for s in inner if s.parent) == sorted(
+        c.context.span_id for c in consumers
+    )
+
+
+async def test_dead_letter_and_undecodable_bodies_get_spans(otel: Otel, redis_url: str) -> None:
+    app = make_app(redis_url)
+    app.telemetry = otel.telemetry()
+
+    @app.task(retries=0)
+    async def broken() -> None:
+        raise ValueError("no")
+
+    await broken.enqueue()
+    await app.broker.publish(app.queue, [b"\xff not json"])
+    async with app:
+        await app.worker(poll=0.1).run(burst=True)
+        await asyncio.sleep(0)
+    consumers = [s for s in otel.finished() if s.kind is SpanKind.CONSUMER]
+    outcomes = sorted(s.attributes["aioworkers.job.outcome"] for s in consumers)
+    assert outcomes == ["dead", "dead"]
+    garbage = next(s for s in consumers if "aioworkers.task.name" not in s.attributes)
+    assert garbage.parent is None  # no headers to continue: a new trace
+    dead = next(s for s in consumers if s.attributes.get("aioworkers.task.name") == "broken")
+    assert dead.events[0].attributes["exception.type"] == "ValueError"
+
+
+async def test_no_headers_without_a_tracer(otel: Otel, redis_url: str) -> None:
+    app = make_app(redis_url)
+    # Metrics only: and there is no global tracer provider in the test process.
+    app.telemetry = Telemetry(meter_provider=otel.meter_provider)
+    seen: list[dict[str, str]] = []
+
+    @app.task
+    async def look() -> None:
+        seen.append(aioworkers.current_job().headers)
+
+    await look.enqueue()
+    async with app:
+        await app.worker(poll=0.1).run(burst=True)
+    assert seen == [{}]
+    assert otel.finished() == []
