@@ -40,6 +40,13 @@ class Fetcher:
         self.telemetry = telemetry
 
     async def run(self) -> None:
+        await self._fetch_until_done()
+        # Deliveries a push-based broker already holds for us go to other workers now,
+        # not when this process exits.
+        with contextlib.suppress(BrokerUnavailable):
+            await self.broker.stop_fetching(self.queue)
+
+    async def _fetch_until_done(self) -> None:
         failures = 0
         idle = True
         while not self.quiet():

@@ -75,6 +75,12 @@ class Broker(Protocol):
         """Up to ``max_messages`` deliveries, waiting at most ``wait`` seconds for the first."""
         ...
 
+    async def stop_fetching(self, queue: str) -> None:
+        """This worker will not fetch from ``queue`` for now: hand back at once anything the
+        client holds that `fetch` has not returned yet (a push consumer's prefetch), so
+        other workers get it. A later `fetch` starts again. Pull-only brokers do nothing."""
+        ...
+
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Remove finished deliveries. Deliveries whose lease was lost are skipped."""
         ...

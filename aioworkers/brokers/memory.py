@@ -143,6 +143,9 @@ class MemoryBroker:
             out.append(Delivery(queue, message.id, message.body, message.count, token))
         return out
 
+    async def stop_fetching(self, queue: str) -> None:
+        """Nothing to hand back: entries are only read on `fetch`."""
+
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         for d in deliveries:
             if self._owned(d) is not None:

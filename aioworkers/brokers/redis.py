@@ -394,6 +394,9 @@ class RedisBroker:
             for entry_id, fields, n in entries
         ]
 
+    async def stop_fetching(self, queue: str) -> None:
+        """Nothing to hand back: entries are only read on `fetch`."""
+
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         for queue, group in _by_queue(deliveries).items():
             stream = self.keys(queue).stream

@@ -564,3 +564,17 @@ async def test_app_dlq_replay_all(case: BrokerCase, queue: str) -> None:
     assert sorted(runs) == [(0, 1), (1, 1), (2, 1)]
     assert await app.dlq().replay() == 0
     await wait_depth(case.broker, queue, EMPTY)
+
+
+async def test_stop_fetching_hands_back_nothing_fetched_and_fetch_starts_again(
+    broker: Broker, case: BrokerCase, queue: str
+) -> None:
+    await broker.publish(queue, [b"held", b"waiting"])
+    (held,) = await fetch_n(broker, queue, 1, within=case.slack + 1, max_messages=1)
+    await broker.stop_fetching(queue)
+    # What fetch returned stays ours; what it did not is available to any worker.
+    assert await broker.extend([held], visibility=case.visibility) == []
+    (waiting,) = await fetch_n(broker, queue, 1, within=case.slack + 1, max_messages=1)
+    assert bodies([held, waiting]) == [b"held", b"waiting"]
+    await broker.ack([held, waiting])
+    await wait_depth(broker, queue, EMPTY)

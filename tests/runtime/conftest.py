@@ -24,6 +24,7 @@ BROKER_METHODS = frozenset(
     {
         "publish",
         "fetch",
+        "stop_fetching",
         "ack",
         "retry",
         "release",
@@ -139,6 +140,9 @@ class FaultyBroker:
             "fetch", self.inner.fetch, queue, max_messages=max_messages, wait=wait
         )
         return got
+
+    async def stop_fetching(self, queue: str) -> None:
+        await self._call("stop_fetching", self.inner.stop_fetching, queue)
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         await self._call("ack", self.inner.ack, list(deliveries))

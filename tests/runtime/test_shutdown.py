@@ -295,3 +295,19 @@ async def test_quiet_keeps_the_worker_until_stop(app: App) -> None:
     worker.stop()
     await asyncio.wait_for(running, 2)
     assert worker.state == "STOPPED"
+
+
+async def test_each_fetcher_stops_fetching_on_its_queue_at_shutdown(
+    app_and_broker: tuple[App, FaultyBroker],
+) -> None:
+    app, faulty = app_and_broker
+
+    @app.task
+    async def job() -> None:
+        pass
+
+    async with app.worker(poll=POLL, queues=["a", "b"]):
+        await job.options(queue="b").enqueue()
+        await stats_eventually(app, QueueDepth(), queue="b")
+    # A push-based broker hands its prefetched deliveries back here, before the drain.
+    assert sorted(c.args[0] for c in faulty.calls_of("stop_fetching")) == ["a", "b"]
