@@ -17,6 +17,7 @@ from .errors import (
     Retry,
 )
 from .job import Job, current_job
+from .serverless import lambda_handler
 from .task import Call, Task
 from .worker import Worker
 
@@ -41,4 +42,5 @@ __all__ = [
     "Task",
     "Worker",
     "current_job",
+    "lambda_handler",
 ]

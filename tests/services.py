@@ -49,6 +49,17 @@ REDIS = Service(
 )
 
 
+RABBITMQ = Service(
+    "RabbitMQ",
+    "127.0.0.1",
+    5672,
+    "rabbitmq-server",
+    ("rabbitmq-server", "-detached"),
+    timeout=90.0,
+)
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
 def reachable(host: str, port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -93,3 +104,82 @@ async def delete_prefix(prefix: str, url: str = REDIS_URL) -> None:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+# -- SQS: a moto server of the test session's own ----------------------------------------------
+
+_MOTO: dict[str, object] = {}
+SQS_ENV = {
+    # Dummy credentials: the tests only ever talk to the moto server on 127.0.0.1.
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def moto_endpoint() -> str:
+    """``http://127.0.0.1:PORT`` of a moto server started once per session (a subprocess,
+    killed at exit); skips (fails under CI) if moto is not installed. Sets dummy AWS
+    credentials in this process's environment."""
+    import atexit
+    import importlib.util
+    import sys
+
+    if "url" in _MOTO:
+        return str(_MOTO["url"])
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("aiobotocore") is None:
+        _give_up("moto[server] and aiobotocore are needed for the SQS tests")
+    os.environ.update(SQS_ENV)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **SQS_ENV},
+    )
+    atexit.register(proc.kill)
+    deadline = time.monotonic() + 30
+    while not reachable("127.0.0.1", port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            _give_up(f"the moto server did not start on 127.0.0.1:{port}")
+        time.sleep(0.1)
+    _MOTO["url"] = f"http://127.0.0.1:{port}"
+    _MOTO["proc"] = proc
+    return str(_MOTO["url"])
+
+
+def sqs_url(endpoint: str, **params: str) -> str:
+    from urllib.parse import urlencode
+
+    return "sqs://?" + urlencode({"region": "us-east-1", "endpoint_url": endpoint, **params})
+
+
+async def delete_amqp_queues(names: set[str], url: str = AMQP_URL) -> None:
+    """Delete the queues a test's broker declared (and nothing else)."""
+    import aiormq
+
+    conn = await aiormq.connect(url)
+    try:
+        channel = await conn.channel()
+        for name in sorted(names):
+            await channel.queue_delete(name)
+    finally:
+        await conn.close()
+
+
+async def close_amqp_connections(reason: str = "test") -> None:
+    """``rabbitmqctl close_all_connections``: RabbitMQ drops every client at once."""
+    import asyncio
+
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "close_all_connections",
+        reason,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert await asyncio.wait_for(proc.wait(), 30) == 0

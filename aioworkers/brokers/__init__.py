@@ -9,7 +9,7 @@ from .base import Broker, DeadLetter, Delivery, QueueDepth
 
 __all__ = ["SCHEMES", "Broker", "DeadLetter", "Delivery", "QueueDepth", "check_url", "open_broker"]
 
-SCHEMES = ("memory", "redis", "rediss")
+SCHEMES = ("memory", "redis", "rediss", "amqp", "amqps", "sqs")
 
 
 def check_url(url: str) -> str:
@@ -32,6 +32,22 @@ def open_broker(url: str, *, visibility_timeout: float) -> Broker:
                 f"{scheme}:// needs the redis client: pip install 'aioworkers[redis]' ({exc})"
             ) from None
         return RedisBroker(url, visibility_timeout=visibility_timeout)
+    if scheme == "sqs":
+        try:
+            from .sqs import SqsBroker
+        except ImportError as exc:
+            raise ConfigError(
+                f"sqs:// needs aiobotocore: pip install 'aioworkers[sqs]' ({exc})"
+            ) from None
+        return SqsBroker(url, visibility_timeout=visibility_timeout)
+    if scheme in ("amqp", "amqps"):
+        try:
+            from .amqp import AmqpBroker
+        except ImportError as exc:
+            raise ConfigError(
+                f"{scheme}:// needs aio-pika: pip install 'aioworkers[amqp]' ({exc})"
+            ) from None
+        return AmqpBroker(url, visibility_timeout=visibility_timeout)
     from .memory import MemoryBroker
 
     return MemoryBroker(visibility_timeout=visibility_timeout)

@@ -23,7 +23,17 @@ import pytest
 from aioworkers import Broker, Delivery, QueueDepth
 from aioworkers.brokers.memory import MemoryBroker
 
-from ..services import REDIS, REDIS_URL, delete_prefix, ensure
+from ..services import (
+    AMQP_URL,
+    RABBITMQ,
+    REDIS,
+    REDIS_URL,
+    delete_amqp_queues,
+    delete_prefix,
+    ensure,
+    moto_endpoint,
+    sqs_url,
+)
 
 
 @dataclass(frozen=True)
@@ -69,9 +79,39 @@ async def redis_case() -> AsyncIterator[BrokerCase]:
         await delete_prefix(prefix)
 
 
+@asynccontextmanager
+async def sqs_case() -> AsyncIterator[BrokerCase]:
+    endpoint = moto_endpoint()
+    from aioworkers.brokers.sqs import SqsBroker
+
+    # SQS counts in whole seconds, and moto's long poll notices a lapsed lease only on its
+    # once-a-second recheck: a lease of 2 s and a slack of 1.5 s.
+    broker = SqsBroker(sqs_url(endpoint), visibility_timeout=2.0)
+    try:
+        yield BrokerCase("sqs", broker, visibility=2.0, delay=1.0, slack=1.5)
+    finally:
+        await broker.aclose()
+
+
+@asynccontextmanager
+async def amqp_case() -> AsyncIterator[BrokerCase]:
+    ensure(RABBITMQ)
+    from aioworkers.brokers.amqp import AmqpBroker
+
+    # A prefetch above what any test holds: the suite keeps many deliveries unacked.
+    broker = AmqpBroker(f"{AMQP_URL}?prefetch=100", visibility_timeout=0.5)
+    try:
+        yield BrokerCase("amqp", broker, visibility=0.5, delay=0.3, slack=0.5)
+    finally:
+        await broker.aclose()
+        await delete_amqp_queues(broker.known_queues)
+
+
 FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[BrokerCase]]] = {
+    "amqp": amqp_case,
     "memory": memory_case,
     "redis": redis_case,
+    "sqs": sqs_case,
 }
 
 

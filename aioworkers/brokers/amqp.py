@@ -1,0 +1,699 @@
+"""RabbitMQ broker (AMQP 0-9-1, through aio-pika's protocol layer ``aiormq``).
+
+``amqp://user:pass@host:5672/vhost?queue_type=classic&prefetch=N`` (``amqps://`` for TLS,
+certificates verified). Other query parameters (``heartbeat``, ...) go to the client.
+
+Queues, all durable and declared on first use: ``<queue>`` (the jobs; classic, or quorum
+with ``queue_type=quorum``), ``<queue>.dead`` (the DLQ, same type) and, lazily, one
+classic ``<queue>.delay.<ms>`` per delay (delays rounded to two significant digits):
+its messages expire after ``<ms>`` and dead-letter back into ``<queue>``, and the queue
+itself expires ten minutes after its last use.
+
+A worker consumes each queue with one consumer whose prefetch is ``prefetch``, or by
+default the worker's capacity (the first `fetch`'s ``max_messages``), so RabbitMQ never
+pushes more than the worker can run; `fetch` hands out what the consumer buffered.
+
+Leases: RabbitMQ keeps a delivery with its channel until it is acked or the channel
+closes (then it is requeued). This broker adds the visibility timeout on top: a delivery
+not extended within it is nacked back to the queue and reported lost, as on the other
+brokers. RabbitMQ's own ``consumer_timeout`` (30 minutes by default) closes a channel
+holding a delivery unacked for longer: jobs that may run longer need a larger
+``consumer_timeout`` in ``rabbitmq.conf`` (or per queue with a policy).
+
+Delivery counts (poison protection): each message carries ``x-aioworkers-deliveries``,
+the deliveries counted before this copy. On quorum queues RabbitMQ adds
+``x-delivery-count``; on classic queues a message that comes back redelivered (its
+worker died, or its lease ran out) is republished with the count plus one and the old
+copy acked. Handing a message back (release, stop_fetching) republishes it with its
+count unchanged, so a shutdown never makes a job look poisonous.
+
+Reconnects: a lost connection or channel makes `fetch` raise `BrokerUnavailable`; the
+next `fetch` reconnects and re-creates the consumer (checking RabbitMQ reports it).
+Deliveries of a closed channel are never acked on a new one (RabbitMQ would close it):
+they are dropped, and `extend` reports them lost; RabbitMQ requeued them already.
+
+Limits: ``depth`` counts as ready what RabbitMQ holds ready plus this broker's buffer,
+as in flight only this broker's own deliveries, and as delayed only the delay queues
+this broker published to. The DLQ is listed by getting messages and handing them back;
+removing entries by id reads the whole DLQ (O(n)).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aiormq
+from aiormq import exceptions as mqexc
+from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
+from pamqp import commands as spec
+
+from ..errors import BrokerUnavailable, ConfigError, LeaseLost, redact
+from .base import DeadLetter, Delivery, QueueDepth
+
+COUNT = "x-aioworkers-deliveries"  # deliveries counted before this copy of the message
+ENTRY = "x-aioworkers-entry"  # a DLQ entry's id
+DELAY_EXPIRES_MS = 600_000  # a delay queue unused this long (beyond its TTL) is deleted
+REDECLARE_AFTER = 300.0  # redeclare a delay queue before publishing if older than this
+CONNECT_TIMEOUT = 10.0
+_OWN_PARAMS = ("queue_type", "prefetch")
+_CHUNK = 1000  # publishes awaiting their confirms at once
+_PERSISTENT = 2
+
+
+@dataclass(eq=False, slots=True)
+class _Held:
+    """A delivery `fetch` handed out: ours while in ``_held`` and its channel lives."""
+
+    queue: str
+    gen: int
+    message: DeliveredMessage
+    count: int
+    deadline: float
+
+
+@dataclass(eq=False, slots=True)
+class _Consumer:
+    queue: str
+    gen: int
+    tag: str = ""
+    active: bool = True
+    buffer: deque[DeliveredMessage] = field(default_factory=deque)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@asynccontextmanager
+async def _mapped(what: str) -> AsyncIterator[None]:
+    """Client errors become `BrokerUnavailable`: the runtime backs off and tries again."""
+    try:
+        yield
+    except (mqexc.AMQPError, mqexc.ChannelInvalidStateError, OSError, TimeoutError) as exc:
+        raise BrokerUnavailable(f"amqp: {what}: {type(exc).__name__}: {redact(str(exc))}") from exc
+    except RuntimeError as exc:
+        if "closed" not in str(exc):
+            raise
+        raise BrokerUnavailable(f"amqp: {what}: {redact(str(exc))}") from exc
+
+
+def _headers(message: DeliveredMessage) -> dict[str, Any]:
+    return dict(message.header.properties.headers or {})
+
+
+def _tag(message: DeliveredMessage) -> int:
+    tag = message.delivery_tag
+    assert tag is not None
+    return tag
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _bucket(delay: float) -> int:
+    """Delay in ms, rounded to two significant digits: a bounded number of delay queues."""
+    ms = max(1, round(delay * 1000))
+    if ms < 100:
+        return ms
+    unit = 10 ** (len(str(ms)) - 2)
+    return int(round(ms / unit) * unit)
+
+
+class AmqpBroker:
+    """See the module docstring for the URL, the queues and the semantics."""
+
+    def __init__(self, url: str, *, visibility_timeout: float = 30.0) -> None:
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        self.queue_type = query.get("queue_type", "classic")
+        if self.queue_type not in ("classic", "quorum"):
+            raise ConfigError(
+                f"amqp URL: queue_type must be 'classic' or 'quorum', got {self.queue_type!r}"
+            )
+        try:
+            self.prefetch = int(query["prefetch"]) if "prefetch" in query else None
+        except ValueError:
+            raise ConfigError("amqp URL: prefetch must be a whole number") from None
+        if self.prefetch is not None and self.prefetch < 1:
+            raise ConfigError("amqp URL: prefetch must be >= 1")
+        client_query = urlencode({k: v for k, v in query.items() if k not in _OWN_PARAMS})
+        self._url = urlunsplit(parts._replace(query=client_query))
+        self._host = f"{parts.hostname}:{parts.port or 5672}{parts.path or '/'}"
+        self.visibility_timeout = visibility_timeout
+        self._conn: AbstractConnection | None = None
+        self._con: AbstractChannel | None = None  # consuming: acks and nacks go here
+        self._pub: AbstractChannel | None = None  # publisher confirms, declarations
+        self._probe: AbstractChannel | None = None  # passive declares (a miss closes it)
+        self._gen = 0  # the consuming channel's generation
+        self._lock = asyncio.Lock()
+        self._consumers: dict[str, _Consumer] = {}
+        self._prefetches: dict[str, int] = {}
+        self._held: set[_Held] = set()
+        self._expiries: list[tuple[float, int, _Held]] = []
+        self._seq = itertools.count()
+        self._declared: set[str] = set()
+        self._delays: dict[str, dict[str, float]] = {}  # queue -> delay queue -> declared at
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._recounting: dict[str, asyncio.Event] = {}  # message id -> original acked
+        self.known_queues: set[str] = set()  # every queue this broker declared
+
+    def __repr__(self) -> str:
+        return f"<AmqpBroker {self._host} {self.queue_type} held={len(self._held)}>"
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _alive(self, ch: AbstractChannel | None) -> bool:
+        return ch is not None and not ch.is_closed
+
+    async def _connection(self) -> AbstractConnection:
+        if self._conn is None or self._conn.is_closed:
+            self._conn = None
+            async with _mapped("connect"), asyncio.timeout(CONNECT_TIMEOUT):
+                self._conn = await aiormq.connect(self._url)
+        return self._conn
+
+    async def _publisher(self) -> AbstractChannel:
+        if not self._alive(self._pub):
+            conn = await self._connection()
+            async with _mapped("open channel"):
+                self._pub = await conn.channel(publisher_confirms=True, on_return_raises=True)
+        assert self._pub is not None
+        return self._pub
+
+    async def _consuming(self) -> AbstractChannel:
+        if not self._alive(self._con):
+            conn = await self._connection()
+            async with _mapped("open channel"):
+                ch = await conn.channel(publisher_confirms=False)
+            self._gen += 1
+            self._con = ch
+            # Deliveries of the old channel were requeued by RabbitMQ: none is ours now.
+            self._held.clear()
+            self._expiries.clear()
+            for c in self._consumers.values():
+                c.active = False
+                c.arrived.set()
+            self._consumers.clear()
+            gen = self._gen
+            ch.closing.add_done_callback(lambda _: self._lost(gen))
+        assert self._con is not None
+        return self._con
+
+    def _lost(self, gen: int) -> None:
+        # Wake every fetch waiting on this channel: it raises BrokerUnavailable.
+        for c in list(self._consumers.values()):
+            if c.gen == gen:
+                c.arrived.set()
+
+    def _owned(self, d: Delivery) -> _Held | None:
+        h = d.token
+        if not isinstance(h, _Held) or h not in self._held:
+            return None
+        if h.gen != self._gen or not self._alive(self._con):
+            return None
+        return h
+
+    # -- declarations -----------------------------------------------------------------------
+
+    def _arguments(self) -> dict[str, Any]:
+        return {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
+
+    async def _declare(self, name: str, arguments: dict[str, Any]) -> spec.Queue.DeclareOk:
+        ch = await self._publisher()
+        try:
+            async with _mapped(f"declare {name!r}"):
+                try:
+                    ok = await ch.queue_declare(name, durable=True, arguments=arguments)
+                except mqexc.ChannelPreconditionFailed as exc:
+                    raise ConfigError(
+                        f"amqp: queue {name!r} already exists with other arguments than "
+                        f"{arguments or 'none (a classic queue)'}: delete it "
+                        f"(rabbitmqctl delete_queue {name}) or set queue_type= to match it "
+                        f"({_text(exc.args[0] if exc.args else exc)})"
+                    ) from None
+        finally:
+            if ch.is_closed:
+                self._pub = None
+        self.known_queues.add(name)
+        return ok
+
+    async def _ensure(self, queue: str) -> None:
+        if queue in self._declared:
+            return
+        await self._declare(queue, self._arguments())
+        await self._declare(f"{queue}.dead", self._arguments())
+        self._declared.add(queue)
+
+    async def _delay_queue(self, queue: str, delay: float) -> str:
+        ms = _bucket(delay)
+        name = f"{queue}.delay.{ms}"
+        known = self._delays.setdefault(queue, {})
+        # Redeclared now and then: a declare restarts the x-expires clock, a publish doesn't.
+        if time.monotonic() - known.get(name, -REDECLARE_AFTER) >= REDECLARE_AFTER:
+            await self._declare(
+                name,
+                {
+                    "x-message-ttl": ms,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": queue,
+                    "x-expires": ms + DELAY_EXPIRES_MS,
+                },
+            )
+            known[name] = time.monotonic()
+        return name
+
+    async def _count(self, name: str) -> tuple[int, int]:
+        """(ready messages, consumers) of a queue; (0, 0) if it does not exist."""
+        if not self._alive(self._probe):
+            conn = await self._connection()
+            async with _mapped("open channel"):
+                self._probe = await conn.channel(publisher_confirms=False)
+        assert self._probe is not None
+        async with _mapped(f"declare {name!r}"):
+            try:
+                ok = await self._probe.queue_declare(name, passive=True)
+            except mqexc.ChannelNotFoundEntity:
+                self._probe = None
+                return 0, 0
+        return int(ok.message_count or 0), int(ok.consumer_count or 0)
+
+    # -- producer ---------------------------------------------------------------------------
+
+    async def _send(self, routing_key: str, messages: Sequence[tuple[bytes, Any]]) -> None:
+        """Publish persistent messages and wait for every confirm."""
+        ch = await self._publisher()
+        async with _mapped(f"publish to {routing_key!r}"):
+            for start in range(0, len(messages), _CHUNK):
+                chunk = messages[start : start + _CHUNK]
+                try:
+                    confirms = await asyncio.gather(
+                        *(
+                            ch.basic_publish(
+                                body, routing_key=routing_key, properties=props, mandatory=True
+                            )
+                            for body, props in chunk
+                        )
+                    )
+                except mqexc.PublishError as exc:
+                    # Unroutable: the queue was deleted behind our back. Declare it again.
+                    self._declared.clear()
+                    self._delays.clear()
+                    raise BrokerUnavailable(f"amqp: {routing_key!r} is gone: {exc}") from None
+                if not all(isinstance(c, spec.Basic.Ack) for c in confirms):
+                    raise BrokerUnavailable(
+                        f"amqp: RabbitMQ did not confirm a publish to {routing_key!r}"
+                    )
+
+    @staticmethod
+    def _new(body: bytes, headers: dict[str, Any] | None = None) -> tuple[bytes, Any]:
+        props = spec.Basic.Properties(
+            delivery_mode=_PERSISTENT, message_id=uuid.uuid4().hex, headers=headers
+        )
+        return bytes(body), props
+
+    async def _route(self, queue: str, delay: float) -> str:
+        await self._ensure(queue)
+        return await self._delay_queue(queue, delay) if delay > 0 else queue
+
+    async def publish(self, queue: str, bodies: Sequence[bytes], *, delay: float = 0.0) -> None:
+        if not bodies:
+            return
+        messages = [self._new(b) for b in bodies]
+        try:
+            await self._send(await self._route(queue, delay), messages)
+        except BrokerUnavailable:
+            # Once more on a fresh channel (and connection, if that is what died): a
+            # connection RabbitMQ dropped is often only noticed on first use.
+            self._pub = None
+            await self._send(await self._route(queue, delay), messages)
+
+    # -- consumer ---------------------------------------------------------------------------
+
+    def _live(self, c: _Consumer | None) -> bool:
+        ch = self._con
+        # RabbitMQ cancels a consumer itself when its queue is deleted (or a quorum
+        # queue's leader moves): the client then forgets the tag.
+        return (
+            c is not None
+            and c.gen == self._gen
+            and ch is not None
+            and not ch.is_closed
+            and c.tag in getattr(ch, "consumers", (c.tag,))
+        )
+
+    async def _consumer(self, queue: str, max_messages: int) -> _Consumer:
+        c = self._consumers.get(queue)
+        if c is not None and self._live(c):
+            return c
+        async with self._lock:
+            c = self._consumers.get(queue)
+            if c is not None and self._live(c):
+                return c
+            if c is not None and c.gen == self._gen:
+                # Cancelled by the server: hand back its buffer, declare again.
+                await self.stop_fetching(queue)
+                self._declared.discard(queue)
+            try:
+                return await self._subscribe(queue, max_messages)
+            except BrokerUnavailable:
+                self._declared.discard(queue)  # the queue may be gone: declare it again
+                raise
+
+    async def _subscribe(self, queue: str, max_messages: int) -> _Consumer:
+        await self._ensure(queue)
+        ch = await self._consuming()
+        c = _Consumer(queue, self._gen)
+        prefetch = self.prefetch or self._prefetches.setdefault(queue, max(1, max_messages))
+        async with _mapped(f"consume {queue!r}"):
+            await ch.basic_qos(prefetch_count=prefetch)
+            ok = await ch.basic_consume(queue, self._on_message(c))
+        c.tag = str(ok.consumer_tag)
+        self._consumers[queue] = c
+        # aio-pika's own re-consume has left queues with no consumer at all: check.
+        _, consumers = await self._count(queue)
+        if consumers < 1:
+            raise BrokerUnavailable(f"amqp: RabbitMQ reports no consumer on {queue!r}")
+        return c
+
+    def _on_message(self, c: _Consumer) -> Any:
+        async def on_message(message: DeliveredMessage) -> None:
+            recounting = self._recounting.get(message.header.properties.message_id or "")
+            if recounting is not None:
+                # The copy a recount published overtook the ack of the original: hand it
+                # out only once that ack is sent, or a crash now would requeue both.
+                await recounting.wait()
+            if not c.active:
+                # Arrived after stop_fetching cancelled the consumer: hand it back too.
+                self._spawn(self._hand_back([(message, self._count_of(message), c.queue)], c.gen))
+            elif self.queue_type == "classic" and message.redelivered:
+                self._spawn(self._recount(message, c.queue, c.gen))
+            else:
+                c.buffer.append(message)
+                c.arrived.set()
+
+        return on_message
+
+    def _count_of(self, message: DeliveredMessage) -> int:
+        headers = _headers(message)
+        count = int(headers.get(COUNT, 0)) + 1
+        if self.queue_type == "quorum":
+            count += int(headers.get("x-delivery-count", 0))
+        return count
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _recount(self, message: DeliveredMessage, queue: str, gen: int) -> None:
+        """A classic queue redelivered a message its worker never settled: count that
+        delivery in a copy, then drop the original."""
+        headers = _headers(message)
+        headers[COUNT] = int(headers.get(COUNT, 0)) + 1
+        props = message.header.properties
+        props.headers = headers
+        done = asyncio.Event()
+        key = props.message_id or ""
+        if key:
+            self._recounting[key] = done
+        try:
+            try:
+                await self._send(queue, [(message.body, props)])
+            except (BrokerUnavailable, ConfigError):
+                await asyncio.sleep(1.0)  # let the next redelivery try again, not at once
+                await self._settle_raw(message, gen, requeue=True)
+                return
+            await self._settle_raw(message, gen, requeue=None)
+        finally:
+            if self._recounting.get(key) is done:
+                del self._recounting[key]
+            done.set()
+
+    async def _settle_raw(
+        self, message: DeliveredMessage, gen: int, *, requeue: bool | None, wait: bool = True
+    ) -> None:
+        """Ack (``requeue=None``) or nack a message, only on the channel it came from;
+        ``wait=False`` queues the frame without waiting for it to be written."""
+        ch = self._con
+        if gen != self._gen or ch is None or ch.is_closed:
+            return  # RabbitMQ requeued it with its channel: never settle it on another
+        with contextlib.suppress(
+            mqexc.AMQPError, mqexc.ChannelInvalidStateError, OSError, RuntimeError
+        ):
+            if requeue is None:
+                await ch.basic_ack(_tag(message), wait=wait)
+            else:
+                await ch.basic_nack(_tag(message), requeue=requeue, wait=wait)
+
+    async def _hand_back(
+        self, items: Sequence[tuple[DeliveredMessage, int, str]], gen: int
+    ) -> None:
+        """Make messages visible again at once without counting this delivery: publish a
+        copy carrying the count so far, then ack the original."""
+        by_queue: dict[str, list[tuple[bytes, Any]]] = {}
+        for message, count, queue in items:
+            props = message.header.properties
+            headers = _headers(message)
+            headers.pop("x-delivery-count", None)
+            headers[COUNT] = count - 1
+            props.headers = headers
+            by_queue.setdefault(queue, []).append((message.body, props))
+        try:
+            for queue, copies in by_queue.items():
+                await self._send(queue, copies)
+        except BrokerUnavailable:
+            for message, _, _ in items:
+                await self._settle_raw(message, gen, requeue=True)
+            return
+        for message, _, _ in items:
+            await self._settle_raw(message, gen, requeue=None)
+
+    async def fetch(self, queue: str, *, max_messages: int, wait: float) -> list[Delivery]:
+        c = await self._consumer(queue, max_messages)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            if not self._live(c):
+                raise BrokerUnavailable(f"amqp: the consumer of {queue!r} is gone")
+            await self._expire()
+            if c.buffer:
+                return self._take(c, max_messages)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            if self._expiries:
+                # Wake for the next lease to run out, too.
+                remaining = min(remaining, max(self._expiries[0][0] - time.monotonic(), 0.001))
+            c.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await c.arrived.wait()
+
+    def _take(self, c: _Consumer, max_messages: int) -> list[Delivery]:
+        # Synchronous: a cancelled fetch never loses a buffered message.
+        out: list[Delivery] = []
+        deadline = time.monotonic() + self.visibility_timeout
+        while c.buffer and len(out) < max_messages:
+            message = c.buffer.popleft()
+            h = _Held(c.queue, c.gen, message, self._count_of(message), deadline)
+            self._held.add(h)
+            heapq.heappush(self._expiries, (deadline, next(self._seq), h))
+            message_id = message.header.properties.message_id or f"{c.gen}.{_tag(message)}"
+            out.append(Delivery(c.queue, message_id, message.body, h.count, h))
+        return out
+
+    async def _expire(self) -> None:
+        """Deliveries not extended within the visibility timeout go back to the queue."""
+        now = time.monotonic()
+        while self._expiries and self._expiries[0][0] <= now:
+            _, _, h = heapq.heappop(self._expiries)
+            if h in self._held and h.deadline <= now:
+                self._held.discard(h)
+                await self._settle_raw(h.message, h.gen, requeue=True)
+
+    async def stop_fetching(self, queue: str) -> None:
+        c = self._consumers.pop(queue, None)
+        if c is None:
+            return
+        c.active = False
+        c.arrived.set()
+        ch = self._con
+        if c.gen == self._gen and ch is not None and not ch.is_closed:
+            with contextlib.suppress(mqexc.AMQPError, mqexc.ChannelInvalidStateError, OSError):
+                await ch.basic_cancel(c.tag)
+        items = [(m, self._count_of(m), queue) for m in c.buffer]
+        c.buffer.clear()
+        if items:
+            await self._hand_back(items, c.gen)
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        owned = [h for d in deliveries if (h := self._owned(d)) is not None]
+        for i, h in enumerate(owned):
+            self._held.discard(h)
+            # One basic.ack per delivery (never multiple=True: an earlier tag on this
+            # channel may still be running); only the batch's last waits for the write.
+            await self._settle_raw(h.message, h.gen, requeue=None, wait=i == len(owned) - 1)
+
+    async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:
+        await self._expire()
+        lost = []
+        deadline = time.monotonic() + visibility
+        for d in deliveries:
+            h = self._owned(d)
+            if h is None:
+                lost.append(d)
+                continue
+            h.deadline = deadline
+            heapq.heappush(self._expiries, (deadline, next(self._seq), h))
+        return lost
+
+    def _must_own(self, d: Delivery) -> _Held:
+        h = self._owned(d)
+        if h is None:
+            raise LeaseLost(f"{d!r} is no longer held by this worker (its channel closed)")
+        return h
+
+    async def _replace(self, h: _Held, routing_key: str, message: tuple[bytes, Any]) -> None:
+        await self._send(routing_key, [message])
+        # Published (confirmed) first: a crash here leaves a duplicate, never a loss.
+        if h in self._held:
+            self._held.discard(h)
+            await self._settle_raw(h.message, h.gen, requeue=None)
+
+    async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> None:
+        h = self._must_own(delivery)
+        routing_key = await self._route(delivery.queue, delay)
+        await self._replace(h, routing_key, self._new(body))
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        owned = [(d, h) for d in deliveries if (h := self._owned(d)) is not None]
+        for _, h in owned:
+            self._held.discard(h)
+        if owned:
+            await self._hand_back([(h.message, d.count, h.queue) for d, h in owned], self._gen)
+
+    async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
+        h = self._must_own(delivery)
+        await self._ensure(delivery.queue)
+        fields: dict[str, Any] = {
+            ENTRY: uuid.uuid4().hex,
+            "id": letter.id,
+            "task": letter.task,
+            "reason": letter.reason,
+            "error": letter.error,
+            "error_type": letter.error_type,
+            "traceback": letter.traceback,
+            "attempts": letter.attempts,
+            # As text: the AMQP float header is single precision.
+            "dead_at": repr(letter.dead_at or time.time()),
+        }
+        headers = {k: v for k, v in fields.items() if v is not None}
+        await self._replace(h, f"{delivery.queue}.dead", self._new(delivery.body, headers))
+
+    # -- introspection ----------------------------------------------------------------------
+
+    async def depth(self, queue: str) -> QueueDepth:
+        ready, _ = await self._count(queue)
+        c = self._consumers.get(queue)
+        if c is not None and c.gen == self._gen:
+            ready += len(c.buffer)
+        in_flight = sum(1 for h in self._held if h.queue == queue and h.gen == self._gen)
+        delayed = 0
+        for name in self._delays.get(queue, {}):
+            delayed += (await self._count(name))[0]
+        dead, _ = await self._count(f"{queue}.dead")
+        return QueueDepth(ready=ready, in_flight=in_flight, delayed=delayed, dead=dead)
+
+    @asynccontextmanager
+    async def _reader(self) -> AsyncIterator[AbstractChannel]:
+        """A channel of its own: closing it hands back, in place, whatever it got."""
+        conn = await self._connection()
+        async with _mapped("open channel"):
+            ch = await conn.channel(publisher_confirms=False)
+        try:
+            yield ch
+        finally:
+            with contextlib.suppress(mqexc.AMQPError, mqexc.ChannelInvalidStateError, OSError):
+                await ch.close()
+
+    async def _get_dead(
+        self, ch: AbstractChannel, queue: str, limit: int | None
+    ) -> list[DeliveredMessage]:
+        got: list[DeliveredMessage] = []
+        async with _mapped("read the DLQ"):
+            while limit is None or len(got) < limit:
+                try:
+                    message = await ch.basic_get(f"{queue}.dead")
+                except mqexc.ChannelNotFoundEntity:
+                    break
+                if not isinstance(message.delivery, spec.Basic.GetOk):
+                    break
+                got.append(message)
+        return got
+
+    async def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetter]:
+        async with self._reader() as ch:
+            got = await self._get_dead(ch, queue, limit)
+            return [_dead_letter(queue, m) for m in got]
+
+    async def remove_dead_letters(self, queue: str, entry_ids: Collection[str] | None) -> int:
+        if entry_ids is None:
+            async with self._reader() as ch, _mapped("purge the DLQ"):
+                try:
+                    ok = await ch.queue_purge(f"{queue}.dead")
+                except mqexc.ChannelNotFoundEntity:
+                    return 0
+                return int(ok.message_count or 0)
+        wanted = set(entry_ids)
+        removed = 0
+        async with self._reader() as ch:
+            for message in await self._get_dead(ch, queue, None):
+                if _text(_headers(message).get(ENTRY)) in wanted:
+                    async with _mapped("ack a DLQ entry"):
+                        await ch.basic_ack(_tag(message))
+                    removed += 1
+        return removed
+
+    async def aclose(self) -> None:
+        """Hand back what the consumers buffered, then disconnect."""
+        try:
+            for queue in list(self._consumers):
+                with contextlib.suppress(BrokerUnavailable):
+                    await self.stop_fetching(queue)
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=5.0)
+        finally:
+            conn, self._conn = self._conn, None
+            self._con = self._pub = self._probe = None
+            if conn is not None and not conn.is_closed:
+                with contextlib.suppress(mqexc.AMQPError, OSError, RuntimeError):
+                    await conn.close()
+
+
+def _dead_letter(queue: str, message: DeliveredMessage) -> DeadLetter:
+    h = _headers(message)
+    entry_id = _text(h.get(ENTRY)) or (message.header.properties.message_id or "")
+    return DeadLetter(
+        id=_text(h.get("id")) or entry_id,
+        task=_text(h.get("task")),
+        reason=_text(h.get("reason")) or "unknown",
+        error=_text(h.get("error")),
+        attempts=int(h.get("attempts", 1)),
+        error_type=_text(h.get("error_type")),
+        traceback=_text(h.get("traceback")),
+        dead_at=float(_text(h.get("dead_at")) or 0.0),
+        queue=queue,
+        entry_id=entry_id,
+        body=message.body,
+    )

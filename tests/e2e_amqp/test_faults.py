@@ -1,0 +1,150 @@
+"""Faults with real workers on RabbitMQ: kills, closed connections, shutdown, poison,
+garbage and delays. Every effect is counted in the ledger: none lost, none twice."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+from aioworkers import QueueDepth, Retry, current_job
+
+from ..e2e.harness import WorkerProcess, wait_until
+from ..e2e.ledger import Snapshot
+from ..services import close_amqp_connections
+from .harness import AmqpE2E
+
+EMPTY = QueueDepth()
+
+
+async def test_sigkill_mid_run_loses_nothing(e2e: AmqpE2E) -> None:
+    ids = await e2e.enqueue(300, seconds=0.02, task="once")
+    # The idempotency claims the victim held block their jobs for one lease: keep it short.
+    victim = await e2e.start_worker(concurrency=20, visibility=2)
+    survivor = await e2e.start_worker(concurrency=20, visibility=2)
+    await e2e.wait_done(60, within=20)
+    victim.signal(signal.SIGKILL)  # mid-run: it holds running and prefetched jobs
+
+    await e2e.wait_done(len(ids), within=30)
+    ledger = await e2e.ledger()
+    assert ledger.done == set(ids)
+    assert ledger.duplicates == {}
+    await e2e.wait_depth(EMPTY)
+    assert survivor.alive
+
+
+async def test_connections_closed_mid_run_every_job_finishes_and_the_consumer_returns(
+    e2e: AmqpE2E,
+) -> None:
+    ids = await e2e.enqueue(200, seconds=0.05, task="once")
+    worker = await e2e.start_worker(concurrency=10)
+    await e2e.wait_done(30, within=20)
+    await close_amqp_connections()
+
+    await e2e.wait_done(len(ids), within=40)
+    ledger = await e2e.ledger()
+    assert ledger.done == set(ids)
+    assert ledger.duplicates == {}
+    await e2e.wait_depth(EMPTY)
+    assert await e2e.consumers() == 1
+    assert worker.alive
+
+
+async def test_sigterm_hands_prefetched_jobs_to_another_worker_at_once(e2e: AmqpE2E) -> None:
+    ids = await e2e.enqueue(10, seconds=6.0, track=True)
+    e2e.broker_url += "?prefetch=6"  # 2 running, 4 waiting in the consumer's prefetch
+    first = await e2e.start_worker(concurrency=2, grace=30)
+    e2e.broker_url = e2e.broker_url.split("?")[0]
+
+    async def running() -> bool:
+        return len((await e2e.ledger()).starts) == 2
+
+    await wait_until(running, within=20, what="the first worker's two jobs")
+    await asyncio.sleep(0.3)  # its prefetch fills
+    first.signal(signal.SIGTERM)
+    second = await e2e.start_worker(concurrency=20)
+
+    seen: list[Snapshot] = []
+
+    async def taken_over() -> bool:
+        seen.append(await e2e.ledger())
+        return len(seen[-1].started_by(second.pid)) == 8
+
+    await wait_until(taken_over, within=15, what="the second worker to start 8 jobs")
+    # The first worker had not finished its two jobs (nor closed its connection, which
+    # requeues what it holds): the other eight were handed back at once.
+    assert not seen[-1].finished_by(first.pid)
+    assert first.alive
+    assert await first.wait(20) == 0
+    await e2e.wait_done(len(ids), within=15)
+    ledger = await e2e.ledger()
+    assert ledger.effects == dict.fromkeys(ids, 1)
+    assert len(ledger.started_by(first.pid)) == 2
+
+
+async def test_a_job_that_kills_its_worker_is_dead_lettered(e2e: AmqpE2E) -> None:
+    (poison,) = await e2e.enqueue(1, task="die")
+    dlq = e2e.app.dlq()
+    for _ in range(4):
+        worker = await e2e.start_worker(concurrency=5, max_deliveries=2)
+        worker.signalled = True  # it is expected to die
+
+        async def settled(worker: WorkerProcess = worker) -> bool:
+            return not worker.alive or bool(await dlq.list())
+
+        await wait_until(settled, within=20, what="the worker to die or dead-letter")
+        if await dlq.list():
+            break
+    (entry,) = await dlq.list()
+    assert (entry.id, entry.task, entry.reason) == (poison, "die", "max_deliveries")
+    runs = await e2e.redis.hget(e2e.keys.runs_started, poison)
+    assert int(runs) == 2  # delivered 3 times, run twice, the third never ran
+    assert worker.alive
+
+    ids = await e2e.enqueue(5)
+    await e2e.wait_done(5, within=20)
+    assert (await e2e.ledger()).done == set(ids)
+
+
+async def test_a_garbage_body_is_dead_lettered_with_a_reason(e2e: AmqpE2E) -> None:
+    await e2e.app.broker.publish(e2e.queue, [b"\xff\x00 not an envelope"])
+    ids = await e2e.enqueue(3)
+    await e2e.start_worker(concurrency=5)
+    await e2e.wait_done(3, within=20)
+    dlq = e2e.app.dlq()
+
+    async def dead() -> bool:
+        return bool(await dlq.list())
+
+    await wait_until(dead, within=10, what="the garbage in the DLQ")
+    (entry,) = await dlq.list()
+    assert (entry.reason, entry.task, entry.body) == (
+        "decode_error",
+        None,
+        b"\xff\x00 not an envelope",
+    )
+    assert (await e2e.ledger()).done == set(ids)
+    await e2e.wait_depth(QueueDepth(dead=1))
+
+
+async def test_a_delayed_retry_is_honoured_within_ten_percent(e2e: AmqpE2E) -> None:
+    app = e2e.client()
+    delay = 2.0
+    e2e.queues.add(f"{e2e.queue}.delay.2000")
+    runs: list[float] = []
+
+    @app.task
+    async def later() -> None:
+        runs.append(time.monotonic())
+        if current_job().attempt == 1:
+            raise Retry(delay=delay)
+
+    await later.enqueue()
+    async with app.worker(concurrency=2, poll=0.2):
+
+        async def twice() -> bool:
+            return len(runs) == 2
+
+        await wait_until(twice, within=delay * 3 + 5, what="the retry")
+    took = runs[1] - runs[0]
+    assert delay * 0.95 <= took <= delay * 1.1, took
