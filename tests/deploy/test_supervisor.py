@@ -255,6 +255,10 @@ def test_three_processes_share_a_queue_and_a_killed_child_is_replaced(
         what="a replacement child",
     )
     (replacement,) = sup.children() - before
+    # Work that arrives once the replacement is up, so it takes its share however much of
+    # the first batch the other children finished while it was starting.
+    wait_until(lambda: sup.log().count("worker started") == 4, within=20, what="it is up")
+    ids += enqueue(prefix, 300, 0.05)
     wait_until(lambda: len(ledger.done()) == len(ids), within=40, what="every job done")
 
     assert ledger.done() == set(ids)
