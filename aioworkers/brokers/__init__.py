@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError, redact
@@ -9,7 +10,17 @@ from .base import Broker, DeadLetter, Delivery, QueueDepth
 
 __all__ = ["SCHEMES", "Broker", "DeadLetter", "Delivery", "QueueDepth", "check_url", "open_broker"]
 
-SCHEMES = ("memory", "redis", "rediss", "amqp", "amqps", "sqs")
+# scheme -> (module, class, the extra that installs its client). A static table: names
+# from configuration never reach import machinery beyond it.
+_BACKENDS: dict[str, tuple[str, str, str]] = {
+    "memory": (".memory", "MemoryBroker", ""),
+    "redis": (".redis", "RedisBroker", "redis"),
+    "rediss": (".redis", "RedisBroker", "redis"),
+    "amqp": (".amqp", "AmqpBroker", "amqp"),
+    "amqps": (".amqp", "AmqpBroker", "amqp"),
+    "sqs": (".sqs", "SqsBroker", "sqs"),
+}
+SCHEMES = tuple(_BACKENDS)
 
 
 def check_url(url: str) -> str:
@@ -24,30 +35,16 @@ def check_url(url: str) -> str:
 def open_broker(url: str, *, visibility_timeout: float) -> Broker:
     """Create the broker for ``url`` (nothing connects until first use)."""
     scheme = check_url(url)
-    if scheme in ("redis", "rediss"):
-        try:
-            from .redis import RedisBroker
-        except ImportError as exc:
-            raise ConfigError(
-                f"{scheme}:// needs the redis client: pip install 'aioworkers[redis]' ({exc})"
-            ) from None
-        return RedisBroker(url, visibility_timeout=visibility_timeout)
-    if scheme == "sqs":
-        try:
-            from .sqs import SqsBroker
-        except ImportError as exc:
-            raise ConfigError(
-                f"sqs:// needs aiobotocore: pip install 'aioworkers[sqs]' ({exc})"
-            ) from None
-        return SqsBroker(url, visibility_timeout=visibility_timeout)
-    if scheme in ("amqp", "amqps"):
-        try:
-            from .amqp import AmqpBroker
-        except ImportError as exc:
-            raise ConfigError(
-                f"{scheme}:// needs aio-pika: pip install 'aioworkers[amqp]' ({exc})"
-            ) from None
-        return AmqpBroker(url, visibility_timeout=visibility_timeout)
-    from .memory import MemoryBroker
-
-    return MemoryBroker(visibility_timeout=visibility_timeout)
+    module_name, class_name, extra = _BACKENDS[scheme]
+    try:
+        module = importlib.import_module(module_name, __package__)
+    except ImportError as exc:
+        raise ConfigError(
+            f"{scheme}:// needs its client library: pip install 'aioworkers[{extra}]' ({exc})"
+        ) from None
+    backend = getattr(module, class_name)
+    if scheme == "memory":
+        broker: Broker = backend(visibility_timeout=visibility_timeout)
+    else:
+        broker = backend(url, visibility_timeout=visibility_timeout)
+    return broker
