@@ -41,7 +41,8 @@ class Spec:
     target: int  # stop once this many jobs are done (RSS: processed; others: all)
     concurrency: int
     timeout: float
-    stream: str = ""  # raw side: the stream key it reads
+    stream: str = ""  # raw side: the stream key (amqp, sqs: the queue name) it reads
+    raw_url: str = ""  # raw side on amqp: the AMQP URL; on sqs: the SQS endpoint
     broker_url: str = ""  # aioworkers side: the broker URL, with its key prefix
     sleep: float = 0.0  # W2: seconds each job sleeps
     warmup: int = 0  # W3: latency samples with seq below this are dropped

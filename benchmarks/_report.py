@@ -20,6 +20,7 @@ Row = dict[str, Any]
 Check = Callable[[float | None, float | None, float | None], bool]
 
 P99_TARGET_MS = 5.0
+RAW_CLIENT = {"redis": "redis.asyncio", "amqp": "aio-pika", "sqs": "aiobotocore"}
 RSS_GROWTH_TARGET = 1.10
 
 
@@ -207,8 +208,11 @@ def _cell(value: float | None, fmt: str) -> str:
 
 def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     preset = meta["preset"]
+    broker = meta.get("broker", "redis")
+    client = RAW_CLIENT.get(broker, broker)
+    on = "" if broker == "redis" else f" on {broker}"
     lines = [
-        f"### aioworkers vs a raw redis.asyncio loop ({meta['mode']})",
+        f"### aioworkers vs a raw {client} loop{on} ({meta['mode']})",
         "",
         f"{meta['time']} · {meta['cpus']} CPUs, load {meta['loadavg_start'][0]:.2f} → "
         f"{meta.get('loadavg_end', [0.0])[0]:.2f} · Python {meta['python']} · Redis "
@@ -219,7 +223,18 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         "fresh process; concurrency "
         f"{preset['concurrency']} (W2: {preset['w2_concurrency']}).",
         "",
-        "| workload | metric | raw redis.asyncio | aioworkers | aioworkers / raw | target | met |",
+    ]
+    if broker != "redis":
+        skipped = [w for w in ("W0", "W1", "W2", "W3", "RSS") if w not in meta.get("workloads", [])]
+        lines += [
+            f"Completions counted in Redis, as on redis. W2: {preset['w2_jobs']:,} jobs of "
+            f"sleep({preset['w2_sleep']}); W3: {preset['w3_rate']:g} jobs/s for "
+            f"{preset['w3_seconds']:g} s."
+            + (f" Not run on {broker}: {', '.join(skipped)}." if skipped else ""),
+            "",
+        ]
+    lines += [
+        f"| workload | metric | raw {client} | aioworkers | aioworkers / raw | target | met |",
         "|---|---|--:|--:|--:|---|---|",
     ]
     for r in rows:
@@ -243,7 +258,8 @@ def write_chart(rows: list[Row], meta: dict[str, Any], path: Path) -> bool:
         return False
     by_key = {r["key"]: r for r in rows}
     fig, (ratios, latency, memory) = plt.subplots(1, 3, figsize=(14, 4.2))
-    fig.suptitle(f"aioworkers vs raw redis.asyncio loop ({meta['mode']}, {meta['time'][:10]})")
+    client = RAW_CLIENT.get(meta.get("broker", "redis"), "redis.asyncio")
+    fig.suptitle(f"aioworkers vs raw {client} loop ({meta['mode']}, {meta['time'][:10]})")
 
     bars = [
         (k, lbl, t)

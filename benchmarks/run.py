@@ -1,6 +1,6 @@
-"""Benchmark harness: aioworkers against a raw redis.asyncio loop, same Redis, same run.
+"""Benchmark harness: aioworkers against a raw client loop, same broker, same run.
 
-    python benchmarks/run.py [--quick | --smoke] [--only W1,W2] [--broker redis]
+    python benchmarks/run.py [--quick | --smoke] [--only W1,W2] [--broker redis|amqp|sqs]
 
 Each workload runs for both sides, each in its own fresh worker subprocess (so peak RSS
 is per side), with the sides' order alternating between repeats; every figure is
@@ -9,7 +9,10 @@ a shared machine mean little. Results go to ``benchmarks/results/<mode>.{json,md
 See benchmarks/README.md for what each figure means.
 
 Every key this run creates lives under its own prefix ``aiowbench-<pid>-<random>:`` and is
-deleted after each trial and on exit; no other key is read or written.
+deleted after each trial and on exit; no other key is read or written. With ``--broker
+amqp`` the queues are named ``<prefix>.…`` and deleted after each trial; with ``--broker
+sqs`` the harness starts its own moto server (killed on exit). Completions are counted in
+Redis on every broker.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import asyncio
 import json
 import os
 import secrets
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -37,7 +42,19 @@ from aioworkers.envelope import Envelope, encode, new_id, now_ms
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SIDES = {"raw": HERE / "_raw.py", "aioworkers": HERE / "_aio.py"}
+RAW_SIDES = {"redis": HERE / "_raw.py", "amqp": HERE / "_raw_amqp.py", "sqs": HERE / "_raw_sqs.py"}
 WORKLOADS = ("W0", "W1", "W2", "W3", "RSS")
+# RSS (queue depths of 50k-200k) is left out by default on the other brokers: filling
+# RabbitMQ with persistent confirmed messages, or moto at ~60 msg/s, takes too long.
+DEFAULT_WORKLOADS = {"redis": WORKLOADS, "amqp": WORKLOADS[:4], "sqs": WORKLOADS[:4]}
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+SQS_ENV = {
+    # Dummy credentials: the harness only ever talks to its own moto server on 127.0.0.1.
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 GROUP = "workers"
 ENQUEUE_CHUNK = 1000
 
@@ -71,6 +88,12 @@ PRESETS = {
         1, 100, 5_000, 5_000, 5_000, 500, 0.05, 500, 2.0, 0.5, (5_000, 50_000), 3_000, 120
     ),
     "smoke": Preset(1, 100, 300, 300, 1_000, 500, 0.05, 200, 1.0, 0.25, (300, 1_500), 200, 30),
+}
+# moto's SQS does ~50-70 messages/s: a few hundred jobs, W2 and W3 scaled down.
+SQS_PRESETS = {
+    "full": Preset(3, 100, 500, 500, 500, 100, 0.5, 20, 6.0, 1.0, (500, 2_000), 300, 300),
+    "quick": Preset(1, 100, 300, 300, 300, 100, 0.5, 20, 5.0, 1.0, (300, 1_000), 200, 180),
+    "smoke": Preset(1, 100, 50, 50, 50, 50, 0.2, 10, 2.0, 0.5, (50, 100), 50, 60),
 }
 
 
@@ -110,13 +133,57 @@ class Harness:
         self.otel = args.otel
         self.run_id = f"aiowbench-{os.getpid()}-{secrets.token_hex(3)}"
         self.redis = aioredis.from_url(self.url)
-        self.broker_url = with_query(self.url, prefix=f"{self.run_id}:aio")
-        self.app = aioworkers.App(self.broker_url)
+        self.broker = args.broker
+        self.amqp_url: str = args.amqp_url
+        self.moto: subprocess.Popen[bytes] | None = None
+        self.sqs_endpoint = ""
         self.env = dict(os.environ)
+        if self.broker == "amqp":
+            self.broker_url = self.amqp_url
+        elif self.broker == "sqs":
+            os.environ.update(SQS_ENV)
+            self.env.update(SQS_ENV)
+            self.sqs_endpoint = self.start_moto()
+            self.broker_url = "sqs://?" + urlencode(
+                {
+                    "region": "us-east-1",
+                    "endpoint_url": self.sqs_endpoint,
+                    "prefix": f"{self.run_id}-",
+                }
+            )
+        else:
+            self.broker_url = with_query(self.url, prefix=f"{self.run_id}:aio")
+        self.app = aioworkers.App(self.broker_url)
+        self.amqp: Any = None  # aio-pika connection of the raw side's publisher
+        self.amqp_channel: Any = None
+        self.sqs_stack: Any = None
+        self.sqs: Any = None  # aiobotocore client of the raw side's producer
         # The children measure this checkout, whatever else is installed.
         self.env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
         )
+
+    def start_moto(self) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.moto = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=self.env,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if self.moto.poll() is not None or time.monotonic() > deadline:
+                    self.moto.kill()
+                    raise RuntimeError(f"the moto server did not start on port {port}") from None
+                time.sleep(0.1)
+        return f"http://127.0.0.1:{port}"
 
     async def aclose(self) -> None:
         try:
@@ -124,6 +191,54 @@ class Harness:
         finally:
             await self.app.aclose()
             await self.redis.aclose()
+            if self.amqp is not None:
+                await self.amqp.close()
+            if self.sqs_stack is not None:
+                await self.sqs_stack.aclose()
+            if self.moto is not None:
+                self.moto.kill()
+                self.moto.wait()
+
+    async def amqp_publisher(self) -> Any:
+        if self.amqp_channel is None:
+            import aio_pika
+
+            self.amqp = await aio_pika.connect(self.amqp_url)
+            self.amqp_channel = await self.amqp.channel(publisher_confirms=True)
+        return self.amqp_channel
+
+    async def sqs_client(self) -> Any:
+        if self.sqs is None:
+            import contextlib
+
+            from aiobotocore.session import get_session
+
+            self.sqs_stack = contextlib.AsyncExitStack()
+            self.sqs = await self.sqs_stack.enter_async_context(
+                get_session().create_client(
+                    "sqs", region_name="us-east-1", endpoint_url=self.sqs_endpoint
+                )
+            )
+        return self.sqs
+
+    async def delete_queues(self, spec: Spec) -> None:
+        """amqp, sqs: delete the queues this trial declared (and nothing else)."""
+        if self.broker == "amqp":
+            import aio_pika
+
+            conn = await aio_pika.connect(self.amqp_url)
+            try:
+                channel = await conn.channel()
+                for name in (spec.stream, spec.queue, f"{spec.queue}.dead"):
+                    if name:
+                        await channel.queue_delete(name)
+            finally:
+                await conn.close()
+        elif self.broker == "sqs":
+            sqs = await self.sqs_client()
+            listed = await sqs.list_queues(QueueNamePrefix=self.run_id)
+            for url in listed.get("QueueUrls", ()):
+                await sqs.delete_queue(QueueUrl=url)
 
     async def cleanup(self) -> int:
         """Delete every key under this run's prefix (and nothing else)."""
@@ -141,6 +256,15 @@ class Harness:
     def spec(self, t: Trial) -> tuple[Spec, int]:
         """The child's spec, and how many jobs to enqueue before it starts."""
         p = self.preset
+        queue, stream = t.queue, ""
+        if t.side == "raw" and self.broker == "redis":
+            stream = f"{self.run_id}:raw:{{{t.queue}}}:stream"
+        elif self.broker == "amqp":
+            queue = f"{self.run_id}.{t.side}.{t.queue}"
+            stream = queue if t.side == "raw" else ""
+        elif self.broker == "sqs":
+            # aioworkers' queue gets the run's prefix from the URL; the raw one spells it.
+            stream = f"{self.run_id}-raw-{t.queue}" if t.side == "raw" else ""
         task, queued, target = {
             "W0": ("w0", p.w0_jobs, p.w0_jobs),
             "W1": ("w1", p.w1_jobs, p.w1_jobs),
@@ -152,12 +276,15 @@ class Harness:
             workload=t.workload,
             task=task,
             redis_url=self.url,
-            queue=t.queue,
+            queue=queue,
             counter=f"{self.run_id}:{t.side}:{t.queue}:counter",
             target=target,
             concurrency=p.w2_concurrency if t.workload == "W2" else p.concurrency,
             timeout=p.timeout,
-            stream=f"{self.run_id}:raw:{{{t.queue}}}:stream" if t.side == "raw" else "",
+            stream=stream,
+            raw_url={"amqp": self.amqp_url, "sqs": self.sqs_endpoint}.get(self.broker, "")
+            if t.side == "raw"
+            else "",
             broker_url=self.broker_url if t.side == "aioworkers" else "",
             sleep=p.w2_sleep,
             warmup=int(p.w3_rate * p.w3_warmup),
@@ -170,12 +297,15 @@ class Harness:
         spec, queued = self.spec(t)
         try:
             if t.side == "raw":
-                await self.redis.xgroup_create(spec.stream, GROUP, "0", mkstream=True)
+                await self.create_raw_queue(spec)
             await self.enqueue(t, spec, queued)
             result = await self.spawn(t, spec)
             counter = int(await self.redis.get(spec.counter) or 0)
         finally:
-            await self.cleanup()
+            try:
+                await self.delete_queues(spec)
+            finally:
+                await self.cleanup()
         error = result.get("error")
         expected = spec.target
         if not error and (counter < expected if t.workload == "RSS" else counter != expected):
@@ -190,14 +320,52 @@ class Harness:
             "error": error,
         }
 
+    async def create_raw_queue(self, spec: Spec) -> None:
+        if self.broker == "amqp":
+            channel = await self.amqp_publisher()
+            await channel.declare_queue(spec.stream, durable=True)
+        elif self.broker == "sqs":
+            await (await self.sqs_client()).create_queue(QueueName=spec.stream)
+        else:
+            await self.redis.xgroup_create(spec.stream, GROUP, "0", mkstream=True)
+
+    async def publish_raw(self, spec: Spec, bodies: list[bytes]) -> None:
+        """The raw side's producer: XADD; persistent messages with publisher confirms;
+        SendMessageBatch."""
+        if self.broker == "amqp":
+            import aio_pika
+
+            channel = await self.amqp_publisher()
+            exchange = channel.default_exchange
+            await asyncio.gather(
+                *(
+                    exchange.publish(
+                        aio_pika.Message(b, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                        routing_key=spec.stream,
+                    )
+                    for b in bodies
+                )
+            )
+        elif self.broker == "sqs":
+            sqs = await self.sqs_client()
+            url = (await sqs.get_queue_url(QueueName=spec.stream))["QueueUrl"]
+            for start in range(0, len(bodies), 10):
+                entries = [
+                    {"Id": str(i), "MessageBody": b.decode()}
+                    for i, b in enumerate(bodies[start : start + 10])
+                ]
+                await sqs.send_message_batch(QueueUrl=url, Entries=entries)
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for b in bodies:
+                    pipe.xadd(spec.stream, {"b": b})
+                await pipe.execute()
+
     async def enqueue(self, t: Trial, spec: Spec, n: int) -> None:
         for start in range(0, n, ENQUEUE_CHUNK):
             ids = range(start, min(n, start + ENQUEUE_CHUNK))
             if t.side == "raw":
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for i in ids:
-                        pipe.xadd(spec.stream, {"b": envelope(spec.task, [i])})
-                    await pipe.execute()
+                await self.publish_raw(spec, [envelope(spec.task, [i]) for i in ids])
             else:
                 calls = (aioworkers.Call(spec.task, (i,), queue=spec.queue) for i in ids)
                 await self.app.enqueue_many(calls)
@@ -213,14 +381,15 @@ class Harness:
                 await asyncio.sleep(wait)
             if t.side == "raw":
                 sent = time.time()
-                await self.redis.xadd(spec.stream, {"b": envelope("w3", [sent, seq])})
+                await self.publish_raw(spec, [envelope("w3", [sent, seq])])
             else:
                 await self.app.enqueue("w3", args=[time.time(), seq], queue=spec.queue)
 
     async def spawn(self, t: Trial, spec: Spec) -> dict[str, Any]:
+        script = RAW_SIDES[self.broker] if t.side == "raw" else SIDES[t.side]
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            str(SIDES[t.side]),
+            str(script),
             spec.to_json(),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -289,8 +458,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument("--quick", action="store_true", help="smaller numbers, one repeat")
     size.add_argument("--smoke", action="store_true", help="a few hundred jobs (the test)")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {WORKLOADS}")
-    parser.add_argument("--broker", default="redis", choices=["redis"])
+    parser.add_argument("--broker", default="redis", choices=["redis", "amqp", "sqs"])
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0", help="the Redis to use")
+    parser.add_argument("--amqp-url", default=AMQP_URL, help="the RabbitMQ for --broker amqp")
     parser.add_argument("--sides", default="raw,aioworkers", help="raw, aioworkers or both")
     parser.add_argument("--repeat", type=int, default=0, help="override the preset's repeat")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -306,7 +476,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.mode = "quick" if args.quick else "smoke" if args.smoke else "full"
     args.workloads = [w.strip().upper() for w in args.only.split(",") if w.strip()] or list(
-        WORKLOADS
+        DEFAULT_WORKLOADS[args.broker]
     )
     args.side_list = [s.strip() for s in args.sides.split(",") if s.strip()]
     if unknown := set(args.workloads) - set(WORKLOADS):
@@ -317,7 +487,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def main(args: argparse.Namespace) -> int:
-    preset = PRESETS[args.mode]
+    preset = (SQS_PRESETS if args.broker == "sqs" else PRESETS)[args.mode]
     if args.repeat:
         preset = Preset(**{**asdict(preset), "repeat": args.repeat})
     harness = Harness(args, preset)
@@ -336,9 +506,11 @@ async def main(args: argparse.Namespace) -> int:
     rows = summarize(records)
     name = (
         args.mode
-        if args.workloads == list(WORKLOADS)
+        if args.workloads == list(DEFAULT_WORKLOADS[args.broker])
         else f"{args.mode}-{'-'.join(args.workloads)}"
     )
+    if args.broker != "redis":
+        name = f"{args.broker}-{name}"
     if args.otel:
         name += f"-otel-{args.otel}"
     meta["otel"] = args.otel

@@ -194,6 +194,7 @@ class SqsBroker:
         self._stack: AsyncExitStack | None = None
         self._client_lock = asyncio.Lock()
         self._queues: dict[str, _Queue] = {}
+        self._last_fetched: dict[str, int] = {}  # per queue: how busy the last fetch was
         self._ids = itertools.count()
 
     def __repr__(self) -> str:
@@ -363,9 +364,14 @@ class SqsBroker:
         # Whole seconds, rounded up, so a short wait still waits (SQS has no finer unit).
         wait_s = min(MAX_WAIT, math.ceil(max(wait, 0.0) - 1e-9))
         sizes = [min(MAX_BATCH, max_messages - i) for i in range(0, max_messages, MAX_BATCH)]
-        replies = await asyncio.gather(*(self._receive(queue, q, n, wait_s) for n in sizes))
+        # As many long polls as the last fetch showed work for: a quiet queue gets one, so
+        # a message that arrives is handed on at once instead of waiting for idle polls
+        # to time out; a busy one gets enough to fill every free slot.
+        polls = min(len(sizes), 1 + self._last_fetched.get(queue, 0) // MAX_BATCH)
+        replies = await asyncio.gather(*(self._receive(queue, q, n, wait_s) for n in sizes[:polls]))
         # A message moto hands to two of these receives is kept once (see `_receive`).
         out = list(itertools.chain.from_iterable(replies))
+        self._last_fetched[queue] = len(out)
         due = [d for d in out if not self._early(d)]
         if len(due) < len(out):
             await self._redelay(queue, q, [d for d in out if self._early(d)])
