@@ -16,11 +16,16 @@ queue); besides those:
 | ``messaging.client.consumed.messages`` | counter | {message} | operation ``receive`` |
 | ``messaging.process.duration`` | histogram | s | operation ``process``, task, error.type |
 | ``aioworkers.jobs`` | counter | {job} | task, ``aioworkers.job.outcome`` |
-| ``aioworkers.queue.lag`` | histogram | s | task |
+| ``aioworkers.queue.lag`` | gauge | s | |
 | ``aioworkers.jobs.in_flight`` | gauge | {job} | |
 | ``aioworkers.queue.depth`` | gauge | {job} | ``aioworkers.queue.state`` |
 | ``aioworkers.lease.extensions`` | counter | {lease} | |
 | ``aioworkers.lease.lost`` | counter | {lease} | |
+
+Per job, the hot path makes one SDK call, the duration histogram's ``record``: counts are
+plain dict increments read by observable counters, and the lag gauge keeps a running
+maximum, because each synchronous instrument call costs the SDK about 10 us. Histograms
+are recorded outside the job's span, so the SDK samples no exemplar for them (20 us more).
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -57,7 +61,9 @@ DEFAULT_DEPTH_INTERVAL = 15.0
 FINAL_POLL = 1.0  # seconds a stopping worker waits for its last depth poll
 # The semantic conventions' advice for messaging.process.duration.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
-LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+LAG_WINDOW = 60.0  # the lag gauge reports the longest wait of the last 1-2 windows
+# The context histograms are recorded in: no span, so no exemplar is sampled.
+_NO_SPAN = otel_context.Context()
 
 SYSTEM = "messaging.system"
 DESTINATION = "messaging.destination.name"
@@ -104,6 +110,8 @@ class Telemetry:
     ``app.telemetry = Telemetry(meter_provider=mp, tracer_provider=tp)`` before building
     workers uses other providers than the global ones (tests, several pipelines).
     ``depth_interval`` is how often a worker polls `Broker.depth` for the queue gauges.
+    ``enabled=False`` turns aioworkers' own instrumentation off whatever providers the
+    process has (the spans a handler starts are still recorded).
     """
 
     def __init__(
@@ -112,10 +120,12 @@ class Telemetry:
         meter_provider: metrics.MeterProvider | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         depth_interval: float = DEFAULT_DEPTH_INTERVAL,
+        enabled: bool = True,
     ) -> None:
         self._meter_provider = meter_provider
         self._tracer_provider = tracer_provider
         self.depth_interval = depth_interval
+        self.enabled = enabled
 
     def __repr__(self) -> str:
         on = [n for n, v in (("metrics", self.metrics()), ("traces", self.tracer())) if v]
@@ -123,11 +133,15 @@ class Telemetry:
 
     def metrics(self) -> Metrics | None:
         """The instruments, or None when no real MeterProvider is configured."""
+        if not self.enabled:
+            return None
         provider = _real_meter_provider(self._meter_provider)
         return None if provider is None else Metrics.of(provider)
 
     def tracer(self) -> trace.Tracer | None:
         """The tracer, or None when no real TracerProvider is configured."""
+        if not self.enabled:
+            return None
         provider = _real_tracer_provider(self._tracer_provider)
         return None if provider is None else provider.get_tracer(SCOPE)
 
@@ -173,6 +187,7 @@ class Metrics:
         self.fetched: Counter[tuple[str, str]] = Counter()  # system, queue
         # The depth last polled by any worker of the process, kept once it stops.
         self.depths: dict[tuple[str, str], QueueDepth] = {}
+        self.lags: dict[tuple[str, str], LagWindow] = {}  # system, queue
         self.sent = meter.create_counter(
             "messaging.client.sent.messages", "{message}", "Messages a producer published"
         )
@@ -191,11 +206,12 @@ class Metrics:
         meter.create_observable_counter(
             "aioworkers.jobs", [self._observe_settled], "{job}", "Deliveries settled, by outcome"
         )
-        self.lag = meter.create_histogram(
+        meter.create_observable_gauge(
             "aioworkers.queue.lag",
+            [self._observe_lag],
             "s",
-            "Time from enqueue (or eta) to the start of an attempt",
-            explicit_bucket_boundaries_advisory=LAG_BUCKETS,
+            "Longest time from enqueue (or eta) to the start of an attempt, over the attempts "
+            f"started in the last {LAG_WINDOW:.0f}-{2 * LAG_WINDOW:.0f} s",
         )
         self.extensions = meter.create_counter(
             "aioworkers.lease.extensions", "{lease}", "Leases extended by the heartbeat"
@@ -225,6 +241,11 @@ class Metrics:
         for (system, queue), n in self.fetched.copy().items():
             yield Observation(n, {SYSTEM: system, DESTINATION: queue, OPERATION: "receive"})
 
+    def _observe_lag(self, options: CallbackOptions) -> Iterator[Observation]:
+        now = time.time()
+        for (system, queue), window in self.lags.copy().items():
+            yield Observation(window.longest(now), {SYSTEM: system, DESTINATION: queue})
+
     def _observe_in_flight(self, options: CallbackOptions) -> Iterator[Observation]:
         held: Counter[tuple[str, str]] = Counter()
         for worker in list(self.workers):
@@ -240,6 +261,35 @@ class Metrics:
             for state in DEPTH_STATES:
                 attrs = {SYSTEM: system, DESTINATION: queue, STATE: state}
                 yield Observation(getattr(depth, state), attrs)
+
+
+class LagWindow:
+    """The longest lag seen in the current window and the one before it: a gauge that
+    any number of readers can collect, at any interval, without resetting it."""
+
+    __slots__ = ("current", "previous", "start")
+
+    def __init__(self) -> None:
+        self.start = time.time()
+        self.current = 0.0
+        self.previous = 0.0
+
+    def _roll(self, now: float) -> None:
+        if now - self.start >= LAG_WINDOW:
+            ended_just_now = now - self.start < 2 * LAG_WINDOW
+            self.previous = self.current if ended_just_now else 0.0
+            self.current = 0.0
+            self.start = now
+
+    def add(self, lag: float, now: float) -> None:
+        if now - self.start >= LAG_WINDOW:
+            self._roll(now)
+        if lag > self.current:
+            self.current = lag
+
+    def longest(self, now: float) -> float:
+        self._roll(now)
+        return max(self.current, self.previous)
 
 
 class Producer:
@@ -352,12 +402,15 @@ class WorkerTelemetry:
                 error = outcome.error
                 error_type = "" if error is None else type(error).__qualname__
                 m.duration.record(
-                    outcome.duration, self._labels("process", queue, task, error_type)
+                    outcome.duration, self._labels("process", queue, task, error_type), _NO_SPAN
                 )
                 env = outcome.envelope
-                since = max(env.enqueued_at, env.eta or 0) / 1000
-                lag = time.time() - outcome.duration - since
-                m.lag.record(max(lag, 0.0), self._labels("lag", queue, task))
+                now = time.time()
+                lag = now - outcome.duration - max(env.enqueued_at, env.eta or 0) / 1000
+                window = m.lags.get((self.system, queue))
+                if window is None:
+                    window = m.lags[(self.system, queue)] = LagWindow()
+                window.add(lag, now)
         if self.tracer is not None:
             # Runs in the job's own task, where its consumer span is the current one.
             span = trace.get_current_span()
@@ -405,12 +458,27 @@ class WorkerTelemetry:
 
     # -- traces -------------------------------------------------------------------------
 
-    async def traced(self, delivery: Delivery, job: Coroutine[Any, Any, None]) -> None:
+    async def traced(
+        self, delivery: Delivery, env: Envelope | None, job: Coroutine[Any, Any, None]
+    ) -> None:
         """Await ``job`` (the run and settle of one attempt) in its CONSUMER span, the
         current span meanwhile: a child of the producer span whose context the envelope
-        headers carry, and the parent of the spans the handler starts."""
+        headers carry (``env`` is None if the body could not be decoded), and the parent
+        of the spans the handler starts."""
         assert self.tracer is not None
-        parent, attrs = _consumer_context(delivery, self.system)
+        attrs: dict[str, Any] = {
+            SYSTEM: self.system,
+            DESTINATION: delivery.queue,
+            OPERATION: "process",
+            "aioworkers.delivery.count": delivery.count,
+        }
+        parent = None
+        if env is not None:
+            attrs["messaging.message.id"] = env.id
+            attrs[TASK] = env.task
+            attrs["aioworkers.job.attempt"] = env.attempt
+            if env.headers:
+                parent = extract(env.headers)
         span = self.tracer.start_span(
             f"process {delivery.queue}", context=parent, kind=SpanKind.CONSUMER, attributes=attrs
         )
@@ -423,35 +491,3 @@ class WorkerTelemetry:
         finally:
             otel_context.detach(token)
             span.end()
-
-
-def _consumer_context(
-    delivery: Delivery, system: str
-) -> tuple[otel_context.Context | None, dict[str, Any]]:
-    attrs: dict[str, Any] = {
-        SYSTEM: system,
-        DESTINATION: delivery.queue,
-        OPERATION: "process",
-        "aioworkers.delivery.count": delivery.count,
-    }
-    try:
-        # A second parse of the body, paid only when tracing is on; any failure is the
-        # executor's to report (it dead-letters the message), not the tracer's.
-        doc = orjson.loads(delivery.body)
-    except Exception:
-        return None, attrs
-    if not isinstance(doc, dict):
-        return None, attrs
-    for key, name in (
-        ("id", "messaging.message.id"),
-        ("task", TASK),
-        ("attempt", "aioworkers.job.attempt"),
-    ):
-        value = doc.get(key)
-        if isinstance(value, str | int) and not isinstance(value, bool):
-            attrs[name] = value
-    headers = doc.get("headers")
-    if not isinstance(headers, dict) or not headers:
-        return None, attrs
-    carrier = {k: v for k, v in headers.items() if isinstance(k, str) and isinstance(v, str)}
-    return extract(carrier), attrs

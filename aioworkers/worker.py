@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._runtime.executor import Executor, uncancel
+from ._runtime.executor import Executor, Prepared, uncancel
 from ._runtime.fetcher import Fetcher
 from ._runtime.inflight import InFlight, Run
 from ._runtime.lease import keep_leases
@@ -254,12 +254,14 @@ class Worker:
 
     async def _traced_job(self, delivery: Delivery, run: Run) -> None:
         assert self._telemetry is not None
-        await self._telemetry.traced(delivery, self._job(delivery, run))
+        # Decoded once, here: the span needs the envelope's ids and trace headers.
+        prepared = self._executor.prepare(delivery)
+        await self._telemetry.traced(delivery, prepared[0], self._job(delivery, run, prepared))
 
-    async def _job(self, delivery: Delivery, run: Run) -> None:
+    async def _job(self, delivery: Delivery, run: Run, prepared: Prepared | None = None) -> None:
         run.started = True
         try:
-            outcome = await self._executor.execute(delivery, run)
+            outcome = await self._executor.execute(delivery, run, prepared)
             if run.lost:
                 # Another worker may hold it now: settling anything would act over it.
                 self._settler.count("lease_lost", delivery, outcome)

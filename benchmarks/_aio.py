@@ -10,26 +10,36 @@ import asyncio
 from _child import Spec, Work, main
 
 import aioworkers
+from aioworkers.telemetry import Telemetry
 
 
 def configure_otel(which: str) -> None:
     """SDK meter and tracer providers, as a user's process would have them: every span
     sampled and handed to a batch processor (whose exporter drops them), metrics
-    aggregated in memory."""
+    aggregated in memory. ``off`` sets none (the app's telemetry is disabled instead)."""
+    if which == "off":
+        return
     from opentelemetry import metrics, trace
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
 
     class Discard(SpanExporter):
         def export(self, spans: object) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
-    if which in ("all", "metrics"):
+    if which in ("all", "metrics", "sampled"):
         metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    if which == "sampled":
+        # What production tracing usually runs: 1 trace in 10 kept, unless the producer
+        # already decided (the parent's sampled flag wins).
+        tracer_provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1)))
+        tracer_provider.add_span_processor(BatchSpanProcessor(Discard()))
+        trace.set_tracer_provider(tracer_provider)
     if which in ("all", "traces"):
-        tracer_provider = TracerProvider()
+        tracer_provider = TracerProvider(sampler=ALWAYS_ON)
         tracer_provider.add_span_processor(BatchSpanProcessor(Discard()))
         trace.set_tracer_provider(tracer_provider)
 
@@ -39,6 +49,9 @@ class AioWorker:
         if spec.otel:
             configure_otel(spec.otel)
         self.app = aioworkers.App(spec.broker_url, queue=spec.queue, concurrency=spec.concurrency)
+        if spec.otel == "off":
+            # aioworkers' own instrumentation off, whatever providers the process has.
+            self.app.telemetry = Telemetry(enabled=False)
         for name, handler in work.handlers.items():
             self.app.task(name)(handler)
         self.worker = self.app.worker(concurrency=spec.concurrency)

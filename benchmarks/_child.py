@@ -47,7 +47,9 @@ class Spec:
     sleep: float = 0.0  # W2: seconds each job sleeps
     warmup: int = 0  # W3: latency samples with seq below this are dropped
     uvloop: bool = True
-    otel: str = ""  # aioworkers side: OpenTelemetry SDK providers: "", metrics, traces, all
+    # aioworkers side: "" (plain), off (telemetry disabled), or the OpenTelemetry SDK
+    # providers configured: metrics, traces, all
+    otel: str = ""
 
     @classmethod
     def from_argv(cls) -> Spec:

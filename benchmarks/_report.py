@@ -17,11 +17,22 @@ import redis.asyncio as aioredis
 
 Record = dict[str, Any]
 Row = dict[str, Any]
-Check = Callable[[float | None, float | None, float | None], bool]
+Check = Callable[[float | None, float | None, float | None], bool | None]
 
 P99_TARGET_MS = 5.0
 RAW_CLIENT = {"redis": "redis.asyncio", "amqp": "aio-pika", "sqs": "aiobotocore"}
 RSS_GROWTH_TARGET = 1.10
+# The most throughput telemetry may cost in W1, as 1 - jobs/s ratio to plain aioworkers:
+# with an SDK provider configured, and with aioworkers' instrumentation off.
+OTEL_OVERHEAD_TARGET = {"off": 0.02, "metrics": 0.10, "traces": 0.10, "all": 0.10, "sampled": 0.10}
+OTEL_PROVIDERS = {
+    "off": "none, Telemetry(enabled=False)",
+    "metrics": "MeterProvider",
+    "traces": "TracerProvider",
+    "all": "MeterProvider + TracerProvider",
+    "sampled": "MeterProvider + TracerProvider, 10 % of traces",
+}
+OTEL_WORKLOADS = {"W0": "W0 framework overhead", "W1": "W1 no-op throughput"}
 
 
 def _rate(r: Record) -> float:
@@ -146,7 +157,7 @@ def summarize(records: list[Record]) -> list[Row]:
             _rate,
             fmt="{:,.0f}",
             target="ratio ≥ 0.6 (goal 0.8)",
-            check=lambda raw, aio, ratio: ratio is not None and ratio >= 0.6,
+            check=lambda raw, aio, ratio: None if ratio is None else ratio >= 0.6,
         ),
         _row(records, "W1.cpu", "W1 no-op throughput", "worker CPU µs/job", _cpu_us, fmt="{:.0f}"),
         _row(
@@ -157,7 +168,7 @@ def summarize(records: list[Record]) -> list[Row]:
             _efficiency,
             fmt="{:.2f}",
             target="ratio ≥ 0.8",
-            check=lambda raw, aio, ratio: ratio is not None and ratio >= 0.8,
+            check=lambda raw, aio, ratio: None if ratio is None else ratio >= 0.8,
         ),
         _row(
             records,
@@ -202,15 +213,60 @@ def summarize(records: list[Record]) -> list[Row]:
     return [r for r in rows if r is not None]
 
 
+def summarize_otel(records: list[Record], modes: dict[str, str]) -> list[Row]:
+    """For each OpenTelemetry side (``modes``: side name -> --otel mode) that ran, and W0
+    and W1: medians, their ratios to the plain aioworkers side of the same run, and the
+    throughput overhead ``1 - jobs/s ratio`` against the issue's target (W1)."""
+    ran = {r["side"] for r in records}
+    rows = []
+    for workload, label in OTEL_WORKLOADS.items():
+        if not any(r["workload"] == workload for r in records):
+            continue
+        base_rate = _median(records, workload, "aioworkers", _rate, 0)
+        base_cpu = _median(records, workload, "aioworkers", _cpu_us, 0)
+        for side, mode in modes.items():
+            if side not in ran:
+                continue
+            rate = _median(records, workload, side, _rate, 0)
+            cpu = _median(records, workload, side, _cpu_us, 0)
+            rate_ratio = rate / base_rate if base_rate and rate is not None else None
+            cpu_ratio = cpu / base_cpu if base_cpu and cpu is not None else None
+            overhead = None if rate_ratio is None else 1 - rate_ratio
+            limit = OTEL_OVERHEAD_TARGET[mode] if workload == "W1" else None
+            rows.append(
+                {
+                    "key": f"{workload}.{side}",
+                    "workload": workload,
+                    "label": label,
+                    "side": side,
+                    "otel": mode,
+                    "providers": OTEL_PROVIDERS[mode],
+                    "rate": rate,
+                    "cpu_us": cpu,
+                    "aioworkers_rate": base_rate,
+                    "aioworkers_cpu_us": base_cpu,
+                    "rate_ratio": rate_ratio,
+                    "cpu_ratio": cpu_ratio,
+                    "overhead": overhead,
+                    "target": "" if limit is None else f"overhead ≤ {limit:.0%}".replace("%", " %"),
+                    "limit": limit,
+                    "met": None if limit is None or overhead is None else overhead <= limit,
+                }
+            )
+    return rows
+
+
 def _cell(value: float | None, fmt: str) -> str:
     return "—" if value is None else fmt.format(value)
 
 
-def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
+def markdown(rows: list[Row], meta: dict[str, Any], otel: list[Row] | None = None) -> str:
     preset = meta["preset"]
     broker = meta.get("broker", "redis")
     client = RAW_CLIENT.get(broker, broker)
     on = "" if broker == "redis" else f" on {broker}"
+    rotating = len(meta.get("sides", ())) > 2
+    order = "the sides' order rotating" if rotating else "sides alternating first"
     lines = [
         f"### aioworkers vs a raw {client} loop{on} ({meta['mode']})",
         "",
@@ -219,7 +275,7 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         f"{meta['redis_server']} · redis-py {meta['versions'].get('redis')} · loop "
         f"{'/'.join(meta.get('loops', [])) or '?'} · aioworkers {meta['git']}",
         "",
-        f"Median of {preset['repeat']} run(s) per side (sides alternating first), each in a "
+        f"Median of {preset['repeat']} run(s) per side ({order}), each in a "
         "fresh process; concurrency "
         f"{preset['concurrency']} (W2: {preset['w2_concurrency']}).",
         "",
@@ -244,7 +300,33 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
             f"{_cell(r['aioworkers'], r['fmt'])} | {_cell(r['ratio'], '{:.2f}')} | "
             f"{r['target']} | {met} |"
         )
+    if otel:
+        lines += ["", *_otel_markdown(otel)]
     return "\n".join(lines) + "\n"
+
+
+def _otel_markdown(rows: list[Row]) -> list[str]:
+    lines = [
+        "#### OpenTelemetry overhead",
+        "",
+        "Each side is aioworkers with OpenTelemetry configured as shown, against the plain "
+        "aioworkers side (no provider) of the same run. Overhead is 1 - jobs/s ratio; "
+        "`off` is aioworkers' own instrumentation disabled, with no provider either.",
+        "",
+        "| workload | side | SDK providers | jobs/s | aioworkers jobs/s | jobs/s ratio "
+        "| CPU µs/job | aioworkers CPU µs/job | CPU ratio | overhead | target | met |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|",
+    ]
+    for r in rows:
+        met = {True: "yes", False: "**no**", None: ""}[r["met"]]
+        overhead = "—" if r["overhead"] is None else f"{r['overhead']:+.1%}".replace("%", " %")
+        lines.append(
+            f"| {r['label']} | {r['side']} | {r['providers']} | {_cell(r['rate'], '{:,.0f}')} | "
+            f"{_cell(r['aioworkers_rate'], '{:,.0f}')} | {_cell(r['rate_ratio'], '{:.3f}')} | "
+            f"{_cell(r['cpu_us'], '{:.1f}')} | {_cell(r['aioworkers_cpu_us'], '{:.1f}')} | "
+            f"{_cell(r['cpu_ratio'], '{:.3f}')} | {overhead} | {r['target']} | {met} |"
+        )
+    return lines
 
 
 def write_chart(rows: list[Row], meta: dict[str, Any], path: Path) -> bool:

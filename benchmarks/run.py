@@ -2,11 +2,14 @@
 
     python benchmarks/run.py [--quick | --smoke] [--only W1,W2] [--broker redis|amqp|sqs]
 
-Each workload runs for both sides, each in its own fresh worker subprocess (so peak RSS
-is per side), with the sides' order alternating between repeats; every figure is
-reported as a ratio to the raw loop measured in the same run, because absolute numbers on
-a shared machine mean little. Results go to ``benchmarks/results/<mode>.{json,md,png}``.
-See benchmarks/README.md for what each figure means.
+Each workload runs for every side, each in its own fresh worker subprocess (so peak RSS
+is per side), with the sides' order rotating between repeats; every figure is reported
+as a ratio to the raw loop measured in the same run, because absolute numbers on a shared
+machine mean little. ``--otel off,metrics,traces,all`` adds aioworkers sides with
+OpenTelemetry configured (``aio-off``, ``aio-metrics``, ``aio-traces``, ``aio-otel``),
+reported as ratios to the plain aioworkers side of the same run. Results go to
+``benchmarks/results/<mode>.{json,md,png}``. See benchmarks/README.md for what each
+figure means.
 
 Every key this run creates lives under its own prefix ``aiowbench-<pid>-<random>:`` and is
 deleted after each trial and on exit; no other key is read or written. With ``--broker
@@ -34,7 +37,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from _child import Spec, run
-from _report import collect_meta, markdown, summarize, write_chart
+from _report import collect_meta, markdown, summarize, summarize_otel, write_chart
 
 import aioworkers
 from aioworkers.envelope import Envelope, encode, new_id, now_ms
@@ -42,6 +45,16 @@ from aioworkers.envelope import Envelope, encode, new_id, now_ms
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SIDES = {"raw": HERE / "_raw.py", "aioworkers": HERE / "_aio.py"}
+# --otel modes and the extra aioworkers side each adds (side names end up in Redis keys,
+# AMQP and SQS queue names: letters, digits and hyphens only).
+OTEL_SIDES = {
+    "off": "aio-off",
+    "metrics": "aio-metrics",
+    "traces": "aio-traces",
+    "all": "aio-otel",
+    "sampled": "aio-sampled",
+}
+OTEL_MODES = {side: mode for mode, side in OTEL_SIDES.items()}
 RAW_SIDES = {"redis": HERE / "_raw.py", "amqp": HERE / "_raw_amqp.py", "sqs": HERE / "_raw_sqs.py"}
 WORKLOADS = ("W0", "W1", "W2", "W3", "RSS")
 # RSS (queue depths of 50k-200k) is left out by default on the other brokers: filling
@@ -110,7 +123,7 @@ class Trial:
 
     def __str__(self) -> str:
         where = f"@{self.depth:,}" if self.depth else f"#{self.rep + 1}"
-        return f"{self.workload:<3} {where:<8} {self.side:<10}"
+        return f"{self.workload:<3} {where:<8} {self.side:<11}"
 
 
 def with_query(url: str, **params: str) -> str:
@@ -130,7 +143,6 @@ class Harness:
         self.preset = preset
         self.url: str = args.url
         self.uvloop = not args.no_uvloop
-        self.otel = args.otel
         self.run_id = f"aiowbench-{os.getpid()}-{secrets.token_hex(3)}"
         self.redis = aioredis.from_url(self.url)
         self.broker = args.broker
@@ -257,6 +269,9 @@ class Harness:
         """The child's spec, and how many jobs to enqueue before it starts."""
         p = self.preset
         queue, stream = t.queue, ""
+        if t.side in OTEL_MODES:
+            # Its own queue name (SQS refuses to recreate a just-deleted name for 60 s).
+            queue = f"{t.side}-{t.queue}"
         if t.side == "raw" and self.broker == "redis":
             stream = f"{self.run_id}:raw:{{{t.queue}}}:stream"
         elif self.broker == "amqp":
@@ -264,7 +279,7 @@ class Harness:
             stream = queue if t.side == "raw" else ""
         elif self.broker == "sqs":
             # aioworkers' queue gets the run's prefix from the URL; the raw one spells it.
-            stream = f"{self.run_id}-raw-{t.queue}" if t.side == "raw" else ""
+            stream = f"{self.run_id}-raw-{queue}" if t.side == "raw" else ""
         task, queued, target = {
             "W0": ("w0", p.w0_jobs, p.w0_jobs),
             "W1": ("w1", p.w1_jobs, p.w1_jobs),
@@ -285,11 +300,11 @@ class Harness:
             raw_url={"amqp": self.amqp_url, "sqs": self.sqs_endpoint}.get(self.broker, "")
             if t.side == "raw"
             else "",
-            broker_url=self.broker_url if t.side == "aioworkers" else "",
+            broker_url=self.broker_url if t.side != "raw" else "",
             sleep=p.w2_sleep,
             warmup=int(p.w3_rate * p.w3_warmup),
             uvloop=self.uvloop,
-            otel=self.otel if t.side == "aioworkers" else "",
+            otel=OTEL_MODES.get(t.side, ""),
         )
         return spec, queued
 
@@ -386,7 +401,7 @@ class Harness:
                 await self.app.enqueue("w3", args=[time.time(), seq], queue=spec.queue)
 
     async def spawn(self, t: Trial, spec: Spec) -> dict[str, Any]:
-        script = RAW_SIDES[self.broker] if t.side == "raw" else SIDES[t.side]
+        script = RAW_SIDES[self.broker] if t.side == "raw" else SIDES["aioworkers"]
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             str(script),
@@ -435,8 +450,10 @@ class Harness:
                     yield from (Trial("RSS", side, 0, depth) for side in sides)
                 continue
             for rep in range(self.preset.repeat):
-                # Alternate which side goes first, so drift in the machine's load evens out.
-                order = sides if rep % 2 == 0 else sides[::-1]
+                # Rotate which side goes first (two sides: alternate), so drift in the
+                # machine's load evens out.
+                shift = rep % len(sides)
+                order = sides[shift:] + sides[:shift]
                 yield from (Trial(workload, side, rep) for side in order)
 
 
@@ -461,7 +478,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--broker", default="redis", choices=["redis", "amqp", "sqs"])
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0", help="the Redis to use")
     parser.add_argument("--amqp-url", default=AMQP_URL, help="the RabbitMQ for --broker amqp")
-    parser.add_argument("--sides", default="raw,aioworkers", help="raw, aioworkers or both")
+    parser.add_argument(
+        "--sides", default="raw,aioworkers", help="raw, aioworkers or both (--otel adds its own)"
+    )
     parser.add_argument("--repeat", type=int, default=0, help="override the preset's repeat")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--no-uvloop", action="store_true")
@@ -470,8 +489,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="?",
         const="all",
         default="",
-        choices=["all", "metrics", "traces"],
-        help="aioworkers side with OpenTelemetry SDK providers (default: meter and tracer)",
+        metavar="MODES",
+        help="comma-separated subset of off, metrics, traces, all, sampled (bare --otel: all): each "
+        "adds an aioworkers side with that OpenTelemetry configuration, reported as "
+        "ratios to the plain aioworkers side",
     )
     args = parser.parse_args(argv)
     args.mode = "quick" if args.quick else "smoke" if args.smoke else "full"
@@ -483,6 +504,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown workloads {sorted(unknown)}; choose from {WORKLOADS}")
     if unknown := set(args.side_list) - set(SIDES):
         parser.error(f"unknown sides {sorted(unknown)}; choose from {list(SIDES)}")
+    args.otel_modes = list(dict.fromkeys(m.strip() for m in args.otel.split(",") if m.strip()))
+    if unknown := set(args.otel_modes) - set(OTEL_SIDES):
+        parser.error(f"unknown --otel modes {sorted(unknown)}; choose from {list(OTEL_SIDES)}")
+    if args.otel and not args.otel_modes:
+        parser.error(f"--otel needs modes from {list(OTEL_SIDES)}")
+    args.side_list = list(dict.fromkeys(args.side_list)) + [OTEL_SIDES[m] for m in args.otel_modes]
+    if not args.side_list:
+        parser.error("no side to run: give --sides or --otel")
     return args
 
 
@@ -504,6 +533,7 @@ async def main(args: argparse.Namespace) -> int:
     meta["loadavg_end"] = list(os.getloadavg())
     meta["loops"] = sorted({r["loop"] for r in records if r.get("loop")})
     rows = summarize(records)
+    otel_rows = summarize_otel(records, OTEL_MODES)
     name = (
         args.mode
         if args.workloads == list(DEFAULT_WORKLOADS[args.broker])
@@ -511,13 +541,13 @@ async def main(args: argparse.Namespace) -> int:
     )
     if args.broker != "redis":
         name = f"{args.broker}-{name}"
-    if args.otel:
-        name += f"-otel-{args.otel}"
-    meta["otel"] = args.otel
+    if args.otel_modes:
+        name += "-otel-" + "-".join(args.otel_modes)
+    meta["otel"] = {OTEL_SIDES[m]: m for m in args.otel_modes}
     args.out.mkdir(parents=True, exist_ok=True)
-    doc = {"meta": meta, "summary": rows, "records": records}
+    doc = {"meta": meta, "summary": rows, "otel_overhead": otel_rows, "records": records}
     (args.out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    table = markdown(rows, meta)
+    table = markdown(rows, meta, otel_rows)
     (args.out / f"{name}.md").write_text(table)
     if not write_chart(rows, meta, args.out / f"{name}.png"):
         print("matplotlib is not installed: no chart", file=sys.stderr)

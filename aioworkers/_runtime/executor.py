@@ -43,6 +43,10 @@ class Outcome:
     duration: float = 0.0
 
 
+# What `Executor.prepare` makes of a delivery: its envelope, task and why it can't run.
+Prepared = tuple[Envelope | None, Task[Any, Any] | None, DecodeError | None]
+
+
 class Executor:
     """``store`` keeps the idempotency keys of tasks registered with ``idempotent=True``:
     a claim lasts ``lease`` seconds unless extended, a done key ``ttl`` seconds."""
@@ -66,9 +70,7 @@ class Executor:
         self._ttl = ttl
         self._default_timeout = default_timeout
 
-    def prepare(
-        self, delivery: Delivery
-    ) -> tuple[Envelope | None, Task[Any, Any] | None, DecodeError | None]:
+    def prepare(self, delivery: Delivery) -> Prepared:
         """Decode the body, find its task and bind its arguments; any failure is final."""
         try:
             env = decode(delivery.body, max_size=self._max_size)
@@ -84,8 +86,11 @@ class Executor:
             return env, task, DecodeError("bad_arguments", str(exc))
         return env, task, None
 
-    async def execute(self, delivery: Delivery, run: Run) -> Outcome:
-        env, task, invalid = self.prepare(delivery)
+    async def execute(
+        self, delivery: Delivery, run: Run, prepared: Prepared | None = None
+    ) -> Outcome:
+        """Run ``delivery``; ``prepared`` is what `prepare` returned for it, if known."""
+        env, task, invalid = self.prepare(delivery) if prepared is None else prepared
         if invalid is not None or env is None or task is None:
             return Outcome(env, task, invalid)
         if delivery.count > self._max_deliveries:

@@ -4,6 +4,7 @@ it cannot rot: both sides, every workload, the report files, and no key left beh
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,67 @@ def test_smoke_run_reports_every_workload_for_both_sides(tmp_path: Path) -> None
         pass
     else:
         assert (tmp_path / "smoke.png").stat().st_size > 0
+
+    client = redis.Redis.from_url(URL)
+    try:
+        assert list(client.scan_iter(match=f"{doc['meta']['prefix']}:*")) == []
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(120)
+def test_smoke_run_measures_otel_overhead_against_aioworkers(tmp_path: Path) -> None:
+    ensure(REDIS)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(RUN),
+            "--smoke",
+            "--only",
+            "W1",
+            "--otel",
+            "off,metrics",
+            "--sides",
+            "aioworkers",
+            "--url",
+            URL,
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    doc = json.loads((tmp_path / "smoke-W1-otel-off-metrics.json").read_text())
+    records = doc["records"]
+    # No raw side: --sides still selects, --otel adds its sides.
+    assert {r["side"] for r in records} == {"aioworkers", "aio-off", "aio-metrics"}
+    for r in records:
+        assert r["error"] is None, r
+        assert r["counter"] == r["jobs"], r
+    assert doc["meta"]["otel"] == {"aio-off": "off", "aio-metrics": "metrics"}
+
+    overhead = {(row["workload"], row["side"]): row for row in doc["otel_overhead"]}
+    assert set(overhead) == {("W1", "aio-off"), ("W1", "aio-metrics")}
+    for row in overhead.values():
+        for field in ("rate", "cpu_us", "aioworkers_rate", "rate_ratio", "cpu_ratio", "overhead"):
+            assert isinstance(row[field], float), (field, row)
+            assert math.isfinite(row[field]), (field, row)
+        assert row["overhead"] == pytest.approx(1 - row["rate_ratio"])
+        assert row["met"] in (True, False)
+    assert overhead["W1", "aio-off"]["limit"] == 0.02
+    assert overhead["W1", "aio-metrics"]["limit"] == 0.10
+
+    # The raw-vs-aioworkers table ignores the otel sides, and shows no raw figure.
+    rows = {row["key"]: row for row in doc["summary"]}
+    assert rows["W1.rate"]["raw"] is None
+    assert rows["W1.rate"]["aioworkers"] is not None
+    assert "OpenTelemetry overhead" in proc.stdout
+    assert "| W1 no-op throughput | aio-metrics |" in proc.stdout
 
     client = redis.Redis.from_url(URL)
     try:

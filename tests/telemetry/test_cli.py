@@ -129,7 +129,7 @@ def test_prometheus_endpoint_and_health(redis_url: str) -> None:
     assert 'messaging_system="redis"' in ok
     assert any(k.startswith("messaging_process_duration_seconds_count") for k in lines)
     assert any(k.startswith("messaging_client_consumed_messages_total") for k in lines)
-    assert any(k.startswith("aioworkers_queue_lag_seconds_bucket") for k in lines)
+    assert any(k.startswith("aioworkers_queue_lag_seconds{") for k in lines)
     assert any(k.startswith("aioworkers_jobs_in_flight") for k in lines)
     assert any(k.startswith("aioworkers_queue_depth") and 'state="dead"' in k for k in lines)
     # One JSON object per line, the failures with their fields; the password nowhere.

@@ -7,11 +7,12 @@ import asyncio
 from typing import Any
 
 import aioworkers
-from aioworkers.telemetry import Telemetry
+from aioworkers.telemetry import LAG_WINDOW, LagWindow, Telemetry
 
 from .conftest import Otel, make_app
 
 N_OK, M_RETRIED, K_DEAD = 12, 5, 3
+LAG = 0.3
 
 
 def by(points: list[Any], **attrs: str) -> list[Any]:
@@ -52,6 +53,7 @@ async def test_metrics_after_a_known_workload(otel: Otel, redis_url: str) -> Non
     app.telemetry = otel.telemetry()
     worker, queue = await run_workload(app)
     system = {"messaging.system": "redis", "messaging.destination.name": queue}
+    await asyncio.sleep(LAG)  # every job waits at least this long before it starts
     async with app, worker:
         for _ in range(200):
             if sum(worker.counts.values()) >= N_OK + 2 * M_RETRIED + K_DEAD:
@@ -83,7 +85,9 @@ async def test_metrics_after_a_known_workload(otel: Otel, redis_url: str) -> Non
     assert sum(p.count for p in by(durations, **{"error.type": "ConnectionError"})) == M_RETRIED
     assert sum(p.count for p in by(durations, **{"error.type": "ValueError"})) == K_DEAD
 
-    assert sum(p.count for p in otel.points("aioworkers.queue.lag")) == attempts
+    (lag,) = otel.points("aioworkers.queue.lag")
+    assert lag.attributes == system
+    assert LAG <= lag.value < LAG + 10
     assert total(otel.points("messaging.client.consumed.messages"), **system) == attempts
     sent = otel.points("messaging.client.sent.messages")
     assert (
@@ -154,3 +158,17 @@ async def test_depth_gauges_hold_the_last_poll_after_a_burst_run(
     depth = otel.points("aioworkers.queue.depth")
     states = {p.attributes["aioworkers.queue.state"]: p.value for p in depth}
     assert states == {"ready": 0, "in_flight": 0, "delayed": 1, "dead": 2}
+
+
+def test_the_lag_gauge_holds_the_longest_wait_of_the_last_windows() -> None:
+    window = LagWindow()
+    t0 = window.start
+    window.add(0.5, t0)
+    window.add(2.0, t0 + 1)
+    window.add(1.0, t0 + 2)
+    assert window.longest(t0 + 3) == 2.0
+    assert window.longest(t0 + 3) == 2.0  # reading it resets nothing
+    window.add(0.1, t0 + LAG_WINDOW + 1)  # a new window: the last one still counts
+    assert window.longest(t0 + LAG_WINDOW + 2) == 2.0
+    assert window.longest(t0 + 2 * LAG_WINDOW + 2) == 0.1  # the 2.0 window is over
+    assert window.longest(t0 + 5 * LAG_WINDOW) == 0.0  # nothing started for a while
