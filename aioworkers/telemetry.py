@@ -405,12 +405,12 @@ class WorkerTelemetry:
                     outcome.duration, self._labels("process", queue, task, error_type), _NO_SPAN
                 )
                 env = outcome.envelope
-                now = time.time()
-                lag = now - outcome.duration - max(env.enqueued_at, env.eta or 0) / 1000
+                started = outcome.started_at
+                lag = started - max(env.enqueued_at, env.eta or 0) / 1000
                 window = m.lags.get((self.system, queue))
                 if window is None:
                     window = m.lags[(self.system, queue)] = LagWindow()
-                window.add(lag, now)
+                window.add(lag, started)
         if self.tracer is not None:
             # Runs in the job's own task, where its consumer span is the current one.
             span = trace.get_current_span()

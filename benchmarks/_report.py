@@ -213,10 +213,28 @@ def summarize(records: list[Record]) -> list[Row]:
     return [r for r in rows if r is not None]
 
 
+def _paired_ratio(
+    records: list[Record], workload: str, side: str, value: Callable[[Record], float]
+) -> float | None:
+    """The median over repeats of side / plain aioworkers within each repeat: a slow
+    stretch of the machine then weighs on both terms of a ratio, not on one median."""
+    by_rep: dict[int, dict[str, float]] = {}
+    for r in records:
+        if r["workload"] == workload and not r["error"] and r["side"] in (side, "aioworkers"):
+            by_rep.setdefault(r["rep"], {})[r["side"]] = value(r)
+    ratios = [
+        pair[side] / pair["aioworkers"]
+        for pair in by_rep.values()
+        if side in pair and pair.get("aioworkers")
+    ]
+    return statistics.median(ratios) if ratios else None
+
+
 def summarize_otel(records: list[Record], modes: dict[str, str]) -> list[Row]:
     """For each OpenTelemetry side (``modes``: side name -> --otel mode) that ran, and W0
     and W1: medians, their ratios to the plain aioworkers side of the same run, and the
-    throughput overhead ``1 - jobs/s ratio`` against the issue's target (W1)."""
+    throughput overhead ``1 - jobs/s ratio`` against the issue's target (W1). Ratios are
+    medians of the per-repeat ratios."""
     ran = {r["side"] for r in records}
     rows = []
     for workload, label in OTEL_WORKLOADS.items():
@@ -229,8 +247,8 @@ def summarize_otel(records: list[Record], modes: dict[str, str]) -> list[Row]:
                 continue
             rate = _median(records, workload, side, _rate, 0)
             cpu = _median(records, workload, side, _cpu_us, 0)
-            rate_ratio = rate / base_rate if base_rate and rate is not None else None
-            cpu_ratio = cpu / base_cpu if base_cpu and cpu is not None else None
+            rate_ratio = _paired_ratio(records, workload, side, _rate)
+            cpu_ratio = _paired_ratio(records, workload, side, _cpu_us)
             overhead = None if rate_ratio is None else 1 - rate_ratio
             limit = OTEL_OVERHEAD_TARGET[mode] if workload == "W1" else None
             rows.append(
@@ -310,7 +328,8 @@ def _otel_markdown(rows: list[Row]) -> list[str]:
         "#### OpenTelemetry overhead",
         "",
         "Each side is aioworkers with OpenTelemetry configured as shown, against the plain "
-        "aioworkers side (no provider) of the same run. Overhead is 1 - jobs/s ratio; "
+        "aioworkers side (no provider) of the same run; jobs/s and CPU columns are medians, "
+        "ratios are medians of the ratios within each repeat. Overhead is 1 - jobs/s ratio; "
         "`off` is aioworkers' own instrumentation disabled, with no provider either.",
         "",
         "| workload | side | SDK providers | jobs/s | aioworkers jobs/s | jobs/s ratio "

@@ -490,8 +490,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         const="all",
         default="",
         metavar="MODES",
-        help="comma-separated subset of off, metrics, traces, all, sampled (bare --otel: all): each "
-        "adds an aioworkers side with that OpenTelemetry configuration, reported as "
+        help="comma-separated subset of off, metrics, traces, all, sampled (bare --otel: "
+        "all): each adds an aioworkers side with that OpenTelemetry configuration, reported as "
         "ratios to the plain aioworkers side",
     )
     args = parser.parse_args(argv)

@@ -40,7 +40,8 @@ class Outcome:
     envelope: Envelope | None
     task: Task[Any, Any] | None
     error: BaseException | None
-    duration: float = 0.0
+    duration: float = 0.0  # seconds the handler ran; 0 if it did not run
+    started_at: float = 0.0  # when it started, epoch seconds
 
 
 # What `Executor.prepare` makes of a delivery: its envelope, task and why it can't run.
@@ -206,6 +207,7 @@ class Executor:
             )
         )
         error: BaseException | None = None
+        started_at = time.time()
         start = time.perf_counter()
         try:
             timeout = task.policy.timeout or self._default_timeout
@@ -228,7 +230,7 @@ class Executor:
             error = JobCancelled()
         except Exception as exc:
             error = exc
-        return Outcome(env, task, error, time.perf_counter() - start)
+        return Outcome(env, task, error, time.perf_counter() - start, started_at)
 
 
 def uncancel() -> None:
