@@ -1,15 +1,17 @@
 """Metric names, attributes and values after a workload whose outcomes are known, on
-real Redis, read with the SDK's in-memory reader."""
+every broker, read with the SDK's in-memory reader."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import aioworkers
 from aioworkers.telemetry import LAG_WINDOW, LagWindow, Telemetry
 
-from .conftest import Otel, make_app
+from .conftest import Backend, Otel
 
 N_OK, M_RETRIED, K_DEAD = 12, 5, 3
 LAG = 0.3
@@ -48,23 +50,23 @@ async def run_workload(app: aioworkers.App) -> tuple[aioworkers.Worker, str]:
     return worker, app.queue
 
 
-async def test_metrics_after_a_known_workload(otel: Otel, redis_url: str) -> None:
-    app = make_app(redis_url)
+async def test_metrics_after_a_known_workload(otel: Otel, backend: Backend) -> None:
+    app = backend.app()
     app.telemetry = otel.telemetry()
     worker, queue = await run_workload(app)
-    system = {"messaging.system": "redis", "messaging.destination.name": queue}
+    system = {"messaging.system": backend.system, "messaging.destination.name": queue}
+    attempts = N_OK + 2 * M_RETRIED + K_DEAD
+    settled = {"ready": 0, "in_flight": 0, "delayed": 0, "dead": K_DEAD}
     await asyncio.sleep(LAG)  # every job waits at least this long before it starts
     async with app, worker:
-        for _ in range(200):
-            if sum(worker.counts.values()) >= N_OK + 2 * M_RETRIED + K_DEAD:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)  # one more depth poll, after the last settle
+        await wait_until(lambda: sum(worker.counts.values()) >= attempts, backend.within)
+        # The gauges read the last depth poll: wait for one after the last settle.
+        await wait_until(lambda: depth_states(otel, system) == settled, 5.0)
         jobs = otel.points("aioworkers.jobs")
-        depth = otel.points("aioworkers.queue.depth")
+        states = depth_states(otel, system)
         in_flight = otel.points("aioworkers.jobs.in_flight")
 
-    assert worker.counts["ok"] == N_OK + M_RETRIED
+    assert dict(worker.counts) == {"ok": N_OK + M_RETRIED, "retried": M_RETRIED, "dead": K_DEAD}
     assert total(jobs, **system, **{"aioworkers.job.outcome": "ok"}) == N_OK + M_RETRIED
     assert total(jobs, **{"aioworkers.task.name": "fine", "aioworkers.job.outcome": "ok"}) == N_OK
     assert total(jobs, **{"aioworkers.task.name": "flaky", "aioworkers.job.outcome": "ok"}) == (
@@ -73,11 +75,12 @@ async def test_metrics_after_a_known_workload(otel: Otel, redis_url: str) -> Non
     assert total(jobs, **system, **{"aioworkers.job.outcome": "retried"}) == M_RETRIED
     assert total(jobs, **system, **{"aioworkers.job.outcome": "dead"}) == K_DEAD
     assert {p.attributes["aioworkers.job.outcome"] for p in jobs} == {"ok", "retried", "dead"}
+    assert total(jobs) == attempts
 
-    attempts = N_OK + 2 * M_RETRIED + K_DEAD
     durations = otel.points("messaging.process.duration")
     assert sum(p.count for p in durations) == attempts
     assert all(p.attributes["messaging.operation.name"] == "process" for p in durations)
+    assert all(p.attributes["messaging.system"] == backend.system for p in durations)
     (fine,) = by(durations, **{"aioworkers.task.name": "fine"})
     assert "error.type" not in fine.attributes
     assert fine.count == N_OK
@@ -94,9 +97,22 @@ async def test_metrics_after_a_known_workload(otel: Otel, redis_url: str) -> Non
         total(sent, **system, **{"messaging.operation.name": "send"}) == N_OK + M_RETRIED + K_DEAD
     )
 
-    states = {p.attributes["aioworkers.queue.state"]: p.value for p in by(depth, **system)}
-    assert states == {"ready": 0, "in_flight": 0, "delayed": 0, "dead": K_DEAD}
+    assert states == settled
     assert [p.value for p in by(in_flight, **system)] == [0]
+
+
+async def wait_until(condition: Callable[[], bool], within: float) -> None:
+    """Poll ``condition`` until it holds or ``within`` seconds passed: the caller asserts."""
+    deadline = time.monotonic() + within
+    while True:
+        if condition() or time.monotonic() >= deadline:
+            return
+        await asyncio.sleep(0.05)
+
+
+def depth_states(otel: Otel, system: dict[str, str]) -> dict[str, int]:
+    depth = by(otel.points("aioworkers.queue.depth"), **system)
+    return {p.attributes["aioworkers.queue.state"]: int(p.value) for p in depth}
 
 
 async def test_lease_extensions_are_counted(otel: Otel, redis_url: str) -> None:
@@ -135,9 +151,9 @@ async def test_a_provider_passed_in_turns_telemetry_on(otel: Otel) -> None:
 
 
 async def test_depth_gauges_hold_the_last_poll_after_a_burst_run(
-    otel: Otel, redis_url: str
+    otel: Otel, backend: Backend
 ) -> None:
-    app = make_app(redis_url)
+    app = backend.app()
     # The default interval: the only polls are the first one and the one at stop.
     app.telemetry = otel.telemetry(depth_interval=15.0)
 
