@@ -33,7 +33,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextvars import Token
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -458,13 +459,13 @@ class WorkerTelemetry:
 
     # -- traces -------------------------------------------------------------------------
 
-    async def traced(
-        self, delivery: Delivery, env: Envelope | None, job: Coroutine[Any, Any, None]
-    ) -> None:
-        """Await ``job`` (the run and settle of one attempt) in its CONSUMER span, the
-        current span meanwhile: a child of the producer span whose context the envelope
-        headers carry (``env`` is None if the body could not be decoded), and the parent
-        of the spans the handler starts."""
+    def start_attempt(
+        self, delivery: Delivery, env: Envelope | None
+    ) -> tuple[trace.Span, Token[otel_context.Context]]:
+        """Start the CONSUMER span of one attempt and make it the current span (the parent
+        of the spans the handler starts): a child of the producer span whose context the
+        envelope headers carry (``env`` is None if the body could not be decoded). Returns
+        the span and the token `end_attempt` takes, in the job's own task."""
         assert self.tracer is not None
         attrs: dict[str, Any] = {
             SYSTEM: self.system,
@@ -482,12 +483,14 @@ class WorkerTelemetry:
         span = self.tracer.start_span(
             f"process {delivery.queue}", context=parent, kind=SpanKind.CONSUMER, attributes=attrs
         )
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
-        try:
-            await job
-        except BaseException as exc:
-            span.record_exception(exc)
-            raise
-        finally:
-            otel_context.detach(token)
-            span.end()
+        return span, otel_context.attach(trace.set_span_in_context(span, parent))
+
+    @staticmethod
+    def end_attempt(
+        span: trace.Span, token: Token[otel_context.Context], error: BaseException | None
+    ) -> None:
+        """End the attempt's span; ``error`` escaped the runtime (a bug or a cancel)."""
+        if error is not None:
+            span.record_exception(error)
+        otel_context.detach(token)
+        span.end()

@@ -256,7 +256,17 @@ class Worker:
         assert self._telemetry is not None
         # Decoded once, here: the span needs the envelope's ids and trace headers.
         prepared = self._executor.prepare(delivery)
-        await self._telemetry.traced(delivery, prepared[0], self._job(delivery, run, prepared))
+        # The span is started and ended here rather than in a wrapper coroutine: each layer
+        # of coroutines costs again every time the job suspends and resumes.
+        span, token = self._telemetry.start_attempt(delivery, prepared[0])
+        error: BaseException | None = None
+        try:
+            await self._job(delivery, run, prepared)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._telemetry.end_attempt(span, token, error)
 
     async def _job(self, delivery: Delivery, run: Run, prepared: Prepared | None = None) -> None:
         run.started = True
