@@ -25,7 +25,8 @@ queue); besides those:
 Per job, the hot path makes one SDK call, the duration histogram's ``record``: counts are
 plain dict increments read by observable counters, and the lag gauge keeps a running
 maximum, because each synchronous instrument call costs the SDK about 10 us. Histograms
-are recorded outside the job's span, so the SDK samples no exemplar for them (20 us more).
+are recorded in a context with no valid span, so the SDK samples no exemplar for them
+(which would cost as much again).
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ FINAL_POLL = 1.0  # seconds a stopping worker waits for its last depth poll
 # The semantic conventions' advice for messaging.process.duration.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
 LAG_WINDOW = 60.0  # the lag gauge reports the longest wait of the last 1-2 windows
-# The context histograms are recorded in: no span, so no exemplar is sampled.
-_NO_SPAN = otel_context.Context()
+# The context histograms are recorded in: an invalid span, so the SDK samples no exemplar
+# (an empty Context is falsy, and the SDK would take the current one instead).
+_NO_SPAN = trace.set_span_in_context(trace.INVALID_SPAN, otel_context.Context())
 
 SYSTEM = "messaging.system"
 DESTINATION = "messaging.destination.name"
@@ -211,8 +213,8 @@ class Metrics:
             "aioworkers.queue.lag",
             [self._observe_lag],
             "s",
-            "Longest time from enqueue (or eta) to the start of an attempt, over the attempts "
-            f"started in the last {LAG_WINDOW:.0f}-{2 * LAG_WINDOW:.0f} s",
+            "Longest time from enqueue (or eta) to the start of a job's first attempt, over "
+            f"the jobs settled in the last {LAG_WINDOW:.0f}-{2 * LAG_WINDOW:.0f} s",
         )
         self.extensions = meter.create_counter(
             "aioworkers.lease.extensions", "{lease}", "Leases extended by the heartbeat"
@@ -265,32 +267,34 @@ class Metrics:
 
 
 class LagWindow:
-    """The longest lag seen in the current window and the one before it: a gauge that
-    any number of readers can collect, at any interval, without resetting it."""
+    """The longest lag seen in the current window of `LAG_WINDOW` seconds and the one
+    before it (windows aligned on the epoch). Only the event loop writes it; readers (the
+    gauge's callback, from any reader's thread) only compute, so a reader collecting at
+    least once a window sees every maximum, however many readers there are."""
 
-    __slots__ = ("current", "previous", "start")
+    __slots__ = ("current", "index", "previous")
 
     def __init__(self) -> None:
-        self.start = time.time()
+        self.index = 0  # the window `current` belongs to
         self.current = 0.0
-        self.previous = 0.0
-
-    def _roll(self, now: float) -> None:
-        if now - self.start >= LAG_WINDOW:
-            ended_just_now = now - self.start < 2 * LAG_WINDOW
-            self.previous = self.current if ended_just_now else 0.0
-            self.current = 0.0
-            self.start = now
+        self.previous = 0.0  # the window before it
 
     def add(self, lag: float, now: float) -> None:
-        if now - self.start >= LAG_WINDOW:
-            self._roll(now)
+        index = int(now // LAG_WINDOW)
+        if index != self.index:
+            self.previous = self.current if index == self.index + 1 else 0.0
+            self.current = 0.0
+            self.index = index
         if lag > self.current:
             self.current = lag
 
     def longest(self, now: float) -> float:
-        self._roll(now)
-        return max(self.current, self.previous)
+        # Read once each: the loop may roll the window meanwhile.
+        index, current, previous = self.index, self.current, self.previous
+        behind = int(now // LAG_WINDOW) - index
+        if behind <= 0:
+            return max(current, previous)
+        return current if behind == 1 else 0.0
 
 
 class Producer:
@@ -406,12 +410,15 @@ class WorkerTelemetry:
                     outcome.duration, self._labels("process", queue, task, error_type), _NO_SPAN
                 )
                 env = outcome.envelope
-                started = outcome.started_at
-                lag = started - max(env.enqueued_at, env.eta or 0) / 1000
-                window = m.lags.get((self.system, queue))
-                if window is None:
-                    window = m.lags[(self.system, queue)] = LagWindow()
-                window.add(lag, started)
+                if env.attempt == 1 and delivery.count == 1:
+                    # Fresh jobs only: a retry's or redelivery's wait includes its backoff
+                    # or the lapsed lease, which says nothing about the queue's backlog.
+                    started = outcome.started_at
+                    lag = started - max(env.enqueued_at, env.eta or 0) / 1000
+                    window = m.lags.get((self.system, queue))
+                    if window is None:
+                        window = m.lags[(self.system, queue)] = LagWindow()
+                    window.add(lag, started)
         if self.tracer is not None:
             # Runs in the job's own task, where its consumer span is the current one.
             span = trace.get_current_span()

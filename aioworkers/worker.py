@@ -254,11 +254,17 @@ class Worker:
 
     async def _traced_job(self, delivery: Delivery, run: Run) -> None:
         assert self._telemetry is not None
-        # Decoded once, here: the span needs the envelope's ids and trace headers.
-        prepared = self._executor.prepare(delivery)
+        try:
+            # Decoded once, here: the span needs the envelope's ids and trace headers.
+            prepared = self._executor.prepare(delivery)
+            span, token = self._telemetry.start_attempt(delivery, prepared[0])
+        except Exception:
+            # A failing propagator or sampler must not cost the job (or its slot).
+            log.exception("could not start the span of %r; running it untraced", delivery)
+            await self._job(delivery, run)
+            return
         # The span is started and ended here rather than in a wrapper coroutine: each layer
         # of coroutines costs again every time the job suspends and resumes.
-        span, token = self._telemetry.start_attempt(delivery, prepared[0])
         error: BaseException | None = None
         try:
             await self._job(delivery, run, prepared)
@@ -267,6 +273,7 @@ class Worker:
             raise
         finally:
             self._telemetry.end_attempt(span, token, error)
+            error = None  # no reference cycle through the traceback
 
     async def _job(self, delivery: Delivery, run: Run, prepared: Prepared | None = None) -> None:
         run.started = True

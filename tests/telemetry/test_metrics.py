@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 import aioworkers
 from aioworkers.telemetry import LAG_WINDOW, LagWindow, Telemetry
 
@@ -178,13 +180,138 @@ async def test_depth_gauges_hold_the_last_poll_after_a_burst_run(
 
 def test_the_lag_gauge_holds_the_longest_wait_of_the_last_windows() -> None:
     window = LagWindow()
-    t0 = window.start
+    t0 = 1000 * LAG_WINDOW  # the start of a window
     window.add(0.5, t0)
     window.add(2.0, t0 + 1)
     window.add(1.0, t0 + 2)
     assert window.longest(t0 + 3) == 2.0
-    assert window.longest(t0 + 3) == 2.0  # reading it resets nothing
+    assert window.longest(t0 + 3) == 2.0  # reading it changes nothing
     window.add(0.1, t0 + LAG_WINDOW + 1)  # a new window: the last one still counts
     assert window.longest(t0 + LAG_WINDOW + 2) == 2.0
     assert window.longest(t0 + 2 * LAG_WINDOW + 2) == 0.1  # the 2.0 window is over
-    assert window.longest(t0 + 5 * LAG_WINDOW) == 0.0  # nothing started for a while
+    assert window.longest(t0 + 5 * LAG_WINDOW) == 0.0  # nothing settled for a while
+    window.add(7.0, t0 + 5 * LAG_WINDOW)  # after a gap: the old windows are gone
+    assert window.longest(t0 + 5 * LAG_WINDOW + 1) == 7.0
+    assert window.previous == 0.0
+
+
+def test_a_reader_once_a_window_sees_every_maximum() -> None:
+    # A reader collecting every LAG_WINDOW seconds, at any phase, with no job after the
+    # spike to roll the window: the spike is still reported once.
+    for phase in (0.0, 0.3, 0.999):
+        window = LagWindow()
+        t0 = 1000 * LAG_WINDOW
+        window.add(1.0, t0)
+        reads = [t0 + (phase + k) * LAG_WINDOW for k in range(4)]
+        assert window.longest(reads[0]) == 1.0
+        window.add(70.0, reads[0] + 0.001)  # just after a read
+        seen = [window.longest(read) for read in reads[1:]]
+        assert seen[0] == 70.0, (phase, seen)
+        assert seen[-1] == 0.0, (phase, seen)  # and gone once its windows are over
+
+
+def test_a_reader_never_changes_the_window() -> None:
+    window = LagWindow()
+    window.add(3.0, 1000 * LAG_WINDOW)
+    before = (window.index, window.current, window.previous)
+    window.longest(1010 * LAG_WINDOW)
+    assert (window.index, window.current, window.previous) == before
+
+
+async def test_durations_carry_no_exemplar_even_inside_a_traced_job(otel: Otel) -> None:
+    # An exemplar per record costs as much again as the record; the job's span is current
+    # when the duration is recorded, so only the explicit context keeps the SDK off it.
+    app = aioworkers.App("memory://", queue="exemplars")
+    app.telemetry = otel.telemetry()
+
+    @app.task
+    async def fine() -> None:
+        pass
+
+    await app.enqueue_many(fine.call() for _ in range(3))
+    async with app:
+        await app.worker().run(burst=True)
+    (point,) = otel.points("messaging.process.duration")
+    assert point.count == 3
+    assert len(otel.finished()) == 6  # the spans were recorded: 3 producer, 3 consumer
+    assert list(point.exemplars) == []
+
+
+async def test_enabled_false_records_nothing_whatever_the_providers(otel: Otel) -> None:
+    app = aioworkers.App("memory://", queue="disabled")
+    app.telemetry = Telemetry(
+        meter_provider=otel.meter_provider, tracer_provider=otel.tracer_provider, enabled=False
+    )
+    assert app.telemetry.for_worker("memory", list) is None
+    assert app.telemetry.producer("memory") is None
+    assert repr(app.telemetry) == "<Telemetry off>"
+    done = []
+
+    @app.task
+    async def fine() -> None:
+        done.append(1)
+
+    await fine.enqueue()
+    async with app:
+        await app.worker().run(burst=True)
+    assert done == [1]
+    assert otel.points("aioworkers.jobs") == []
+    assert otel.points("messaging.process.duration") == []
+    assert otel.finished() == []
+
+
+async def test_the_lag_gauge_counts_fresh_jobs_only(otel: Otel) -> None:
+    # A retry's wait includes its backoff: it must not read as a backlog.
+    app = aioworkers.App("memory://", queue="lagged")
+    app.telemetry = otel.telemetry()
+    attempts = []
+
+    @app.task(retries=1, backoff=0)
+    async def flaky() -> None:
+        attempts.append(aioworkers.current_job().attempt)
+        if len(attempts) == 1:
+            raise RuntimeError("first attempt fails")
+
+    original = time.time()
+    await flaky.enqueue()
+    async with app:
+        worker = app.worker(poll=0.05)
+        async with worker:
+            for _ in range(100):
+                if len(attempts) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.1)
+    assert attempts == [1, 2]
+    (lag,) = otel.points("aioworkers.queue.lag")
+    assert 0 <= lag.value < 0.5  # the first attempt's wait only
+    metrics = Telemetry(meter_provider=otel.meter_provider).metrics()
+    assert metrics is not None
+    (window,) = metrics.lags.values()
+    assert window.current == lag.value
+    assert time.time() - original < 10
+
+
+async def test_a_failing_span_start_runs_the_job_untraced(
+    otel: Otel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = aioworkers.App("memory://", queue="brokenspan")
+    app.telemetry = otel.telemetry()
+    done = []
+
+    @app.task
+    async def fine() -> None:
+        done.append(1)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a broken sampler")
+
+    await app.enqueue_many(fine.call() for _ in range(3))
+    worker = app.worker(concurrency=1)
+    assert worker._telemetry is not None
+    monkeypatch.setattr(worker._telemetry, "start_attempt", broken)
+    async with app:
+        await worker.run(burst=True)
+    assert done == [1, 1, 1]
+    assert worker.counts == {"ok": 3}
+    assert len(worker._inflight) == 0
