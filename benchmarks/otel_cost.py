@@ -7,8 +7,8 @@
 Why instructions: wall-clock and CPU-time figures on a shared 2-core machine move by
 about 10 % between identical runs, so `run.py --otel` cannot resolve a difference of a
 few percent. ``valgrind --tool=callgrind`` counts the instructions a process executes,
-which is (nearly) deterministic: identical runs differ by ~0.003 %, loaded machine or
-not (about 250 instructions/job with the sizes 200 jobs apart, 25 with 2,000). It counts
+which is (nearly) deterministic: identical runs agree to ~0.2 %, loaded machine or
+not (a few hundred instructions/job with the sizes 2,000 jobs apart). It counts
 user space only, of the worker process and all its threads (the batch span processor's
 exporter thread included): the Redis server and the kernel's work for the worker's
 syscalls are not counted. That is what we want here, since every cost of telemetry is
