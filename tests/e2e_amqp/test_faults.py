@@ -18,17 +18,24 @@ EMPTY = QueueDepth()
 
 
 async def test_sigkill_mid_run_loses_nothing(e2e: AmqpE2E) -> None:
-    ids = await e2e.enqueue(300, seconds=0.02, task="once")
+    ids = await e2e.enqueue(300, seconds=0.02, task="once", track=True)
     # The idempotency claims the victim held block their jobs for one lease: keep it short.
     victim = await e2e.start_worker(concurrency=20, visibility=2)
     survivor = await e2e.start_worker(concurrency=20, visibility=2)
     await e2e.wait_done(60, within=20)
     victim.signal(signal.SIGKILL)  # mid-run: it holds running and prefetched jobs
+    assert await victim.wait(10) == -signal.SIGKILL
 
     await e2e.wait_done(len(ids), within=30)
     ledger = await e2e.ledger()
     assert ledger.done == set(ids)
-    assert ledger.duplicates == {}
+    # The key is committed one store round trip after the effect: a job the victim killed
+    # in that gap runs again once its claim lapses. Only those, once more each, at most
+    # one per slot of the victim; every other job of the victim is skipped or resumed.
+    by_victim = set(ledger.started_by(victim.pid))
+    assert set(ledger.duplicates) <= by_victim
+    assert set(ledger.duplicates.values()) <= {2}
+    assert len(ledger.duplicates) <= 20
     await e2e.wait_depth(EMPTY)
     assert survivor.alive
 
