@@ -9,6 +9,7 @@ without retries.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -51,7 +52,8 @@ def now_ms() -> int:
 
 
 def encode(env: Envelope) -> bytes:
-    """Serialize; raises ``TypeError`` if an argument is not JSON-serializable."""
+    """Serialize; raises ``TypeError`` if an argument is not JSON-serializable and
+    ``ValueError`` if it holds a NaN or infinite float (JSON has neither)."""
     doc: dict[str, Any] = {
         "v": VERSION,
         "id": env.id,
@@ -68,9 +70,33 @@ def encode(env: Envelope) -> bytes:
     if env.headers:
         doc["headers"] = env.headers
     try:
-        return orjson.dumps(doc)
+        body = orjson.dumps(doc)
     except orjson.JSONEncodeError as exc:
         raise TypeError(f"job arguments must be JSON-serializable: {exc}") from None
+    # orjson writes NaN and infinities as null: the handler would get None silently. Only
+    # a body with a null in it can hold one, so the walk costs nothing for most jobs.
+    if b"null" in body:
+        where = _non_finite(env.args, "args") or _non_finite(env.kwargs, "kwargs")
+        if where is not None:
+            raise ValueError(f"job arguments must be finite numbers: {where} is not")
+    return body
+
+
+def _non_finite(value: Any, path: str) -> str | None:
+    """Where in ``value`` a NaN or infinite float is, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} ({value!r})"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _non_finite(v, f"{path}[{k!r}]")
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = _non_finite(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def decode(body: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Envelope:

@@ -131,6 +131,9 @@ async def test_enqueue_with_bad_arguments_raises_at_the_producer(
     # Arguments that cannot travel as JSON fail at the producer too.
     with pytest.raises(TypeError):
         await send.enqueue(object())  # type: ignore[arg-type]
+    # NaN would arrive as None: refused, in a batch too.
+    with pytest.raises(ValueError, match="finite"):
+        await app.enqueue_many([send.call("a"), Call("send", ("a",), {"subject": float("nan")})])
     assert faulty.count("publish") == 0
     assert await app.stats() == QueueDepth()
 

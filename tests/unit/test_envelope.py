@@ -111,6 +111,29 @@ def test_encode_rejects_non_json_kwargs_with_type_error() -> None:
         encode(Envelope(id="a1", task="t", args=[], kwargs={"when": object()}))
 
 
+@pytest.mark.parametrize(
+    ("args", "kwargs", "where"),
+    [
+        pytest.param([float("nan")], {}, "args[0] (nan)", id="nan"),
+        pytest.param([1, [2.0, float("inf")]], {}, "args[1][1] (inf)", id="inf-nested"),
+        pytest.param([None], {"p": {"x": -float("inf")}}, "kwargs['p']['x'] (-inf)", id="kwargs"),
+        pytest.param([(0.5, float("nan"))], {}, "args[0][1] (nan)", id="tuple"),
+    ],
+)
+def test_encode_rejects_nan_and_infinity_instead_of_sending_null(
+    args: list[Any], kwargs: dict[str, Any], where: str
+) -> None:
+    with pytest.raises(ValueError, match="finite") as info:
+        encode(Envelope(id="a1", task="t", args=args, kwargs=kwargs))
+    assert where in str(info.value)
+
+
+def test_encode_keeps_real_nulls_and_finite_floats() -> None:
+    env = Envelope(id="a1", task="t", args=[None, 1.5, "null"], kwargs={"null": [None, -0.0]})
+    back = decode(encode(env))
+    assert (back.args, back.kwargs) == ([None, 1.5, "null"], {"null": [None, -0.0]})
+
+
 def test_unknown_extra_fields_are_tolerated() -> None:
     body = dumps(valid_doc(future_field={"anything": [1, 2]}, trace="x"))
     env = decode(body)
