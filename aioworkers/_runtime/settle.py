@@ -58,7 +58,8 @@ class Settler:
     ) -> None:
         self._broker = broker
         self._telemetry = telemetry
-        self._acks: list[tuple[Delivery, asyncio.Future[None]]] = []
+        # Each ack's future says whether the broker took it (False: the lease was lost).
+        self._acks: list[tuple[Delivery, asyncio.Future[bool]]] = []
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
         self._max_batch = max_ack_batch
@@ -86,12 +87,13 @@ class Settler:
         broker = self._broker
         match decision:
             case c.Ack(outcome=counted_as):
-                acked = asyncio.get_running_loop().create_future()
+                acked: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
                 self._acks.append((delivery, acked))
                 self._wake.set()
                 # Held (slot and lease) until the broker has the ack: a lease that lapsed
                 # while the ack waited would hand a finished job to another worker.
-                await acked
+                if not await acked:
+                    raise LeaseLost(f"{delivery!r} was not acked")
                 self.count(counted_as, delivery, outcome)
             case c.RetryLater(delay=delay):
                 assert outcome.envelope is not None
@@ -134,12 +136,16 @@ class Settler:
             while self._acks:
                 batch = self._acks[: self._max_batch]
                 del self._acks[: self._max_batch]
+                lost: list[Delivery] = []
                 try:
-                    await with_backoff(partial(self._broker.ack, [d for d, _ in batch]), "ack")
+                    lost = await with_backoff(
+                        partial(self._broker.ack, [d for d, _ in batch]), "ack"
+                    )
                 finally:
-                    for _, acked in batch:
+                    refused = {id(d) for d in lost}
+                    for d, acked in batch:
                         if not acked.done():
-                            acked.set_result(None)
+                            acked.set_result(id(d) not in refused)
 
     @property
     def pending_acks(self) -> int:

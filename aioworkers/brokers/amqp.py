@@ -442,19 +442,21 @@ class AmqpBroker:
 
     async def _settle_raw(
         self, message: DeliveredMessage, gen: int, *, requeue: bool | None, wait: bool = True
-    ) -> None:
+    ) -> bool:
         """Ack (``requeue=None``) or nack a message, only on the channel it came from;
-        ``wait=False`` queues the frame without waiting for it to be written."""
+        ``wait=False`` queues the frame without waiting for it to be written. False if
+        the channel is gone (RabbitMQ requeues what it held)."""
         ch = self._con
         if gen != self._gen or ch is None or ch.is_closed:
-            return  # RabbitMQ requeued it with its channel: never settle it on another
-        with contextlib.suppress(
-            mqexc.AMQPError, mqexc.ChannelInvalidStateError, OSError, RuntimeError
-        ):
+            return False  # RabbitMQ requeued it with its channel: never settle it on another
+        try:
             if requeue is None:
                 await ch.basic_ack(_tag(message), wait=wait)
             else:
                 await ch.basic_nack(_tag(message), requeue=requeue, wait=wait)
+        except (mqexc.AMQPError, mqexc.ChannelInvalidStateError, OSError, RuntimeError):
+            return False
+        return True
 
     async def _hand_back(
         self, items: Sequence[tuple[DeliveredMessage, int, str]], gen: int
@@ -537,13 +539,22 @@ class AmqpBroker:
         if items:
             await self._hand_back(items, c.gen)
 
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        owned = [h for d in deliveries if (h := self._owned(d)) is not None]
-        for i, h in enumerate(owned):
+    async def ack(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        lost: list[Delivery] = []
+        owned: list[tuple[Delivery, _Held]] = []
+        for d in deliveries:
+            h = self._owned(d)
+            if h is None:
+                lost.append(d)
+            else:
+                owned.append((d, h))
+        for i, (d, h) in enumerate(owned):
             self._held.discard(h)
             # One basic.ack per delivery (never multiple=True: an earlier tag on this
             # channel may still be running); only the batch's last waits for the write.
-            await self._settle_raw(h.message, h.gen, requeue=None, wait=i == len(owned) - 1)
+            if not await self._settle_raw(h.message, h.gen, requeue=None, wait=i == len(owned) - 1):
+                lost.append(d)  # its channel closed: RabbitMQ requeued it
+        return lost
 
     async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:
         await self._expire()

@@ -81,8 +81,9 @@ class Broker(Protocol):
         other workers get it. A later `fetch` starts again. Pull-only brokers do nothing."""
         ...
 
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Remove finished deliveries. Deliveries whose lease was lost are skipped."""
+    async def ack(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        """Remove finished deliveries; returns those skipped because their lease was lost
+        (another worker may hold them now)."""
         ...
 
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> None:

@@ -146,10 +146,14 @@ class MemoryBroker:
     async def stop_fetching(self, queue: str) -> None:
         """Nothing to hand back: entries are only read on `fetch`."""
 
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+    async def ack(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        lost = []
         for d in deliveries:
-            if self._owned(d) is not None:
+            if self._owned(d) is None:
+                lost.append(d)
+            else:
                 del self._q(d.queue).leases[d.message_id]
+        return lost
 
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> None:
         if self._owned(delivery) is None:

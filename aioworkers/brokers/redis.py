@@ -43,19 +43,21 @@ local function now_ms()
 end
 """
 
-# KEYS: stream. ARGV: group, consumer, id1, count1, ... -> number acked
+# KEYS: stream. ARGV: group, consumer, id1, count1, ...
+# -> 0-based positions of the pairs whose lease is lost (not acked)
 _ACK = (
     _OWNED
     + """
-local n = 0
+local lost = {}
 for i = 3, #ARGV, 2 do
   if owned(KEYS[1], ARGV[1], ARGV[2], ARGV[i], ARGV[i + 1]) then
     redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
     redis.call('XDEL', KEYS[1], ARGV[i])
-    n = n + 1
+  else
+    table.insert(lost, (i - 3) / 2)
   end
 end
-return n
+return lost
 """
 )
 
@@ -397,12 +399,19 @@ class RedisBroker:
     async def stop_fetching(self, queue: str) -> None:
         """Nothing to hand back: entries are only read on `fetch`."""
 
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+    async def ack(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        lost: list[Delivery] = []
         for queue, group in _by_queue(deliveries).items():
             stream = self.keys(queue).stream
             for start in range(0, len(group), _CHUNK):
-                with contextlib.suppress(LeaseLost):  # not ours any more: nothing to ack
-                    await self._owned_call(self._ack, [stream], group[start : start + _CHUNK])
+                chunk = group[start : start + _CHUNK]
+                try:
+                    positions = await self._owned_call(self._ack, [stream], chunk)
+                except LeaseLost:  # not ours any more: nothing to ack
+                    lost.extend(chunk)
+                    continue
+                lost.extend(chunk[int(i)] for i in positions)
+        return lost
 
     async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:
         # XCLAIM resets the idle time to 0 and reclaimers take entries idle longer than

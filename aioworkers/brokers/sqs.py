@@ -468,7 +468,10 @@ class SqsBroker:
         if q is not None and q.held.get(d.message_id) is lease:
             del q.held[d.message_id]
 
-    async def _delete(self, queue: str, url: str, leases: list[Lease]) -> None:
+    async def _delete(self, queue: str, url: str, leases: list[Lease]) -> list[Lease]:
+        """Delete by receipt handle; returns the leases SQS refused as invalid."""
+        refused: list[Lease] = []
+
         async def batch(chunk: list[Lease]) -> None:
             pending = {str(i): lease for i, lease in enumerate(chunk)}
             for attempt in range(5):
@@ -483,25 +486,34 @@ class SqsBroker:
                 for ok in reply.get("Successful") or []:
                     pending.pop(ok["Id"], None)
                 for failed in reply.get("Failed") or []:
-                    if failed.get("SenderFault"):
+                    if failed.get("SenderFault") and failed["Id"] in pending:
                         # The handle is invalid (the message is gone or no longer ours).
-                        pending.pop(failed["Id"], None)
+                        refused.append(pending.pop(failed["Id"]))
                 if not pending:
                     return
                 await asyncio.sleep(0.05 * 2**attempt)
             raise BrokerUnavailable(f"sqs delete: {len(pending)} entries failed")
 
         await asyncio.gather(*(batch(c) for c in _chunks(leases, MAX_BATCH)))
+        return refused
 
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+    async def ack(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        # SQS may accept an outdated receipt handle: only a lapsed lease this process
+        # knows of, or a handle SQS refuses, is reported lost.
+        lost: list[Delivery] = []
         for queue, group in _by_queue(deliveries).items():
-            mine = [d for d in group if self._owned(d)]
+            mine: list[Delivery] = []
+            for d in group:
+                (mine if self._owned(d) else lost).append(d)
             if not mine:
                 continue
             q = await self._need(queue)
-            await self._delete(queue, q.url, [_lease(d) for d in mine])
+            refused = set(await self._delete(queue, q.url, [_lease(d) for d in mine]))
             for d in mine:
                 self._settled(d)
+                if _lease(d) in refused:
+                    lost.append(d)
+        return lost
 
     async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:
         lost: list[Delivery] = []

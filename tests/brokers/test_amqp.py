@@ -94,7 +94,7 @@ async def test_deliveries_of_a_closed_channel_are_dropped_not_acked_on_the_new_o
 
     # The stale delivery is never acked (its tag means another message on the new channel,
     # or closes it): ack and release do nothing, extend reports it, retry refuses.
-    await broker.ack([old])
+    assert await broker.ack([old]) == [old]
     await broker.release([old])
     assert await broker.extend([old, new], visibility=30) == [old]
     with pytest.raises(LeaseLost):

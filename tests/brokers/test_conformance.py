@@ -61,7 +61,7 @@ async def test_publish_fetch_ack_batch(broker: Broker, case: BrokerCase, queue: 
     assert all(d.count == 1 for d in got)
     await wait_depth(broker, queue, QueueDepth(in_flight=7))
 
-    await broker.ack(got)
+    assert await broker.ack(got) == []  # all acked
     await wait_depth(broker, queue, EMPTY)
 
 
@@ -303,7 +303,7 @@ async def test_a_stale_delivery_cannot_touch_the_new_owner(
         await broker.retry(stale, body=b"stale retry", delay=0)
     with pytest.raises(LeaseLost):
         await broker.dead_letter(stale, letter())
-    await broker.ack([stale])
+    assert await broker.ack([stale]) == [stale]  # not acked, and said so
     await broker.release([stale])
 
     # The owner still holds it; nothing was added, dead-lettered or made visible.
@@ -312,7 +312,7 @@ async def test_a_stale_delivery_cannot_touch_the_new_owner(
     assert await broker.fetch(queue, max_messages=10, wait=0.2) == []
     assert await broker.extend([owner], visibility=case.visibility) == []
 
-    await broker.ack([owner])
+    assert await broker.ack([owner]) == []
     await wait_depth(broker, queue, EMPTY)
 
 

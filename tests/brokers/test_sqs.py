@@ -130,7 +130,7 @@ async def test_a_lapsed_lease_is_fenced_across_processes(sqs: SqsBroker) -> None
         assert await other.extend([owner], visibility=10) == []
 
         assert await sqs.extend([stale], visibility=10) == [stale]
-        await sqs.ack([stale])
+        assert await sqs.ack([stale]) == [stale]
         await sqs.release([stale])
         with pytest.raises(LeaseLost):
             await sqs.retry(stale, body=b"x", delay=0)

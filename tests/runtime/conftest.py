@@ -144,8 +144,9 @@ class FaultyBroker:
     async def stop_fetching(self, queue: str) -> None:
         await self._call("stop_fetching", self.inner.stop_fetching, queue)
 
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        await self._call("ack", self.inner.ack, list(deliveries))
+    async def ack(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        lost: list[Delivery] = await self._call("ack", self.inner.ack, list(deliveries))
+        return lost
 
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> None:
         await self._call("retry", self.inner.retry, delivery, body=body, delay=delay)

@@ -139,6 +139,34 @@ async def test_lease_taken_by_another_consumer_is_never_acked(make_app: MakeApp)
     assert decode(theirs.body).id == job_id
 
 
+async def test_an_ack_the_broker_refuses_is_counted_as_lease_lost_not_ok(
+    app_and_broker: tuple[App, FaultyBroker],
+) -> None:
+    app, faulty = app_and_broker
+    gate = asyncio.Event()
+    runs: list[int] = []
+
+    @app.task
+    async def finishes_late() -> None:
+        runs.append(1)
+        await gate.wait()
+
+    await finishes_late.enqueue()
+    async with app.worker(concurrency=1, poll=POLL) as worker:
+        await wait_until(lambda: runs == [1], what="the job to start")
+        (mine,) = faulty.calls_of("fetch", ok=True)[0].result
+        # The lease moves to another consumer between two heartbeats.
+        await faulty.inner.release([mine])
+        (theirs,) = await faulty.inner.fetch("default", max_messages=1, wait=0)
+        gate.set()
+        await wait_until(lambda: worker.in_flight == 0, what="the run to be settled")
+
+    assert faulty.calls_of("ack", ok=True)[0].result == [mine]  # the broker refused it
+    assert worker.counts == {"lease_lost": 1}
+    assert await app.stats() == QueueDepth(in_flight=1)  # still the new owner's
+    await faulty.inner.ack([theirs])
+
+
 async def test_lost_lease_of_a_failed_job_is_not_retried_over_the_new_owner(
     app_and_broker: tuple[App, FaultyBroker],
 ) -> None:
