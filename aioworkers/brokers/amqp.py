@@ -597,19 +597,9 @@ class AmqpBroker:
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         h = self._must_own(delivery)
         await self._ensure(delivery.queue)
-        fields: dict[str, Any] = {
-            ENTRY: uuid.uuid4().hex,
-            "id": letter.id,
-            "task": letter.task,
-            "reason": letter.reason,
-            "error": letter.error,
-            "error_type": letter.error_type,
-            "traceback": letter.traceback,
-            "attempts": letter.attempts,
-            # As text: the AMQP float header is single precision.
-            "dead_at": repr(letter.dead_at or time.time()),
-        }
-        headers = {k: v for k, v in fields.items() if v is not None}
+        headers: dict[str, Any] = {ENTRY: uuid.uuid4().hex, **letter.facts()}
+        # As text: the AMQP float header is single precision.
+        headers["dead_at"] = repr(headers["dead_at"])
         await self._replace(h, f"{delivery.queue}.dead", self._new(delivery.body, headers))
 
     # -- introspection ----------------------------------------------------------------------
@@ -695,16 +685,6 @@ class AmqpBroker:
 def _dead_letter(queue: str, message: DeliveredMessage) -> DeadLetter:
     h = _headers(message)
     entry_id = _text(h.get(ENTRY)) or (message.header.properties.message_id or "")
-    return DeadLetter(
-        id=_text(h.get("id")) or entry_id,
-        task=_text(h.get("task")),
-        reason=_text(h.get("reason")) or "unknown",
-        error=_text(h.get("error")),
-        attempts=int(h.get("attempts", 1)),
-        error_type=_text(h.get("error_type")),
-        traceback=_text(h.get("traceback")),
-        dead_at=float(_text(h.get("dead_at")) or 0.0),
-        queue=queue,
-        entry_id=entry_id,
-        body=message.body,
+    return DeadLetter.from_facts(
+        lambda name: _text(h.get(name)), queue=queue, entry_id=entry_id, body=message.body
     )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import time
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -59,6 +60,48 @@ class DeadLetter:
     queue: str = ""
     entry_id: str = ""
     body: bytes = b""
+
+    def facts(self) -> dict[str, str | int | float]:
+        """What a broker stores beside the body, by name: the fields that are set, with
+        ``dead_at`` stamped now if it is not. `from_facts` reads them back."""
+        facts = {
+            "id": self.id,
+            "task": self.task,
+            "reason": self.reason,
+            "error": self.error,
+            "error_type": self.error_type,
+            "traceback": self.traceback,
+            "attempts": self.attempts,
+            "dead_at": self.dead_at or time.time(),
+        }
+        return {name: value for name, value in facts.items() if value is not None}
+
+    @classmethod
+    def from_facts(
+        cls,
+        get: Callable[[str], str | None],
+        *,
+        queue: str,
+        entry_id: str,
+        body: bytes,
+        dead_at: float = 0.0,
+    ) -> DeadLetter:
+        """The letter whose `facts` ``get`` returns as text by name (None if missing);
+        ``dead_at`` is used when the store has none."""
+        stamped = get("dead_at")
+        return cls(
+            id=get("id") or entry_id,
+            task=get("task"),
+            reason=get("reason") or "unknown",
+            error=get("error"),
+            attempts=int(float(get("attempts") or 1)),
+            error_type=get("error_type"),
+            traceback=get("traceback"),
+            dead_at=float(stamped) if stamped else dead_at,
+            queue=queue,
+            entry_id=entry_id,
+            body=body,
+        )
 
 
 @runtime_checkable

@@ -449,18 +449,8 @@ class RedisBroker:
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         k = self.keys(delivery.queue)
-        fields: dict[str, Any] = {
-            "b": delivery.body,
-            "id": letter.id,
-            "task": letter.task,
-            "reason": letter.reason,
-            "error": letter.error,
-            "error_type": letter.error_type,
-            "traceback": letter.traceback,
-            "attempts": letter.attempts,
-            "dead_at": letter.dead_at or time.time(),
-        }
-        extra = [x for name, value in fields.items() if value is not None for x in (name, value)]
+        fields: dict[str, Any] = {"b": delivery.body, **letter.facts()}
+        extra = [x for name, value in fields.items() for x in (name, value)]
         done = await self._owned_call(self._dead, [k.stream, k.dead], [delivery], extra)
         if not done:
             raise LeaseLost(f"{delivery!r} is no longer held by {self.consumer}")
@@ -589,16 +579,4 @@ def _dead_letter(queue: str, entry_id: str, raw: dict[bytes, bytes]) -> DeadLett
         value = f.get(name)
         return None if value is None else _s(value)
 
-    return DeadLetter(
-        id=text("id") or entry_id,
-        task=text("task"),
-        reason=text("reason") or "unknown",
-        error=text("error"),
-        attempts=int(f.get("attempts", 1)),
-        error_type=text("error_type"),
-        traceback=text("traceback"),
-        dead_at=float(f.get("dead_at", 0.0)),
-        queue=queue,
-        entry_id=entry_id,
-        body=f.get("b", b""),
-    )
+    return DeadLetter.from_facts(text, queue=queue, entry_id=entry_id, body=f.get("b", b""))

@@ -594,16 +594,9 @@ class SqsBroker:
         The facts travel as message attributes; the traceback is cut (from the start) to fit
         SQS's 256 KiB for body and attributes together."""
         q = await self._need(queue)
-        values: dict[str, Any] = {
-            "id": letter.id,
-            "task": letter.task,
-            "reason": letter.reason,
-            "error": letter.error,
-            "error_type": letter.error_type,
-            "attempts": letter.attempts,
-            "dead_at": letter.dead_at or time.time(),
-        }
-        attrs = {name: _attr(v) for name, v in values.items() if v is not None and v != ""}
+        values = letter.facts()
+        values.pop("traceback", None)  # added last, cut to the room left
+        attrs = {name: _attr(v) for name, v in values.items() if v != ""}
         entry = self._entry(q, body, 0, attrs, fresh=True)
         sizes = (len(k) + len(v["StringValue"].encode()) + 16 for k, v in attrs.items())
         used = len(entry["MessageBody"].encode()) + sum(sizes)
@@ -736,27 +729,20 @@ def _dead_letter(queue: str, m: dict[str, Any]) -> DeadLetter:
     def get(name: str) -> str | None:
         return _attr_value(attrs, name)
 
-    reason = get("reason")
-    job_id, task = get("id"), get("task")
-    if reason is None:
+    known: dict[str, str] = {}
+    if get("reason") is None:
         # Moved here by the queue's redrive policy (maxReceiveCount): read what we can.
-        reason = "max_deliveries"
+        known["reason"] = "max_deliveries"
         try:
             env = decode(body)
-            job_id, task = env.id, env.task
+            known.update(id=env.id, task=env.task)
         except Exception:
             pass
     sent = int(m.get("Attributes", {}).get("SentTimestamp", 0)) / 1000
-    return DeadLetter(
-        id=job_id or m["MessageId"],
-        task=task,
-        reason=reason,
-        error=get("error"),
-        attempts=int(float(get("attempts") or 1)),
-        error_type=get("error_type"),
-        traceback=get("traceback"),
-        dead_at=float(get("dead_at") or sent),
+    return DeadLetter.from_facts(
+        lambda name: get(name) or known.get(name),
         queue=queue,
         entry_id=m["MessageId"],
         body=body,
+        dead_at=sent,
     )
