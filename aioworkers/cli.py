@@ -10,12 +10,13 @@ import argparse
 import asyncio
 import importlib
 import logging
+import math
 import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import orjson
 
@@ -73,14 +74,23 @@ def _csv(value: str) -> list[str]:
     return items
 
 
-def _positive_int(value: str) -> int:
+_N = TypeVar("_N", int, float)
+
+
+def _number(value: str, convert: Callable[[str], _N], minimum: _N, expected: str) -> _N:
     try:
-        n = int(value)
+        n = convert(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+    if not math.isfinite(n):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
+    if n < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {n}")
     return n
+
+
+def _positive_int(value: str) -> int:
+    return _number(value, int, 1, "a whole number")
 
 
 def _port(value: str) -> int:
@@ -91,13 +101,7 @@ def _port(value: str) -> int:
 
 
 def _seconds(value: str) -> float:
-    try:
-        s = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
-    if s < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return s
+    return _number(value, float, 0.0, "a number of seconds")
 
 
 def _count(value: str) -> int:
