@@ -249,12 +249,16 @@ def test_three_processes_share_a_queue_and_a_killed_child_is_replaced(
     assert len(before) == 3
     victim = min(before)
     os.kill(victim, signal.SIGKILL)
-    wait_until(
-        lambda: len(sup.children()) == 3 and sup.children() != before,
-        within=10,
-        what="a replacement child",
-    )
-    (replacement,) = sup.children() - before
+    new: set[int] = set()
+
+    def replaced() -> bool:
+        # One snapshot per check: the victim may be listed in one read and gone in the next.
+        now = sup.children()
+        new.update(now - before)
+        return len(now) == 3 and bool(new)
+
+    wait_until(replaced, within=10, what="a replacement child")
+    (replacement,) = new
     # Work that arrives once the replacement is up, so it takes its share however much of
     # the first batch the other children finished while it was starting.
     wait_until(lambda: sup.log().count("worker started") == 4, within=20, what="it is up")
