@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from aioworkers import App, QueueDepth, current_job
 from aioworkers.envelope import decode
 
@@ -139,19 +141,22 @@ async def test_lease_taken_by_another_consumer_is_never_acked(make_app: MakeApp)
     assert decode(theirs.body).id == job_id
 
 
-async def test_an_ack_the_broker_refuses_is_counted_as_lease_lost_not_ok(
-    app_and_broker: tuple[App, FaultyBroker],
+@pytest.mark.parametrize("fails", [False, True], ids=["ok-ack-refused", "failed-no-retry"])
+async def test_a_job_whose_lease_moved_mid_run_is_counted_lease_lost_and_left_alone(
+    app_and_broker: tuple[App, FaultyBroker], fails: bool
 ) -> None:
     app, faulty = app_and_broker
     gate = asyncio.Event()
     runs: list[int] = []
 
-    @app.task
-    async def finishes_late() -> None:
+    @app.task(retries=3, backoff=0)
+    async def late() -> None:
         runs.append(1)
         await gate.wait()
+        if fails:
+            raise RuntimeError("too late")
 
-    await finishes_late.enqueue()
+    await late.enqueue()
     async with app.worker(concurrency=1, poll=POLL) as worker:
         await wait_until(lambda: runs == [1], what="the job to start")
         (mine,) = faulty.calls_of("fetch", ok=True)[0].result
@@ -161,38 +166,12 @@ async def test_an_ack_the_broker_refuses_is_counted_as_lease_lost_not_ok(
         gate.set()
         await wait_until(lambda: worker.in_flight == 0, what="the run to be settled")
 
-    assert faulty.calls_of("ack", ok=True)[0].result == [mine]  # the broker refused it
+    if fails:
+        assert faulty.count("retry", ok=True) == 0  # not retried over the new owner
+    else:
+        assert faulty.calls_of("ack", ok=True)[0].result == [mine]  # the broker refused it
     assert worker.counts == {"lease_lost": 1}
     assert await app.stats() == QueueDepth(in_flight=1)  # still the new owner's
-    await faulty.inner.ack([theirs])
-
-
-async def test_lost_lease_of_a_failed_job_is_not_retried_over_the_new_owner(
-    app_and_broker: tuple[App, FaultyBroker],
-) -> None:
-    app, faulty = app_and_broker
-    gate = asyncio.Event()
-    runs: list[int] = []
-
-    @app.task(retries=3, backoff=0)
-    async def fails_late() -> None:
-        runs.append(1)
-        await gate.wait()
-        raise RuntimeError("too late")
-
-    await fails_late.enqueue()
-    async with app.worker(concurrency=1, poll=POLL) as worker:
-        await wait_until(lambda: runs == [1], what="the job to start")
-        (mine,) = faulty.calls_of("fetch", ok=True)[0].result
-        # Simulate the lease moving to another consumer behind the worker's back.
-        await faulty.inner.release([mine])
-        (theirs,) = await faulty.inner.fetch("default", max_messages=1, wait=0)
-        gate.set()
-        await wait_until(lambda: worker.in_flight == 0, what="the run to be settled")
-
-    assert worker.counts == {"lease_lost": 1}
-    assert faulty.count("retry", ok=True) == 0
-    assert await app.stats() == QueueDepth(in_flight=1)
     await faulty.inner.ack([theirs])
 
 
