@@ -19,6 +19,7 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "amqp": (".amqp", "AmqpBroker", "amqp"),
     "amqps": (".amqp", "AmqpBroker", "amqp"),
     "sqs": (".sqs", "SqsBroker", "sqs"),
+    "sqlite": (".sqlite", "SqliteBroker", ""),
 }
 SCHEMES = tuple(_BACKENDS)
 

@@ -12,6 +12,7 @@ larger values.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -107,10 +108,23 @@ async def amqp_case() -> AsyncIterator[BrokerCase]:
         await delete_amqp_queues(broker.known_queues)
 
 
+@asynccontextmanager
+async def sqlite_case() -> AsyncIterator[BrokerCase]:
+    from aioworkers.brokers.sqlite import SqliteBroker
+
+    with tempfile.TemporaryDirectory(prefix="aioworkers-sqlite-") as directory:
+        broker = SqliteBroker(f"sqlite:///{directory}/jobs.db", visibility_timeout=0.5)
+        try:
+            yield BrokerCase("sqlite", broker, visibility=0.5, delay=0.3, slack=0.5)
+        finally:
+            await broker.aclose()
+
+
 FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[BrokerCase]]] = {
     "amqp": amqp_case,
     "memory": memory_case,
     "redis": redis_case,
+    "sqlite": sqlite_case,
     "sqs": sqs_case,
 }
 

@@ -13,6 +13,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -129,11 +130,11 @@ class Backend:
         return app
 
 
-BACKENDS = ("memory", "redis", "amqp", "sqs")
+BACKENDS = ("memory", "redis", "amqp", "sqs", "sqlite")
 
 
 @pytest.fixture(params=BACKENDS)
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     name = request.param
     prefix = f"aiowtel-{uuid.uuid4().hex[:12]}"
     if name == "memory":
@@ -144,6 +145,8 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     elif name == "amqp":
         ensure(RABBITMQ)
         b = Backend(name, AMQP_URL, "rabbitmq", visibility=5.0, within=10.0)
+    elif name == "sqlite":
+        b = Backend(name, f"sqlite:///{tmp_path}/jobs.db", "sqlite", visibility=5.0, within=10.0)
     else:
         endpoint = moto_endpoint()
         url = sqs_url(endpoint, prefix=f"{prefix}-")

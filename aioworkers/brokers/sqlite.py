@@ -1,0 +1,406 @@
+"""The SQLite broker: a durable queue in one file, no server. Several worker and producer
+processes on one machine share it; jobs survive restarts and a killed worker's jobs come
+back after their lease, as on a networked broker.
+
+One table holds every message; its state follows from two columns:
+
+- ``visible_at <= now``: ready (a lapsed lease included: its worker died);
+- ``visible_at > now`` and ``lease`` set: in flight, leased until ``visible_at``;
+- ``visible_at > now`` and no ``lease``: delayed until ``visible_at``.
+
+A fetch takes rows in one ``UPDATE ... RETURNING`` that writes a new random lease token,
+and every settle names the token it was handed, so a worker whose lease lapsed never acts
+over the next holder. Calls run on one thread per broker that owns the connection, so
+the event loop never waits on the file. Times are wall-clock seconds: every process on
+the machine shares them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
+
+import orjson
+
+from ..errors import BrokerUnavailable, ConfigError, LeaseLost
+from .base import DeadLetter, Delivery, QueueDepth
+
+_T = TypeVar("_T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS aioworkers_messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    body BLOB NOT NULL,
+    visible_at REAL NOT NULL,
+    count INTEGER NOT NULL DEFAULT 0,
+    lease TEXT
+);
+CREATE INDEX IF NOT EXISTS aioworkers_messages_visible
+    ON aioworkers_messages (queue, visible_at, id);
+CREATE TABLE IF NOT EXISTS aioworkers_dead (
+    entry INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    body BLOB NOT NULL,
+    facts BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS aioworkers_dead_queue ON aioworkers_dead (queue, entry);
+"""
+
+_TAKE = """
+UPDATE aioworkers_messages SET lease = ?, count = count + 1, visible_at = ?
+WHERE id IN (
+    SELECT id FROM aioworkers_messages WHERE queue = ? AND visible_at <= ?
+    ORDER BY visible_at, id LIMIT ?
+)
+RETURNING id, body, count
+"""
+
+_ANY_READY = "SELECT 1 FROM aioworkers_messages WHERE queue = ? AND visible_at <= ? LIMIT 1"
+
+_DEPTH = """
+SELECT
+    COALESCE(SUM(visible_at <= :now), 0),
+    COALESCE(SUM(visible_at > :now AND lease IS NOT NULL), 0),
+    COALESCE(SUM(visible_at > :now AND lease IS NULL), 0)
+FROM aioworkers_messages WHERE queue = :queue
+"""
+
+_DELETE_OWNED = "DELETE FROM aioworkers_messages WHERE id = ? AND lease = ?"
+_INSERT = "INSERT INTO aioworkers_messages (queue, body, visible_at) VALUES (?, ?, ?)"
+
+_HELP = "use sqlite:///relative/path.db or sqlite:////absolute/path.db"
+
+
+def _path(url: str) -> tuple[str, dict[str, str]]:
+    parts = urlsplit(url)
+    if parts.netloc:
+        raise ConfigError(f"sqlite:// takes a file path, not a host ({parts.netloc!r}): {_HELP}")
+    # As in SQLAlchemy: three slashes then a relative path, four for an absolute one.
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if not path or path == ":memory:":
+        raise ConfigError(f"sqlite:// needs a database file ({_HELP}); memory:// is in-process")
+    return path, dict(parse_qsl(parts.query))
+
+
+def _positive(query: dict[str, str], name: str, default: float) -> float:
+    raw = query.pop(name, None)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"sqlite:// ?{name}= must be seconds, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"sqlite:// ?{name}= must be > 0 seconds, got {raw!r}")
+    return value
+
+
+class SqliteBroker:
+    """``sqlite:///path/to/jobs.db[?poll=0.05&timeout=5]``
+
+    ``poll``: how often an idle fetch looks for work another process added (seconds;
+    work added in this process wakes it at once). ``timeout``: how long a call waits for
+    another process's write lock before the call fails as `BrokerUnavailable` (and the
+    runtime backs off and retries). The file and its tables are created on first use, in
+    WAL mode with ``synchronous=NORMAL``: durable across crashed processes; a power loss
+    may drop the last commits.
+    """
+
+    def __init__(self, url: str, *, visibility_timeout: float = 30.0) -> None:
+        self.path, query = _path(url)
+        self.poll = _positive(query, "poll", 0.05)
+        self.busy_timeout = _positive(query, "timeout", 5.0)
+        if query:
+            known = "poll, timeout"
+            raise ConfigError(f"sqlite:// has no option {sorted(query)[0]!r} (known: {known})")
+        self.visibility_timeout = visibility_timeout
+        self._db: sqlite3.Connection | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        self._wake: dict[str, asyncio.Event] = {}
+
+    def __repr__(self) -> str:
+        return f"<SqliteBroker {self.path}>"
+
+    # -- the connection's thread ------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        directory = os.path.dirname(self.path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        db = sqlite3.connect(
+            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _sync(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``fn`` on the connection, in the broker's thread."""
+        try:
+            if self._db is None:
+                self._db = self._connect()
+            return fn(self._db)
+        except sqlite3.OperationalError as exc:
+            # Locked by another process past the timeout, a full disk, a file we may not
+            # write: the same call may work later.
+            raise BrokerUnavailable(f"sqlite {self.path}: {exc}") from exc
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], _T]) -> asyncio.Future[_T]:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="aioworkers-sqlite")
+        return asyncio.get_running_loop().run_in_executor(self._thread, self._sync, fn)
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        # A cancelled caller stops waiting; the thread still finishes the call (each is one
+        # transaction), which is what a lost reply from a networked broker looks like.
+        return await self._submit(fn)
+
+    def _notify(self, queue: str) -> None:
+        event = self._wake.pop(queue, None)
+        if event is not None:
+            event.set()
+
+    # -- the Broker protocol ------------------------------------------------------------------
+
+    async def publish(self, queue: str, bodies: Sequence[bytes], *, delay: float = 0.0) -> None:
+        if not bodies:
+            return
+        visible_at = time.time() + max(delay, 0.0)
+        rows = [(queue, bytes(body), visible_at) for body in bodies]
+
+        def insert(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.executemany(_INSERT, rows)
+
+        await self._call(insert)
+        self._notify(queue)
+
+    async def fetch(self, queue: str, *, max_messages: int, wait: float) -> list[Delivery]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            wake = self._wake.setdefault(queue, asyncio.Event())
+            got = await self._take(queue, max_messages)
+            remaining = deadline - loop.time()
+            if got or remaining <= 0:
+                return got
+            try:
+                # Woken at once by this process's publishes; others' are seen by polling.
+                async with asyncio.timeout(min(remaining, self.poll)):
+                    await wake.wait()
+            except TimeoutError:
+                pass
+
+    async def _take(self, queue: str, max_messages: int) -> list[Delivery]:
+        token = os.urandom(8).hex()
+
+        def take(db: sqlite3.Connection) -> list[tuple[int, bytes, int]]:
+            now = time.time()
+            # Read first (no lock in WAL mode): idle workers polling an empty queue must
+            # not queue up for the write lock.
+            if db.execute(_ANY_READY, (queue, now)).fetchone() is None:
+                return []
+            until = now + self.visibility_timeout
+            rows = db.execute(_TAKE, (token, until, queue, now, max_messages)).fetchall()
+            return sorted(rows)
+
+        future = self._submit(take)
+        try:
+            rows = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The rows are leased in the thread whatever happens here: hand them back.
+            future.add_done_callback(partial(self._hand_back, queue, token))
+            raise
+        return [Delivery(queue, str(i), body, count, token) for i, body, count in rows]
+
+    def _hand_back(self, queue: str, token: str, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        pairs = [(str(i), token) for i, _, _ in future.result()]
+        if pairs:
+            self._submit(partial(_release, pairs))
+
+    async def stop_fetching(self, queue: str) -> None:
+        """Nothing to hand back: rows are only taken by `fetch`."""
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        if not deliveries:
+            return []
+        pairs = [(d.message_id, d.token) for d in deliveries]
+
+        def delete(db: sqlite3.Connection) -> list[int]:
+            with _transaction(db):
+                return [
+                    i
+                    for i, (mid, token) in enumerate(pairs)
+                    if db.execute(_DELETE_OWNED, (int(mid), token)).rowcount == 0
+                ]
+
+        lost = await self._call(delete)
+        return [deliveries[i] for i in lost]
+
+    async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> None:
+        row = (delivery.queue, bytes(body), time.time() + max(delay, 0.0))
+
+        def replace(db: sqlite3.Connection) -> bool:
+            with _transaction(db):
+                if db.execute(_DELETE_OWNED, (int(delivery.message_id), delivery.token)).rowcount:
+                    db.execute(_INSERT, row)
+                    return True
+                return False
+
+        if not await self._call(replace):
+            raise LeaseLost(f"{delivery!r} is no longer leased by this worker")
+        self._notify(delivery.queue)
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        if not deliveries:
+            return
+        await self._call(partial(_release, [(d.message_id, d.token) for d in deliveries]))
+        for queue in {d.queue for d in deliveries}:
+            self._notify(queue)
+
+    async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:
+        if not deliveries:
+            return []
+        pairs = [(d.message_id, d.token) for d in deliveries]
+
+        def extend(db: sqlite3.Connection) -> list[int]:
+            until = time.time() + visibility
+            with _transaction(db):
+                return [
+                    i
+                    for i, (mid, token) in enumerate(pairs)
+                    if db.execute(
+                        "UPDATE aioworkers_messages SET visible_at = ? WHERE id = ? AND lease = ?",
+                        (until, int(mid), token),
+                    ).rowcount
+                    == 0
+                ]
+
+        lost = await self._call(extend)
+        return [deliveries[i] for i in lost]
+
+    async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
+        facts = orjson.dumps(letter.facts())
+
+        def move(db: sqlite3.Connection) -> bool:
+            # One transaction: the letter is stored exactly when the original goes.
+            with _transaction(db):
+                if not db.execute(
+                    _DELETE_OWNED, (int(delivery.message_id), delivery.token)
+                ).rowcount:
+                    return False
+                db.execute(
+                    "INSERT INTO aioworkers_dead (queue, body, facts) VALUES (?, ?, ?)",
+                    (delivery.queue, delivery.body, facts),
+                )
+                return True
+
+        if not await self._call(move):
+            raise LeaseLost(f"{delivery!r} is no longer leased by this worker")
+
+    async def depth(self, queue: str) -> QueueDepth:
+        def count(db: sqlite3.Connection) -> QueueDepth:
+            ready, in_flight, delayed = db.execute(
+                _DEPTH, {"now": time.time(), "queue": queue}
+            ).fetchone()
+            (dead,) = db.execute(
+                "SELECT COUNT(*) FROM aioworkers_dead WHERE queue = ?", (queue,)
+            ).fetchone()
+            return QueueDepth(int(ready), int(in_flight), int(delayed), int(dead))
+
+        return await self._call(count)
+
+    async def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetter]:
+        def read(db: sqlite3.Connection) -> list[tuple[int, bytes, bytes]]:
+            return db.execute(
+                "SELECT entry, body, facts FROM aioworkers_dead WHERE queue = ? "
+                "ORDER BY entry LIMIT ?",
+                (queue, limit),
+            ).fetchall()
+
+        return [
+            DeadLetter.from_facts(
+                _getter(orjson.loads(raw)), queue=queue, entry_id=str(entry), body=bytes(body)
+            )
+            for entry, body, raw in await self._call(read)
+        ]
+
+    async def remove_dead_letters(self, queue: str, entry_ids: Collection[str] | None) -> int:
+        wanted = None if entry_ids is None else [int(e) for e in entry_ids if e.isdigit()]
+
+        def remove(db: sqlite3.Connection) -> int:
+            with _transaction(db):
+                if wanted is None:
+                    cur = db.execute("DELETE FROM aioworkers_dead WHERE queue = ?", (queue,))
+                    return int(cur.rowcount)
+                return sum(
+                    db.execute(
+                        "DELETE FROM aioworkers_dead WHERE queue = ? AND entry = ?", (queue, e)
+                    ).rowcount
+                    for e in wanted
+                )
+
+        return await self._call(remove)
+
+    async def aclose(self) -> None:
+        """Close the file; a later call opens it again."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+
+        def close() -> None:
+            db, self._db = self._db, None
+            if db is not None:
+                db.close()
+
+        await asyncio.get_running_loop().run_in_executor(thread, close)
+        thread.shutdown(wait=False)
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error: the write lock is
+    taken up front, so two processes never deadlock upgrading a read to a write."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _getter(facts: dict[str, Any]) -> Callable[[str], str | None]:
+    def get(name: str) -> str | None:
+        value = facts.get(name)
+        return None if value is None else str(value)
+
+    return get
+
+
+def _release(pairs: list[tuple[str, str]], db: sqlite3.Connection) -> None:
+    """Make leased rows ready again at once, first in line, without counting the delivery
+    (a hand-back at shutdown must never push a job toward max_deliveries)."""
+    with _transaction(db):
+        db.executemany(
+            "UPDATE aioworkers_messages SET lease = NULL, visible_at = 0, count = count - 1 "
+            "WHERE id = ? AND lease = ?",
+            [(int(mid), token) for mid, token in pairs],
+        )

@@ -1,0 +1,143 @@
+"""Worker processes sharing one SQLite file: kills, shutdown, poison, garbage, delays,
+and the CLI from another process. Every effect is counted in the ledger."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import orjson
+
+from aioworkers import QueueDepth, Retry, current_job
+
+from ..e2e.harness import ROOT, WorkerProcess, wait_until
+from .conftest import SqliteE2E
+
+EMPTY = QueueDepth()
+CONCURRENCY = 20
+
+
+async def test_sigkill_mid_run_loses_nothing(e2e: SqliteE2E) -> None:
+    ids = await e2e.enqueue(600, seconds=0.02, track=True)
+    victim = await e2e.start_worker(concurrency=CONCURRENCY, visibility=2)
+    survivor = await e2e.start_worker(concurrency=CONCURRENCY, visibility=2)
+    await e2e.wait_done(100, within=30)
+    victim.signal(signal.SIGKILL)  # mid-run: it holds running jobs
+    assert await victim.wait(10) == -signal.SIGKILL
+    assert await e2e.done() < len(ids), "the run was over before the kill"
+
+    # The victim's leases lapse after 2 s and the survivor takes its jobs.
+    await e2e.wait_done(len(ids), within=60)
+    ledger = await e2e.ledger()
+    assert ledger.done == set(ids)
+    # At-least-once: only jobs the victim had started may have run twice, once more each.
+    assert set(ledger.duplicates) <= set(ledger.started_by(victim.pid))
+    assert set(ledger.duplicates.values()) <= {2}
+    assert len(ledger.duplicates) <= CONCURRENCY
+    await e2e.wait_depth(EMPTY)
+    assert survivor.alive
+    survivor.signal(signal.SIGTERM)
+    assert await survivor.wait(20) == 0
+
+
+async def test_sigterm_hands_running_jobs_to_another_worker_at_once(e2e: SqliteE2E) -> None:
+    ids = await e2e.enqueue(4, seconds=30.0, track=True, redelivered=0.01)
+    first = await e2e.start_worker(concurrency=4, visibility=60, grace=0.5)
+
+    async def running() -> bool:
+        return len((await e2e.ledger()).starts) == 4
+
+    await wait_until(running, within=20, what="the first worker's four jobs")
+    first.signal(signal.SIGTERM)
+    assert await first.wait(20) == 0
+    # Released, not left to a 60 s lease: the next worker runs them at once.
+    await e2e.wait_depth(QueueDepth(ready=4), within=5)
+    second = await e2e.start_worker(concurrency=4, visibility=60)
+    await e2e.wait_done(4, within=20)
+    ledger = await e2e.ledger()
+    assert ledger.effects == dict.fromkeys(ids, 1)
+    assert len(ledger.started_by(first.pid)) == 4
+    assert ledger.finished_by(second.pid) == set(ids)
+
+
+async def test_a_job_that_kills_its_worker_is_dead_lettered(e2e: SqliteE2E) -> None:
+    (poison,) = await e2e.enqueue(1, task="die")
+    dlq = e2e.app.dlq()
+    for _ in range(4):
+        worker = await e2e.start_worker(concurrency=5, visibility=1, max_deliveries=2)
+        worker.signalled = True  # it is expected to die
+
+        async def settled(worker: WorkerProcess = worker) -> bool:
+            return not worker.alive or bool(await dlq.list())
+
+        await wait_until(settled, within=20, what="the worker to die or dead-letter")
+        if await dlq.list():
+            break
+    (entry,) = await dlq.list()
+    assert (entry.id, entry.task, entry.reason) == (poison, "die", "max_deliveries")
+    runs = await e2e.redis.hget(e2e.keys.runs_started, poison)
+    assert int(runs) == 2  # delivered 3 times, run twice, the third never ran
+    assert worker.alive
+
+    ids = await e2e.enqueue(5)
+    await e2e.wait_done(5, within=20)
+    assert (await e2e.ledger()).done == set(ids)
+
+
+async def test_garbage_is_dead_lettered_and_the_cli_sees_it_from_another_process(
+    e2e: SqliteE2E,
+) -> None:
+    await e2e.app.broker.publish("default", [b"\xff\x00 not an envelope"])
+    ids = await e2e.enqueue(3)
+    await e2e.start_worker(concurrency=5)
+    await e2e.wait_done(3, within=20)
+    await e2e.wait_depth(QueueDepth(dead=1))
+    assert (await e2e.ledger()).done == set(ids)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {"E2E_BROKER_URL": e2e.url, "E2E_LEDGER_URL": e2e.redis_url, "PATH": ""}
+        return subprocess.run(
+            [sys.executable, "-m", "aioworkers", *args, "tests.e2e.ledger_app:app"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    stats = cli("stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    assert orjson.loads(stats.stdout) == {
+        "default": {"ready": 0, "in_flight": 0, "delayed": 0, "dead": 1}
+    }
+    listed = cli("dlq", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = orjson.loads(listed.stdout)
+    assert (entry["reason"], entry["task"]) == ("decode_error", None)
+    purged = cli("dlq", "purge")
+    assert purged.returncode == 0, purged.stderr
+    await e2e.wait_depth(EMPTY)
+
+
+async def test_a_delayed_retry_is_honoured_within_ten_percent(e2e: SqliteE2E) -> None:
+    app = e2e.client()
+    delay = 2.0
+    runs: list[float] = []
+
+    @app.task
+    async def later() -> None:
+        runs.append(time.monotonic())
+        if current_job().attempt == 1:
+            raise Retry(delay=delay)
+
+    await later.enqueue()
+    async with app.worker(concurrency=2, poll=0.2):
+
+        async def twice() -> bool:
+            return len(runs) == 2
+
+        await wait_until(twice, within=delay * 3 + 5, what="the retry")
+    took = runs[1] - runs[0]
+    assert delay * 0.95 <= took <= delay * 1.1, took
