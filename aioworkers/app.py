@@ -25,7 +25,9 @@ R = TypeVar("R")
 log = logging.getLogger("aioworkers")
 
 ENV_BROKER_URL = "AIOWORKERS_BROKER_URL"
-DEFAULT_BROKER_URL = "memory://"
+# The embedded default: a file in the working directory, so a worker, the command line
+# and the app share it without a server.
+DEFAULT_BROKER_URL = "sqlite:///aioworkers.db"
 # A done key is remembered this long: longer than any redelivery or retry of its job.
 DEFAULT_IDEMPOTENCY_TTL = 24 * 3600.0
 
@@ -35,12 +37,14 @@ Hook = Callable[[], Awaitable[None]]
 class App:
     """Registry of tasks bound to one broker.
 
-    ``broker`` is a URL (``memory://``; more schemes as backends land) or a `Broker`;
-    ``None`` reads ``AIOWORKERS_BROKER_URL`` and falls back to the embedded default.
+    ``broker`` is a URL (``sqlite://``, ``redis://``, ``amqp://``, ``sqs://``, ``memory://``)
+    or a `Broker`; ``None`` reads ``AIOWORKERS_BROKER_URL`` and falls back to the embedded
+    default, ``sqlite:///aioworkers.db`` (a file in the working directory).
 
     ``idempotency`` is where the keys of ``@app.task(idempotent=True)`` tasks live: an
-    `IdempotencyStore` or a URL (``memory://``, ``redis://...``); ``None`` uses the
-    broker's Redis server on a Redis broker, else this process's memory. A done key is
+    `IdempotencyStore` or a URL (``memory://``, ``redis://...``, ``sqlite:///...``);
+    ``None`` uses the broker's Redis server on a Redis broker, its file on a SQLite
+    broker, else this process's memory. A done key is
     remembered ``idempotency_ttl`` seconds.
     """
 

@@ -18,9 +18,10 @@ work, a synchronous client) delays every request. What bounds that:
   instead, with their own CPU share: ``nice -n 10 aioworkers run fastapi_app:workers``,
   or a systemd unit with ``CPUWeight=``/``CPUQuota=`` (see ``examples/deploy/``).
 
-On the embedded default broker (``memory://``) the queue lives in this process, which
-is fine for a demo; set ``AIOWORKERS_BROKER_URL=redis://...`` to share it with other
-processes.
+On the embedded default broker (a SQLite file, ``./aioworkers.db``) the queue is shared
+with whatever runs from the same directory (``aioworkers run fastapi_app:workers``,
+``aioworkers stats fastapi_app:workers``); set ``AIOWORKERS_BROKER_URL=redis://...`` to
+share it across machines.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
     python examples/quickstart.py
 
-Runs on the embedded default broker (in-process, no server). Set AIOWORKERS_BROKER_URL
-to run the same code on another broker.
+Runs on the embedded default broker: a SQLite file, ./aioworkers.db, no server (see what
+is left in it with ``aioworkers stats examples.quickstart:app``). Set
+AIOWORKERS_BROKER_URL to run the same code on another broker.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ async def charge_card(card: str, cents: int) -> None:
 
 
 async def main() -> None:
+    # The broker's file outlives the process: start each run without the last one's failure.
+    purged = await app.dlq().purge()
+    if purged:
+        print(f"purged {purged} dead letter{'s' if purged > 1 else ''} of an earlier run")
     ids = await app.enqueue_many(
         [send_email.call(f"user{i}@example.com", subject="welcome") for i in range(100)]
     )
@@ -48,6 +53,7 @@ async def main() -> None:
     for dead in await app.dlq().list():
         assert dead.id == bad
         print(f"dead letter {dead.id} {dead.task} after {dead.attempts} attempts: {dead.error}")
+    await app.aclose()
 
 
 if __name__ == "__main__":

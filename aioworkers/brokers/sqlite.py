@@ -21,19 +21,15 @@ import asyncio
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
-from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from typing import Any
 
 import orjson
 
+from .._sqlite import SqliteFile, parse_url, seconds_option, transaction
 from ..errors import BrokerUnavailable, ConfigError, LeaseLost
 from .base import DeadLetter, Delivery, QueueDepth
-
-_T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS aioworkers_messages (
@@ -77,32 +73,6 @@ FROM aioworkers_messages WHERE queue = :queue
 _DELETE_OWNED = "DELETE FROM aioworkers_messages WHERE id = ? AND lease = ?"
 _INSERT = "INSERT INTO aioworkers_messages (queue, body, visible_at) VALUES (?, ?, ?)"
 
-_HELP = "use sqlite:///relative/path.db or sqlite:////absolute/path.db"
-
-
-def _path(url: str) -> tuple[str, dict[str, str]]:
-    parts = urlsplit(url)
-    if parts.netloc:
-        raise ConfigError(f"sqlite:// takes a file path, not a host ({parts.netloc!r}): {_HELP}")
-    # As in SQLAlchemy: three slashes then a relative path, four for an absolute one.
-    path = parts.path[1:] if parts.path.startswith("/") else parts.path
-    if not path or path == ":memory:":
-        raise ConfigError(f"sqlite:// needs a database file ({_HELP}); memory:// is in-process")
-    return path, dict(parse_qsl(parts.query))
-
-
-def _positive(query: dict[str, str], name: str, default: float) -> float:
-    raw = query.pop(name, None)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"sqlite:// ?{name}= must be seconds, got {raw!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise ConfigError(f"sqlite:// ?{name}= must be > 0 seconds, got {raw!r}")
-    return value
-
 
 class SqliteBroker:
     """``sqlite:///path/to/jobs.db[?poll=0.05&timeout=5]``
@@ -116,58 +86,23 @@ class SqliteBroker:
     """
 
     def __init__(self, url: str, *, visibility_timeout: float = 30.0) -> None:
-        self.path, query = _path(url)
-        self.poll = _positive(query, "poll", 0.05)
-        self.busy_timeout = _positive(query, "timeout", 5.0)
+        path, query = parse_url(url, "the broker URL")
+        self.poll = seconds_option(query, "poll", 0.05)
+        busy_timeout = seconds_option(query, "timeout", 5.0)
         if query:
-            known = "poll, timeout"
-            raise ConfigError(f"sqlite:// has no option {sorted(query)[0]!r} (known: {known})")
+            raise ConfigError(
+                f"sqlite:// has no option {sorted(query)[0]!r} (known: poll, timeout)"
+            )
+        self.path = path
         self.visibility_timeout = visibility_timeout
-        self._db: sqlite3.Connection | None = None
-        self._thread: ThreadPoolExecutor | None = None
+        self._file = SqliteFile(
+            path, schema=_SCHEMA, busy_timeout=busy_timeout, unavailable=BrokerUnavailable
+        )
+        self._call = self._file.call
         self._wake: dict[str, asyncio.Event] = {}
 
     def __repr__(self) -> str:
         return f"<SqliteBroker {self.path}>"
-
-    # -- the connection's thread ------------------------------------------------------------
-
-    def _connect(self) -> sqlite3.Connection:
-        directory = os.path.dirname(self.path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        db = sqlite3.connect(
-            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
-        )
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-        except BaseException:
-            db.close()
-            raise
-        return db
-
-    def _sync(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run ``fn`` on the connection, in the broker's thread."""
-        try:
-            if self._db is None:
-                self._db = self._connect()
-            return fn(self._db)
-        except sqlite3.OperationalError as exc:
-            # Locked by another process past the timeout, a full disk, a file we may not
-            # write: the same call may work later.
-            raise BrokerUnavailable(f"sqlite {self.path}: {exc}") from exc
-
-    def _submit(self, fn: Callable[[sqlite3.Connection], _T]) -> asyncio.Future[_T]:
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="aioworkers-sqlite")
-        return asyncio.get_running_loop().run_in_executor(self._thread, self._sync, fn)
-
-    async def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        # A cancelled caller stops waiting; the thread still finishes the call (each is one
-        # transaction), which is what a lost reply from a networked broker looks like.
-        return await self._submit(fn)
 
     def _notify(self, queue: str) -> None:
         event = self._wake.pop(queue, None)
@@ -183,7 +118,7 @@ class SqliteBroker:
         rows = [(queue, bytes(body), visible_at) for body in bodies]
 
         def insert(db: sqlite3.Connection) -> None:
-            with _transaction(db):
+            with transaction(db):
                 db.executemany(_INSERT, rows)
 
         await self._call(insert)
@@ -218,7 +153,7 @@ class SqliteBroker:
             rows = db.execute(_TAKE, (token, until, queue, now, max_messages)).fetchall()
             return sorted(rows)
 
-        future = self._submit(take)
+        future = self._file.submit(take)
         try:
             rows = await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -232,7 +167,7 @@ class SqliteBroker:
             return
         pairs = [(str(i), token) for i, _, _ in future.result()]
         if pairs:
-            self._submit(partial(_release, pairs))
+            self._file.submit(partial(_release, pairs))
 
     async def stop_fetching(self, queue: str) -> None:
         """Nothing to hand back: rows are only taken by `fetch`."""
@@ -243,7 +178,7 @@ class SqliteBroker:
         pairs = [(d.message_id, d.token) for d in deliveries]
 
         def delete(db: sqlite3.Connection) -> list[int]:
-            with _transaction(db):
+            with transaction(db):
                 return [
                     i
                     for i, (mid, token) in enumerate(pairs)
@@ -257,7 +192,7 @@ class SqliteBroker:
         row = (delivery.queue, bytes(body), time.time() + max(delay, 0.0))
 
         def replace(db: sqlite3.Connection) -> bool:
-            with _transaction(db):
+            with transaction(db):
                 if db.execute(_DELETE_OWNED, (int(delivery.message_id), delivery.token)).rowcount:
                     db.execute(_INSERT, row)
                     return True
@@ -281,7 +216,7 @@ class SqliteBroker:
 
         def extend(db: sqlite3.Connection) -> list[int]:
             until = time.time() + visibility
-            with _transaction(db):
+            with transaction(db):
                 return [
                     i
                     for i, (mid, token) in enumerate(pairs)
@@ -300,7 +235,7 @@ class SqliteBroker:
 
         def move(db: sqlite3.Connection) -> bool:
             # One transaction: the letter is stored exactly when the original goes.
-            with _transaction(db):
+            with transaction(db):
                 if not db.execute(
                     _DELETE_OWNED, (int(delivery.message_id), delivery.token)
                 ).rowcount:
@@ -345,7 +280,7 @@ class SqliteBroker:
         wanted = None if entry_ids is None else [int(e) for e in entry_ids if e.isdigit()]
 
         def remove(db: sqlite3.Connection) -> int:
-            with _transaction(db):
+            with transaction(db):
                 if wanted is None:
                     cur = db.execute("DELETE FROM aioworkers_dead WHERE queue = ?", (queue,))
                     return int(cur.rowcount)
@@ -360,31 +295,7 @@ class SqliteBroker:
 
     async def aclose(self) -> None:
         """Close the file; a later call opens it again."""
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-
-        def close() -> None:
-            db, self._db = self._db, None
-            if db is not None:
-                db.close()
-
-        await asyncio.get_running_loop().run_in_executor(thread, close)
-        thread.shutdown(wait=False)
-
-
-@contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error: the write lock is
-    taken up front, so two processes never deadlock upgrading a read to a write."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
+        await self._file.aclose()
 
 
 def _getter(facts: dict[str, Any]) -> Callable[[str], str | None]:
@@ -398,7 +309,7 @@ def _getter(facts: dict[str, Any]) -> Callable[[str], str | None]:
 def _release(pairs: list[tuple[str, str]], db: sqlite3.Connection) -> None:
     """Make leased rows ready again at once, first in line, without counting the delivery
     (a hand-back at shutdown must never push a job toward max_deliveries)."""
-    with _transaction(db):
+    with transaction(db):
         db.executemany(
             "UPDATE aioworkers_messages SET lease = NULL, visible_at = 0, count = count - 1 "
             "WHERE id = ? AND lease = ?",

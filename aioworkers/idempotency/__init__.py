@@ -1,6 +1,6 @@
 """Idempotency stores: where a job's key is claimed while it runs and remembered once done.
 
-The Redis store is imported only when a ``redis://`` URL is used.
+The Redis and SQLite stores are imported only when their URL is used.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ __all__ = [
     "open_store",
 ]
 
-SCHEMES = ("memory", "redis", "rediss")
+SCHEMES = ("memory", "redis", "rediss", "sqlite")
 
 
 def check_url(url: str) -> str:
@@ -38,8 +38,13 @@ def check_url(url: str) -> str:
 
 def open_store(url: str) -> IdempotencyStore:
     """Create the store for ``url`` (nothing connects until first use)."""
-    if check_url(url) == "memory":
+    scheme = check_url(url)
+    if scheme == "memory":
         return MemoryStore()
+    if scheme == "sqlite":
+        from .sqlite import SqliteStore
+
+        return SqliteStore(url)
     try:
         from .redis import RedisStore
     except ImportError as exc:
@@ -51,11 +56,15 @@ def open_store(url: str) -> IdempotencyStore:
 
 
 def default_url_for(broker_url: str) -> str:
-    """The store a broker URL implies: on a Redis broker, the same server (keys under
-    ``<broker prefix>:idempotency``), so every worker of the app sees every key; otherwise
-    none (""), and keys stay in each process's memory."""
+    """The store a broker URL implies, so every worker of the app sees every key: on a
+    Redis broker, the same server (keys under ``<broker prefix>:idempotency``); on a
+    SQLite broker, the same file; otherwise none (""), and keys stay in each process's
+    memory."""
     parts = urlsplit(broker_url)
-    if parts.scheme.lower() not in ("redis", "rediss"):
+    scheme = parts.scheme.lower()
+    if scheme == "sqlite":
+        return broker_url  # its own table in the broker's file
+    if scheme not in ("redis", "rediss"):
         return ""
     query = dict(parse_qsl(parts.query))
     query.pop("group", None)

@@ -16,10 +16,12 @@ import httpx
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def run_example(name: str) -> subprocess.CompletedProcess[str]:
+def run_example(name: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run an example from ``cwd``, where the default broker keeps its file."""
     env = {k: v for k, v in os.environ.items() if k != "AIOWORKERS_BROKER_URL"}
     return subprocess.run(
         [sys.executable, str(EXAMPLES / name)],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
@@ -32,16 +34,19 @@ def test_every_example_is_covered() -> None:
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(COVERED)
 
 
-def test_quickstart() -> None:
-    result = run_example("quickstart.py")
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
-    assert "enqueued 103 jobs" in out
-    assert "sent 101 emails" in out
-    assert "'ok': 102" in out
-    assert "'dead': 1" in out
-    assert "ready=0, in_flight=0, delayed=0, dead=1" in out
-    assert "charge_card after 3 attempts: ValueError: card declined (attempt 3)" in out
+def test_quickstart(tmp_path: Path) -> None:
+    for run in (1, 2):  # the second run starts from the first one's file
+        result = run_example("quickstart.py", tmp_path)
+        assert result.returncode == 0, result.stderr
+        out = result.stdout
+        assert "enqueued 103 jobs" in out
+        assert "sent 101 emails" in out
+        assert "'ok': 102" in out
+        assert "'dead': 1" in out
+        assert "ready=0, in_flight=0, delayed=0, dead=1" in out
+        assert "charge_card after 3 attempts: ValueError: card declined (attempt 3)" in out
+        assert (run == 2) == ("purged 1 dead letter of an earlier run" in out), out
+    assert (tmp_path / "aioworkers.db").exists()
 
 
 def test_lambda_handler() -> None:
@@ -91,6 +96,7 @@ def test_fastapi_app(tmp_path: Path) -> None:
     with log.open("w") as out:
         server = subprocess.Popen(
             [sys.executable, str(EXAMPLES / "fastapi_app.py")],
+            cwd=tmp_path,
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -33,10 +34,18 @@ def prefix() -> str:
     return f"test-idem-{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[IdempotencyStore]:
+@pytest.fixture(params=["memory", "redis", "sqlite"])
+async def store(
+    request: pytest.FixtureRequest, prefix: str, tmp_path: Path
+) -> AsyncIterator[IdempotencyStore]:
     if request.param == "memory":
         yield MemoryStore()
+        return
+    if request.param == "sqlite":
+        from aioworkers.idempotency.sqlite import SqliteStore
+
+        async with SqliteStore(f"sqlite:///{tmp_path}/keys.db") as sqlite_store:
+            yield sqlite_store
         return
     ensure(REDIS)
     from aioworkers.idempotency.redis import RedisStore
@@ -181,7 +190,14 @@ async def test_unreachable_redis_raises_store_unavailable_quickly() -> None:
 
 
 def test_open_store_by_url() -> None:
+    from aioworkers.idempotency.sqlite import SqliteStore
+
     assert isinstance(open_store("memory://"), MemoryStore)
+    assert isinstance(open_store("sqlite:///jobs.db"), SqliteStore)
+    with pytest.raises(ConfigError, match="needs a database file"):
+        open_store("sqlite://")
+    with pytest.raises(ConfigError, match="no option 'prefix'"):
+        open_store("sqlite:///jobs.db?prefix=x")
     with pytest.raises(ConfigError, match="scheme must be one of") as info:
         open_store("mongodb://u:secret@h/db")
     assert "secret" not in str(info.value)
@@ -208,3 +224,35 @@ async def test_an_app_with_a_redis_store_runs_a_key_once(prefix: str) -> None:
     finally:
         await app.aclose()
         await delete_prefix(prefix)
+
+
+async def test_a_sqlite_broker_keeps_its_keys_in_its_own_file_for_every_process(
+    tmp_path: Path,
+) -> None:
+    from aioworkers.idempotency.sqlite import SqliteStore
+
+    url = f"sqlite:///{tmp_path}/jobs.db?poll=0.02"
+    runs: list[str] = []
+    # Two apps on one file, as two worker processes would be: one set of keys.
+    first, second = App(url, visibility_timeout=1.0), App(url, visibility_timeout=1.0)
+    try:
+        for app in (first, second):
+            assert isinstance(app.idempotency, SqliteStore)
+            assert app.idempotency.path == f"{tmp_path}/jobs.db"
+
+            @app.task(idempotent=True, name="charge")
+            async def charge(order: str) -> None:
+                runs.append(order)
+
+        await first.enqueue("charge", ["first"], key="order-1")
+        async with asyncio.timeout(5):
+            await first.worker(concurrency=1, poll=0.05).run(burst=True)
+        await second.enqueue("charge", ["second"], key="order-1")
+        worker = second.worker(concurrency=1, poll=0.05)
+        async with asyncio.timeout(5):
+            await worker.run(burst=True)
+        assert runs == ["first"]
+        assert worker.counts == {"duplicate": 1}
+    finally:
+        await first.aclose()
+        await second.aclose()
