@@ -1,17 +1,19 @@
-"""One SQLite file used from asyncio: the connection lives on a thread of its own, so the
-event loop never waits on the file or on another process's lock. Shared by the
-``sqlite://`` broker and idempotency store."""
+"""One SQLite file used from asyncio, shared by the ``sqlite://`` broker and idempotency
+store. Writes run on one thread that owns the writing connection, reads (counts, lists)
+on another with a connection of their own: the event loop never waits on the disk or on
+another process's lock, and in WAL mode a long read never holds up a write."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from .errors import ConfigError
 
@@ -19,21 +21,37 @@ _T = TypeVar("_T")
 
 HELP = "use sqlite:///relative/path.db or sqlite:////absolute/path.db"
 
+# Errors after which the same call may work: another process holds the lock past the
+# busy timeout, the disk is full or failing. Anything else is the configuration's fault.
+_TRANSIENT = {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_PROTOCOL"}
+
+# The WAL file is cut back to this after a checkpoint instead of keeping its high mark.
+_WAL_LIMIT = 64 * 1024 * 1024
+
 
 def parse_url(url: str, what: str) -> tuple[str, dict[str, str]]:
-    """The file path and query of a ``sqlite://`` URL; ``what`` names its use in errors."""
+    """The absolute file path and the query of a ``sqlite:///`` URL (a relative path is
+    taken from the working directory now); ``what`` names the URL's use in errors."""
     parts = urlsplit(url)
-    if parts.netloc:
-        raise ConfigError(f"{what} sqlite:// takes a file path, not a host: {HELP}")
+    if parts.netloc or not url.lower().startswith("sqlite:///") or parts.fragment:
+        raise ConfigError(f"{what} {url!r} is not a sqlite:/// file URL: {HELP}")
     # As in SQLAlchemy: three slashes then a relative path, four for an absolute one.
-    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    path = unquote(parts.path[1:])
     if not path or path == ":memory:":
         raise ConfigError(f"{what} sqlite:// needs a database file ({HELP}); or memory://")
-    return path, dict(parse_qsl(parts.query))
+    return os.path.abspath(path), dict(parse_qsl(parts.query, keep_blank_values=True))
 
 
-def seconds_option(query: dict[str, str], name: str, default: float) -> float:
-    """Pop ``name`` from ``query`` as positive, finite seconds."""
+def absolute_url(url: str) -> str:
+    """``url`` with its path made absolute from the working directory now, so that every
+    later use means the same file (and logs say which)."""
+    path, _ = parse_url(url, "the URL")
+    query = urlsplit(url).query
+    return f"sqlite:///{quote(path)}" + (f"?{query}" if query else "")
+
+
+def seconds_option(query: dict[str, str], name: str, default: float, low: float) -> float:
+    """Pop ``name`` from ``query``: seconds, at least ``low``, finite."""
     raw = query.pop(name, None)
     if raw is None:
         return default
@@ -41,17 +59,17 @@ def seconds_option(query: dict[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"sqlite:// ?{name}= must be seconds, got {raw!r}") from None
-    if not 0 < value < float("inf"):
-        raise ConfigError(f"sqlite:// ?{name}= must be > 0 seconds, got {raw!r}")
+    if not low <= value < float("inf"):
+        raise ConfigError(f"sqlite:// ?{name}= must be at least {low} seconds, got {raw!r}")
     return value
 
 
 class SqliteFile:
-    """The file at ``path``, opened on first use in WAL mode with ``synchronous=NORMAL``
-    (durable across crashed processes; a power loss may drop the last commits), with
-    ``schema`` applied. An `sqlite3.OperationalError` (a lock held past ``busy_timeout``,
-    a full disk, a read-only file) is raised as ``unavailable``: the same call may work
-    later."""
+    """The file at ``path``, opened on first use (created with ``schema`` if it does not
+    exist) in WAL mode with ``synchronous=NORMAL``: durable across crashed processes; a
+    power loss may drop the last commits. A transient `sqlite3.Error` (a lock held past
+    ``busy_timeout``, a full disk) is raised as ``unavailable``, any other as a
+    `ConfigError` that names the file."""
 
     def __init__(
         self, path: str, *, schema: str, busy_timeout: float, unavailable: type[Exception]
@@ -61,65 +79,124 @@ class SqliteFile:
         self._busy_timeout = busy_timeout
         self._unavailable = unavailable
         self._db: sqlite3.Connection | None = None
-        self._thread: ThreadPoolExecutor | None = None
+        self._reader: sqlite3.Connection | None = None
+        # For the object's whole life, so every call, close included, runs in order.
+        self._writes = ThreadPoolExecutor(1, thread_name_prefix="aioworkers-sqlite")
+        self._reads = ThreadPoolExecutor(1, thread_name_prefix="aioworkers-sqlite-read")
 
-    def _connect(self) -> sqlite3.Connection:
-        directory = os.path.dirname(self.path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
+    def _open(self, *, setup: bool) -> sqlite3.Connection:
+        if setup:
+            try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(
+                    f"sqlite {self.path}: cannot create its directory: {exc}"
+                ) from None
         db = sqlite3.connect(
             self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
         )
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(self._schema)
+            if setup:
+                self._setup(db)
         except BaseException:
             db.close()
             raise
         return db
 
-    def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    def _setup(self, db: sqlite3.Connection) -> None:
+        # The switch to WAL does not wait on the busy timeout: processes opening a new
+        # file at once retry it here.
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                (mode,) = db.execute("PRAGMA journal_mode").fetchone()
+                if mode != "wal":
+                    (mode,) = db.execute("PRAGMA journal_mode=WAL").fetchone()
+                break
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorname not in _TRANSIENT or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        if mode != "wal":
+            raise ConfigError(
+                f"sqlite {self.path}: the file system does not support WAL mode ({mode}); "
+                "put the file on a local disk"
+            )
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
+        # Only takes effect on a new file; then `vacuum` gives freed pages back.
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        db.executescript(self._schema)
+
+    def _error(self, exc: sqlite3.Error) -> Exception:
+        if exc.sqlite_errorname in _TRANSIENT:
+            return self._unavailable(f"sqlite {self.path}: {exc}")
+        return ConfigError(f"sqlite {self.path}: {exc} ({exc.sqlite_errorname}); {HELP}")
+
+    def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         try:
             if self._db is None:
-                self._db = self._connect()
+                self._db = self._open(setup=True)
             return fn(self._db)
-        except sqlite3.OperationalError as exc:
-            raise self._unavailable(f"sqlite {self.path}: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+
+    def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        try:
+            if self._reader is None:
+                self._reader = self._open(setup=False)
+            db = self._reader
+            db.execute("BEGIN")  # one snapshot for every statement of ``fn``
+            try:
+                return fn(db)
+            finally:
+                db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
 
     def submit(self, fn: Callable[[sqlite3.Connection], _T]) -> asyncio.Future[_T]:
-        """Run ``fn(connection)`` on the file's thread; calls run one at a time, in order."""
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="aioworkers-sqlite")
-        return asyncio.get_running_loop().run_in_executor(self._thread, self._run, fn)
+        """Run ``fn(connection)`` on the writing thread; calls run one at a time, in order."""
+        return asyncio.get_running_loop().run_in_executor(self._writes, self._write, fn)
 
     async def call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         # A cancelled caller stops waiting; the thread still finishes the call (each is one
         # transaction), which is what a lost reply from a networked server looks like.
         return await self.submit(fn)
 
-    async def aclose(self) -> None:
-        """Close the connection; a later call opens it again."""
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
+    async def read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``fn(connection)`` in one read transaction on the reading thread."""
+        if self._db is None:
+            await self.call(lambda db: None)  # the writer creates the file and its tables
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reads, self._read, fn)
 
-        def close() -> None:
+    async def aclose(self) -> None:
+        """Close both connections, after every call already submitted; a later call opens
+        them again."""
+
+        def close_writer() -> None:
             db, self._db = self._db, None
             if db is not None:
                 db.close()
 
-        await asyncio.get_running_loop().run_in_executor(thread, close)
-        thread.shutdown(wait=False)
+        def close_reader() -> None:
+            db, self._reader = self._reader, None
+            if db is not None:
+                db.close()
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._reads, close_reader)
+        await loop.run_in_executor(self._writes, close_writer)
 
 
 @contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error: the write lock is
-    taken up front, so two processes never deadlock upgrading a read to a write."""
+def transaction(db: sqlite3.Connection) -> Iterator[float]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error; yields the time once
+    the write lock is held, so a lease written in it is not shortened by the wait. The lock
+    is taken up front, so two processes never deadlock upgrading a read to a write."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        yield
+        yield time.time()
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
+from ._sqlite import absolute_url
 from .brokers import Broker, DeadLetter, QueueDepth, check_url, open_broker
 from .envelope import DEFAULT_MAX_SIZE, Envelope, encode, new_id, now_ms, reset_attempt
 from .errors import ConfigError, redact
@@ -100,7 +101,8 @@ class App:
         if broker is None:
             broker = os.environ.get(ENV_BROKER_URL) or DEFAULT_BROKER_URL
         if isinstance(broker, str):
-            check_url(broker)
+            if check_url(broker) == "sqlite":
+                broker = absolute_url(broker)  # the file of the directory the app starts in
             self._broker_url = broker
             self._broker = None
         else:

@@ -310,6 +310,13 @@ def _require_shared_broker(app: App, what: str) -> None:
 def _warn_private_broker(app: App) -> None:
     if app.broker_name.startswith("memory:"):
         print("note: memory:// is private to this process; these are its numbers", file=sys.stderr)
+    path = getattr(app.broker, "path", None)
+    if app.broker_name.startswith("sqlite:") and path and not os.path.exists(path):
+        # Reading must not create an empty file that says "nothing queued".
+        raise UsageError(
+            f"no queue file at {path}: run this where the worker runs, or point both at one "
+            "file (--broker or AIOWORKERS_BROKER_URL=sqlite:////absolute/path.db)"
+        )
 
 
 COMMANDS: dict[str, Callable[[App, argparse.Namespace], Coroutine[Any, Any, int]]] = {

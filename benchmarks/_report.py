@@ -20,7 +20,12 @@ Row = dict[str, Any]
 Check = Callable[[float | None, float | None, float | None], bool | None]
 
 P99_TARGET_MS = 5.0
-RAW_CLIENT = {"redis": "redis.asyncio", "amqp": "aio-pika", "sqs": "aiobotocore"}
+RAW_CLIENT = {
+    "redis": "redis.asyncio",
+    "amqp": "aio-pika",
+    "sqs": "aiobotocore",
+    "sqlite": "sqlite3",
+}
 RSS_GROWTH_TARGET = 1.10
 # The most throughput telemetry may cost in W1, as 1 - jobs/s ratio to plain aioworkers:
 # with an SDK provider configured, and with aioworkers' instrumentation off.

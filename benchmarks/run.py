@@ -1,6 +1,6 @@
 """Benchmark harness: aioworkers against a raw client loop, same broker, same run.
 
-    python benchmarks/run.py [--quick | --smoke] [--only W1,W2] [--broker redis|amqp|sqs]
+    python benchmarks/run.py [--quick | --smoke] [--only W1,W2] [--broker redis|amqp|sqs|sqlite]
 
 Each workload runs for every side, each in its own fresh worker subprocess (so peak RSS
 is per side), with the sides' order rotating between repeats; every figure is reported
@@ -14,8 +14,9 @@ figure means.
 Every key this run creates lives under its own prefix ``aiowbench-<pid>-<random>:`` and is
 deleted after each trial and on exit; no other key is read or written. With ``--broker
 amqp`` the queues are named ``<prefix>.…`` and deleted after each trial; with ``--broker
-sqs`` the harness starts its own moto server (killed on exit). Completions are counted in
-Redis on every broker.
+sqs`` the harness starts its own moto server (killed on exit); with ``--broker sqlite`` each
+trial gets a fresh database file in a temporary directory, deleted after the trial.
+Completions are counted in Redis on every broker.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -37,6 +41,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from _child import Spec, run
+from _raw_sqlite import INSERT as SQLITE_INSERT
+from _raw_sqlite import SCHEMA as SQLITE_SCHEMA
+from _raw_sqlite import connect as sqlite_connect
 from _report import collect_meta, markdown, summarize, summarize_otel, write_chart
 
 import aioworkers
@@ -55,11 +62,21 @@ OTEL_SIDES = {
     "sampled": "aio-sampled",
 }
 OTEL_MODES = {side: mode for mode, side in OTEL_SIDES.items()}
-RAW_SIDES = {"redis": HERE / "_raw.py", "amqp": HERE / "_raw_amqp.py", "sqs": HERE / "_raw_sqs.py"}
+RAW_SIDES = {
+    "redis": HERE / "_raw.py",
+    "amqp": HERE / "_raw_amqp.py",
+    "sqs": HERE / "_raw_sqs.py",
+    "sqlite": HERE / "_raw_sqlite.py",
+}
 WORKLOADS = ("W0", "W1", "W2", "W3", "RSS")
-# RSS (queue depths of 50k-200k) is left out by default on the other brokers: filling
-# RabbitMQ with persistent confirmed messages, or moto at ~60 msg/s, takes too long.
-DEFAULT_WORKLOADS = {"redis": WORKLOADS, "amqp": WORKLOADS[:4], "sqs": WORKLOADS[:4]}
+# RSS (queue depths of 50k-200k) is left out by default on amqp and sqs: filling RabbitMQ
+# with persistent confirmed messages, or moto at ~60 msg/s, takes too long.
+DEFAULT_WORKLOADS = {
+    "redis": WORKLOADS,
+    "amqp": WORKLOADS[:4],
+    "sqs": WORKLOADS[:4],
+    "sqlite": WORKLOADS,
+}
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 SQS_ENV = {
     # Dummy credentials: the harness only ever talks to its own moto server on 127.0.0.1.
@@ -149,6 +166,9 @@ class Harness:
         self.amqp_url: str = args.amqp_url
         self.moto: subprocess.Popen[bytes] | None = None
         self.sqs_endpoint = ""
+        self.sqlite_dir = ""  # sqlite: this trial's temporary directory
+        self.sqlite_path = ""
+        self.sqlite: sqlite3.Connection | None = None  # the raw side's producer
         self.env = dict(os.environ)
         if self.broker == "amqp":
             self.broker_url = self.amqp_url
@@ -163,6 +183,8 @@ class Harness:
                     "prefix": f"{self.run_id}-",
                 }
             )
+        elif self.broker == "sqlite":
+            self.broker_url = "memory://"  # replaced by each trial's own file
         else:
             self.broker_url = with_query(self.url, prefix=f"{self.run_id}:aio")
         self.app = aioworkers.App(self.broker_url)
@@ -202,6 +224,7 @@ class Harness:
             await self.cleanup()
         finally:
             await self.app.aclose()
+            self.remove_sqlite_file()
             await self.redis.aclose()
             if self.amqp is not None:
                 await self.amqp.close()
@@ -233,9 +256,29 @@ class Harness:
             )
         return self.sqs
 
+    async def new_sqlite_file(self) -> None:
+        """sqlite: a fresh database file for the trial, and an app that enqueues to it."""
+        await self.app.aclose()
+        self.sqlite_dir = tempfile.mkdtemp(prefix=f"{self.run_id}-")
+        self.sqlite_path = os.path.join(self.sqlite_dir, "jobs.db")
+        self.broker_url = f"sqlite:///{self.sqlite_path}"  # an absolute path: four slashes
+        self.app = aioworkers.App(self.broker_url)
+
+    def remove_sqlite_file(self) -> None:
+        if self.sqlite is not None:
+            self.sqlite.close()
+            self.sqlite = None
+        if self.sqlite_dir:
+            shutil.rmtree(self.sqlite_dir, ignore_errors=True)
+            self.sqlite_dir = ""
+
     async def delete_queues(self, spec: Spec) -> None:
-        """amqp, sqs: delete the queues this trial declared (and nothing else)."""
-        if self.broker == "amqp":
+        """amqp, sqs: delete the queues this trial declared (and nothing else); sqlite:
+        close the trial's file and delete its directory."""
+        if self.broker == "sqlite":
+            await self.app.aclose()
+            self.remove_sqlite_file()
+        elif self.broker == "amqp":
             import aio_pika
 
             conn = await aio_pika.connect(self.amqp_url)
@@ -297,7 +340,11 @@ class Harness:
             concurrency=p.w2_concurrency if t.workload == "W2" else p.concurrency,
             timeout=p.timeout,
             stream=stream,
-            raw_url={"amqp": self.amqp_url, "sqs": self.sqs_endpoint}.get(self.broker, "")
+            raw_url={
+                "amqp": self.amqp_url,
+                "sqs": self.sqs_endpoint,
+                "sqlite": self.sqlite_path,
+            }.get(self.broker, "")
             if t.side == "raw"
             else "",
             broker_url=self.broker_url if t.side != "raw" else "",
@@ -309,6 +356,8 @@ class Harness:
         return spec, queued
 
     async def trial(self, t: Trial) -> dict[str, Any]:
+        if self.broker == "sqlite":
+            await self.new_sqlite_file()
         spec, queued = self.spec(t)
         try:
             if t.side == "raw":
@@ -341,12 +390,17 @@ class Harness:
             await channel.declare_queue(spec.stream, durable=True)
         elif self.broker == "sqs":
             await (await self.sqs_client()).create_queue(QueueName=spec.stream)
+        elif self.broker == "sqlite":
+            # As aioworkers' producer: WAL, synchronous=NORMAL (no fsync per commit).
+            self.sqlite = sqlite_connect(self.sqlite_path)
+            self.sqlite.executescript(SQLITE_SCHEMA)
         else:
             await self.redis.xgroup_create(spec.stream, GROUP, "0", mkstream=True)
 
     async def publish_raw(self, spec: Spec, bodies: list[bytes]) -> None:
         """The raw side's producer: XADD; persistent messages with publisher confirms;
-        SendMessageBatch."""
+        SendMessageBatch; an INSERT per message, one transaction per call (on the parent's
+        loop: the inserts are short, and the parent is not measured)."""
         if self.broker == "amqp":
             import aio_pika
 
@@ -370,6 +424,12 @@ class Harness:
                     for i, b in enumerate(bodies[start : start + 10])
                 ]
                 await sqs.send_message_batch(QueueUrl=url, Entries=entries)
+        elif self.broker == "sqlite":
+            assert self.sqlite is not None
+            now = time.time()
+            self.sqlite.execute("BEGIN IMMEDIATE")
+            self.sqlite.executemany(SQLITE_INSERT, [(spec.queue, b, now) for b in bodies])
+            self.sqlite.execute("COMMIT")
         else:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for b in bodies:
@@ -475,7 +535,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument("--quick", action="store_true", help="smaller numbers, one repeat")
     size.add_argument("--smoke", action="store_true", help="a few hundred jobs (the test)")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {WORKLOADS}")
-    parser.add_argument("--broker", default="redis", choices=["redis", "amqp", "sqs"])
+    parser.add_argument("--broker", default="redis", choices=list(RAW_SIDES))
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0", help="the Redis to use")
     parser.add_argument("--amqp-url", default=AMQP_URL, help="the RabbitMQ for --broker amqp")
     parser.add_argument(

@@ -18,6 +18,7 @@ the machine shares them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import time
@@ -31,6 +32,8 @@ from .._sqlite import SqliteFile, parse_url, seconds_option, transaction
 from ..errors import BrokerUnavailable, ConfigError, LeaseLost
 from .base import DeadLetter, Delivery, QueueDepth
 
+log = logging.getLogger("aioworkers")
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS aioworkers_messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -42,6 +45,8 @@ CREATE TABLE IF NOT EXISTS aioworkers_messages (
 );
 CREATE INDEX IF NOT EXISTS aioworkers_messages_visible
     ON aioworkers_messages (queue, visible_at, id);
+CREATE INDEX IF NOT EXISTS aioworkers_messages_leased
+    ON aioworkers_messages (queue, visible_at) WHERE lease IS NOT NULL;
 CREATE TABLE IF NOT EXISTS aioworkers_dead (
     entry INTEGER PRIMARY KEY AUTOINCREMENT,
     queue TEXT NOT NULL,
@@ -51,6 +56,7 @@ CREATE TABLE IF NOT EXISTS aioworkers_dead (
 CREATE INDEX IF NOT EXISTS aioworkers_dead_queue ON aioworkers_dead (queue, entry);
 """
 
+_ANY_READY = "SELECT 1 FROM aioworkers_messages WHERE queue = ? AND visible_at <= ? LIMIT 1"
 _TAKE = """
 UPDATE aioworkers_messages SET lease = ?, count = count + 1, visible_at = ?
 WHERE id IN (
@@ -59,36 +65,42 @@ WHERE id IN (
 )
 RETURNING id, body, count
 """
-
-_ANY_READY = "SELECT 1 FROM aioworkers_messages WHERE queue = ? AND visible_at <= ? LIMIT 1"
-
-_DEPTH = """
-SELECT
-    COALESCE(SUM(visible_at <= :now), 0),
-    COALESCE(SUM(visible_at > :now AND lease IS NOT NULL), 0),
-    COALESCE(SUM(visible_at > :now AND lease IS NULL), 0)
-FROM aioworkers_messages WHERE queue = :queue
-"""
-
 _DELETE_OWNED = "DELETE FROM aioworkers_messages WHERE id = ? AND lease = ?"
 _INSERT = "INSERT INTO aioworkers_messages (queue, body, visible_at) VALUES (?, ?, ?)"
+_EXTEND = "UPDATE aioworkers_messages SET visible_at = ? WHERE id = ? AND lease = ?"
+_RELEASE = (
+    "UPDATE aioworkers_messages SET lease = NULL, visible_at = 0, count = count - 1 "
+    "WHERE id = ? AND lease = ?"
+)
+# Each a range count on an index: ready, not yet visible (delayed or leased), leased.
+_COUNT_READY = "SELECT COUNT(*) FROM aioworkers_messages WHERE queue = ? AND visible_at <= ?"
+_COUNT_LATER = "SELECT COUNT(*) FROM aioworkers_messages WHERE queue = ? AND visible_at > ?"
+_COUNT_LEASED = (
+    "SELECT COUNT(*) FROM aioworkers_messages "
+    "WHERE queue = ? AND visible_at > ? AND lease IS NOT NULL"
+)
+_COUNT_DEAD = "SELECT COUNT(*) FROM aioworkers_dead WHERE queue = ?"
+
+# How often an idle broker gives the pages that drained jobs freed back to the disk.
+VACUUM_EVERY = 60.0
 
 
 class SqliteBroker:
-    """``sqlite:///path/to/jobs.db[?poll=0.05&timeout=5]``
+    """``sqlite:///path/to/jobs.db[?poll=0.05&timeout=5]`` (a relative path is taken from
+    the working directory when the broker is created).
 
     ``poll``: how often an idle fetch looks for work another process added (seconds;
     work added in this process wakes it at once). ``timeout``: how long a call waits for
     another process's write lock before the call fails as `BrokerUnavailable` (and the
-    runtime backs off and retries). The file and its tables are created on first use, in
-    WAL mode with ``synchronous=NORMAL``: durable across crashed processes; a power loss
-    may drop the last commits.
+    runtime backs off and retries). The file and its tables are created on first use.
+    Times are the machine's wall clock: a clock stepped back by an hour hides a dead
+    worker's jobs that much longer.
     """
 
     def __init__(self, url: str, *, visibility_timeout: float = 30.0) -> None:
         path, query = parse_url(url, "the broker URL")
-        self.poll = seconds_option(query, "poll", 0.05)
-        busy_timeout = seconds_option(query, "timeout", 5.0)
+        self.poll = seconds_option(query, "poll", 0.05, low=0.001)
+        busy_timeout = seconds_option(query, "timeout", 5.0, low=0.001)
         if query:
             raise ConfigError(
                 f"sqlite:// has no option {sorted(query)[0]!r} (known: poll, timeout)"
@@ -100,9 +112,20 @@ class SqliteBroker:
         )
         self._call = self._file.call
         self._wake: dict[str, asyncio.Event] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._vacuum_at = 0.0
 
     def __repr__(self) -> str:
         return f"<SqliteBroker {self.path}>"
+
+    def _waiter(self, queue: str) -> asyncio.Event:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # an event belongs to the loop that first waits on it
+            self._loop, self._wake = loop, {}
+        event = self._wake.get(queue)
+        if event is None:
+            event = self._wake[queue] = asyncio.Event()
+        return event
 
     def _notify(self, queue: str) -> None:
         event = self._wake.pop(queue, None)
@@ -114,12 +137,12 @@ class SqliteBroker:
     async def publish(self, queue: str, bodies: Sequence[bytes], *, delay: float = 0.0) -> None:
         if not bodies:
             return
-        visible_at = time.time() + max(delay, 0.0)
-        rows = [(queue, bytes(body), visible_at) for body in bodies]
+        payloads = [bytes(body) for body in bodies]
 
         def insert(db: sqlite3.Connection) -> None:
-            with transaction(db):
-                db.executemany(_INSERT, rows)
+            with transaction(db) as now:
+                visible_at = now + max(delay, 0.0)
+                db.executemany(_INSERT, [(queue, body, visible_at) for body in payloads])
 
         await self._call(insert)
         self._notify(queue)
@@ -128,7 +151,7 @@ class SqliteBroker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            wake = self._wake.setdefault(queue, asyncio.Event())
+            wake = self._waiter(queue)
             got = await self._take(queue, max_messages)
             remaining = deadline - loop.time()
             if got or remaining <= 0:
@@ -141,33 +164,43 @@ class SqliteBroker:
                 pass
 
     async def _take(self, queue: str, max_messages: int) -> list[Delivery]:
+        if max_messages <= 0:
+            return []
         token = os.urandom(8).hex()
+        vacuum = time.monotonic() > self._vacuum_at
 
         def take(db: sqlite3.Connection) -> list[tuple[int, bytes, int]]:
-            now = time.time()
             # Read first (no lock in WAL mode): idle workers polling an empty queue must
             # not queue up for the write lock.
-            if db.execute(_ANY_READY, (queue, now)).fetchone() is None:
+            if db.execute(_ANY_READY, (queue, time.time())).fetchone() is None:
+                if vacuum:
+                    db.execute("PRAGMA incremental_vacuum(1000)")
                 return []
-            until = now + self.visibility_timeout
-            rows = db.execute(_TAKE, (token, until, queue, now, max_messages)).fetchall()
-            return sorted(rows)
+            with transaction(db) as now:
+                # The lease starts once the lock is held: a wait for it must not shorten
+                # the lease (or hand out one that is already over).
+                args = (token, now + self.visibility_timeout, queue, now, max_messages)
+                return sorted(db.execute(_TAKE, args).fetchall())
 
+        if vacuum:
+            self._vacuum_at = time.monotonic() + VACUUM_EVERY
         future = self._file.submit(take)
         try:
             rows = await asyncio.shield(future)
         except asyncio.CancelledError:
             # The rows are leased in the thread whatever happens here: hand them back.
-            future.add_done_callback(partial(self._hand_back, queue, token))
+            future.add_done_callback(partial(self._hand_back, token))
             raise
         return [Delivery(queue, str(i), body, count, token) for i, body, count in rows]
 
-    def _hand_back(self, queue: str, token: str, future: asyncio.Future[Any]) -> None:
+    def _hand_back(self, token: str, future: asyncio.Future[list[tuple[int, bytes, int]]]) -> None:
         if future.cancelled() or future.exception() is not None:
             return
         pairs = [(str(i), token) for i, _, _ in future.result()]
         if pairs:
-            self._file.submit(partial(_release, pairs))
+            # If this fails too, the rows come back when their lease lapses.
+            released = self._file.submit(partial(_release, pairs))
+            released.add_done_callback(_log_failed_hand_back)
 
     async def stop_fetching(self, queue: str) -> None:
         """Nothing to hand back: rows are only taken by `fetch`."""
@@ -175,28 +208,30 @@ class SqliteBroker:
     async def ack(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         if not deliveries:
             return []
-        pairs = [(d.message_id, d.token) for d in deliveries]
+        pairs = [(int(d.message_id), d.token) for d in deliveries]
 
         def delete(db: sqlite3.Connection) -> list[int]:
             with transaction(db):
                 return [
                     i
-                    for i, (mid, token) in enumerate(pairs)
-                    if db.execute(_DELETE_OWNED, (int(mid), token)).rowcount == 0
+                    for i, pair in enumerate(pairs)
+                    if db.execute(_DELETE_OWNED, pair).rowcount == 0
                 ]
 
         lost = await self._call(delete)
         return [deliveries[i] for i in lost]
 
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> None:
-        row = (delivery.queue, bytes(body), time.time() + max(delay, 0.0))
+        payload = bytes(body)
 
         def replace(db: sqlite3.Connection) -> bool:
-            with transaction(db):
-                if db.execute(_DELETE_OWNED, (int(delivery.message_id), delivery.token)).rowcount:
-                    db.execute(_INSERT, row)
-                    return True
-                return False
+            with transaction(db) as now:
+                if not db.execute(
+                    _DELETE_OWNED, (int(delivery.message_id), delivery.token)
+                ).rowcount:
+                    return False
+                db.execute(_INSERT, (delivery.queue, payload, now + max(delay, 0.0)))
+                return True
 
         if not await self._call(replace):
             raise LeaseLost(f"{delivery!r} is no longer leased by this worker")
@@ -212,19 +247,14 @@ class SqliteBroker:
     async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:
         if not deliveries:
             return []
-        pairs = [(d.message_id, d.token) for d in deliveries]
+        pairs = [(int(d.message_id), d.token) for d in deliveries]
 
         def extend(db: sqlite3.Connection) -> list[int]:
-            until = time.time() + visibility
-            with transaction(db):
+            with transaction(db) as now:
                 return [
                     i
                     for i, (mid, token) in enumerate(pairs)
-                    if db.execute(
-                        "UPDATE aioworkers_messages SET visible_at = ? WHERE id = ? AND lease = ?",
-                        (until, int(mid), token),
-                    ).rowcount
-                    == 0
+                    if db.execute(_EXTEND, (now + visibility, mid, token)).rowcount == 0
                 ]
 
         lost = await self._call(extend)
@@ -251,33 +281,34 @@ class SqliteBroker:
 
     async def depth(self, queue: str) -> QueueDepth:
         def count(db: sqlite3.Connection) -> QueueDepth:
-            ready, in_flight, delayed = db.execute(
-                _DEPTH, {"now": time.time(), "queue": queue}
-            ).fetchone()
-            (dead,) = db.execute(
-                "SELECT COUNT(*) FROM aioworkers_dead WHERE queue = ?", (queue,)
-            ).fetchone()
-            return QueueDepth(int(ready), int(in_flight), int(delayed), int(dead))
+            now = time.time()
+            ((ready,),) = db.execute(_COUNT_READY, (queue, now))
+            ((later,),) = db.execute(_COUNT_LATER, (queue, now))
+            ((leased,),) = db.execute(_COUNT_LEASED, (queue, now))
+            ((dead,),) = db.execute(_COUNT_DEAD, (queue,))
+            return QueueDepth(ready, leased, later - leased, dead)
 
-        return await self._call(count)
+        return await self._file.read(count)
 
     async def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetter]:
         def read(db: sqlite3.Connection) -> list[tuple[int, bytes, bytes]]:
             return db.execute(
                 "SELECT entry, body, facts FROM aioworkers_dead WHERE queue = ? "
                 "ORDER BY entry LIMIT ?",
-                (queue, limit),
+                (queue, max(limit, 0)),
             ).fetchall()
 
         return [
             DeadLetter.from_facts(
                 _getter(orjson.loads(raw)), queue=queue, entry_id=str(entry), body=bytes(body)
             )
-            for entry, body, raw in await self._call(read)
+            for entry, body, raw in await self._file.read(read)
         ]
 
     async def remove_dead_letters(self, queue: str, entry_ids: Collection[str] | None) -> int:
-        wanted = None if entry_ids is None else [int(e) for e in entry_ids if e.isdigit()]
+        wanted = None
+        if entry_ids is not None:
+            wanted = [(queue, int(e)) for e in entry_ids if e.isascii() and e.isdigit()]
 
         def remove(db: sqlite3.Connection) -> int:
             with transaction(db):
@@ -286,15 +317,16 @@ class SqliteBroker:
                     return int(cur.rowcount)
                 return sum(
                     db.execute(
-                        "DELETE FROM aioworkers_dead WHERE queue = ? AND entry = ?", (queue, e)
+                        "DELETE FROM aioworkers_dead WHERE queue = ? AND entry = ?", pair
                     ).rowcount
-                    for e in wanted
+                    for pair in wanted
                 )
 
         return await self._call(remove)
 
     async def aclose(self) -> None:
-        """Close the file; a later call opens it again."""
+        """Close the file once the calls already made are done; a later call opens it
+        again."""
         await self._file.aclose()
 
 
@@ -310,8 +342,13 @@ def _release(pairs: list[tuple[str, str]], db: sqlite3.Connection) -> None:
     """Make leased rows ready again at once, first in line, without counting the delivery
     (a hand-back at shutdown must never push a job toward max_deliveries)."""
     with transaction(db):
-        db.executemany(
-            "UPDATE aioworkers_messages SET lease = NULL, visible_at = 0, count = count - 1 "
-            "WHERE id = ? AND lease = ?",
-            [(int(mid), token) for mid, token in pairs],
+        db.executemany(_RELEASE, [(int(mid), token) for mid, token in pairs])
+
+
+def _log_failed_hand_back(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning(
+            "could not hand back the rows of a cancelled fetch; they come back when their "
+            "lease lapses: %s",
+            future.exception(),
         )

@@ -25,10 +25,17 @@ CREATE INDEX IF NOT EXISTS aioworkers_idempotency_expires ON aioworkers_idempote
 """
 
 _HELD = "key = ? AND owner = ? AND expires > ?"
+_RELEASE = f"DELETE FROM aioworkers_idempotency WHERE {_HELD}"
 _COMPLETE = f"UPDATE aioworkers_idempotency SET owner = NULL, expires = ? WHERE {_HELD}"
 
-# Lapsed rows nobody looks up again are swept once per this many claims.
-SWEEP_EVERY = 1000
+# Lapsed rows nobody looks up again are swept this often (seconds), a bounded batch at a
+# time so that the sweep never holds the file's write lock long.
+SWEEP_EVERY = 60.0
+SWEEP_BATCH = 1000
+_SWEEP = (
+    "DELETE FROM aioworkers_idempotency WHERE rowid IN "
+    "(SELECT rowid FROM aioworkers_idempotency WHERE expires <= ? LIMIT ?)"
+)
 
 
 class SqliteStore:
@@ -38,7 +45,7 @@ class SqliteStore:
 
     def __init__(self, url: str) -> None:
         path, query = parse_url(url, "the idempotency store URL")
-        busy_timeout = seconds_option(query, "timeout", 5.0)
+        busy_timeout = seconds_option(query, "timeout", 5.0, low=0.001)
         query.pop("poll", None)  # the broker's option, when the store shares its URL
         if query:
             raise ConfigError(
@@ -48,21 +55,21 @@ class SqliteStore:
         self._file = SqliteFile(
             path, schema=_SCHEMA, busy_timeout=busy_timeout, unavailable=StoreUnavailable
         )
-        self._claims = 0
+        self._sweep_at = 0.0  # the first claim sweeps: short-lived processes sweep too
 
     def __repr__(self) -> str:
         return f"<SqliteStore {self.path}>"
 
     async def claim(self, key: str, owner: str, *, lease: float) -> ClaimResult:
         check_times(lease=lease)
-        self._claims += 1
-        sweep = self._claims % SWEEP_EVERY == 0
+        sweep = time.monotonic() > self._sweep_at
+        if sweep:
+            self._sweep_at = time.monotonic() + SWEEP_EVERY
 
         def claim(db: sqlite3.Connection) -> ClaimResult:
-            now = time.time()
-            with transaction(db):
+            with transaction(db) as now:
                 if sweep:
-                    db.execute("DELETE FROM aioworkers_idempotency WHERE expires <= ?", (now,))
+                    db.execute(_SWEEP, (now, SWEEP_BATCH))
                 row = db.execute(
                     "SELECT owner FROM aioworkers_idempotency WHERE key = ? AND expires > ?",
                     (key, now),
@@ -86,8 +93,7 @@ class SqliteStore:
             return []
 
         def extend(db: sqlite3.Connection) -> list[tuple[str, str]]:
-            now = time.time()
-            with transaction(db):
+            with transaction(db) as now:
                 return [
                     (key, owner)
                     for key, owner in claims
@@ -104,21 +110,18 @@ class SqliteStore:
         check_times(ttl=ttl)
 
         def complete(db: sqlite3.Connection) -> bool:
-            now = time.time()
-            with transaction(db):
+            with transaction(db) as now:
                 return bool(db.execute(_COMPLETE, (now + ttl, key, owner, now)).rowcount)
 
         return await self._file.call(complete)
 
     async def release(self, key: str, owner: str) -> bool:
         def release(db: sqlite3.Connection) -> bool:
-            with transaction(db):
-                return bool(
-                    db.execute(
-                        f"DELETE FROM aioworkers_idempotency WHERE {_HELD}",
-                        (key, owner, time.time()),
-                    ).rowcount
+            with transaction(db) as now:
+                cur = db.execute(
+                    f"DELETE FROM aioworkers_idempotency WHERE {_HELD}", (key, owner, now)
                 )
+                return bool(cur.rowcount)
 
         return await self._file.call(release)
 

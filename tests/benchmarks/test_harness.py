@@ -1,5 +1,6 @@
 """The benchmark harness runs end to end in its smallest mode, against the real Redis, so
-it cannot rot: both sides, every workload, the report files, and no key left behind."""
+it cannot rot: both sides, every workload, the report files, and no key left behind. On
+SQLite too (no server beyond the Redis that counts completions): no file left behind."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,10 +22,21 @@ URL = f"redis://{REDIS.host}:{REDIS.port}/0"
 
 
 @pytest.mark.timeout(180)
-def test_smoke_run_reports_every_workload_for_both_sides(tmp_path: Path) -> None:
+@pytest.mark.parametrize("broker", ["redis", "sqlite"])
+def test_smoke_run_reports_every_workload_for_both_sides(tmp_path: Path, broker: str) -> None:
     ensure(REDIS)
     proc = subprocess.run(
-        [sys.executable, str(RUN), "--smoke", "--url", URL, "--out", str(tmp_path)],
+        [
+            sys.executable,
+            str(RUN),
+            "--smoke",
+            "--broker",
+            broker,
+            "--url",
+            URL,
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=170,
@@ -32,8 +45,10 @@ def test_smoke_run_reports_every_workload_for_both_sides(tmp_path: Path) -> None
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
-    doc = json.loads((tmp_path / "smoke.json").read_text())
+    name = "smoke" if broker == "redis" else f"{broker}-smoke"
+    doc = json.loads((tmp_path / f"{name}.json").read_text())
     records = doc["records"]
+    assert doc["meta"]["broker"] == broker
     assert {(r["workload"], r["side"]) for r in records} == {
         (w, s) for w in ("W0", "W1", "W2", "W3", "RSS") for s in ("raw", "aioworkers")
     }
@@ -52,20 +67,22 @@ def test_smoke_run_reports_every_workload_for_both_sides(tmp_path: Path) -> None
     for key in ("W0.rate", "W1.rate", "W2.efficiency", "W3.p99", "W1.rss", "RSS.growth"):
         assert rows[key]["raw"] is not None, key
         assert rows[key]["aioworkers"] is not None, key
-    assert "| W1 no-op throughput |" in (tmp_path / "smoke.md").read_text()
+    assert "| W1 no-op throughput |" in (tmp_path / f"{name}.md").read_text()
     assert "| W1 no-op throughput |" in proc.stdout
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         pass
     else:
-        assert (tmp_path / "smoke.png").stat().st_size > 0
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
 
     client = redis.Redis.from_url(URL)
     try:
         assert list(client.scan_iter(match=f"{doc['meta']['prefix']}:*")) == []
     finally:
         client.close()
+    # sqlite: each trial's database lived in a temporary directory named after the run.
+    assert list(Path(tempfile.gettempdir()).glob(f"{doc['meta']['prefix']}-*")) == []
 
 
 @pytest.mark.timeout(120)

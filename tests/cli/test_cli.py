@@ -58,6 +58,8 @@ def _env(seed: str) -> dict[str, str]:
         (["enqueue", "cliapp:app", "nap", "--kwargs", "[]"], "expected a JSON dict"),
         (["enqueue", "cliapp:app", "nap", "--args", "[1]"], "memory:// broker lives inside"),
         (["dlq", "list"], "required: MODULE:ATTR"),
+        (["stats", "cliapp:app", "--broker", "sqlite:///nowhere/jobs.db"], "no queue file at"),
+        (["dlq", "list", "cliapp:app", "--broker", "sqlite:///nowhere/jobs.db"], "no queue file"),
     ],
 )
 def test_bad_invocations_fail_with_one_line_and_exit_2(argv: list[str], message: str) -> None:
@@ -69,6 +71,7 @@ def test_bad_invocations_fail_with_one_line_and_exit_2(argv: list[str], message:
     assert message in lines[0]
     assert "Traceback" not in result.stderr
     assert "hunter2" not in result.stderr
+    assert not (APPS / "nowhere").exists()  # reading created no empty queue file
 
 
 def test_run_burst_runs_jobs_and_dead_letters_bad_ones() -> None:

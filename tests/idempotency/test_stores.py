@@ -194,7 +194,7 @@ def test_open_store_by_url() -> None:
 
     assert isinstance(open_store("memory://"), MemoryStore)
     assert isinstance(open_store("sqlite:///jobs.db"), SqliteStore)
-    with pytest.raises(ConfigError, match="needs a database file"):
+    with pytest.raises(ConfigError, match="not a sqlite:/// file URL"):
         open_store("sqlite://")
     with pytest.raises(ConfigError, match="no option 'prefix'"):
         open_store("sqlite:///jobs.db?prefix=x")

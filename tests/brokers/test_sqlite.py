@@ -1,0 +1,166 @@
+"""What the conformance suite cannot say about sqlite://: URLs, errors that name the fix,
+leases that a wait for the lock does not shorten, closing under load, several processes
+on one new file, and reads that do not queue behind the writer."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from aioworkers import App, BrokerUnavailable, ConfigError, QueueDepth
+from aioworkers.brokers.sqlite import SqliteBroker
+
+from .conftest import fetch_n
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite://", "not a sqlite:/// file URL"),
+        ("sqlite:///", "needs a database file"),
+        ("sqlite:///:memory:", "needs a database file"),
+        ("sqlite://host/jobs.db", "not a sqlite:/// file URL"),
+        ("sqlite:/tmp/jobs.db", "not a sqlite:/// file URL"),
+        ("sqlite:///jobs#1.db", "not a sqlite:/// file URL"),
+        ("sqlite:///jobs.db?poll", "?poll= must be seconds"),
+        ("sqlite:///jobs.db?poll=0", "?poll= must be at least 0.001"),
+        ("sqlite:///jobs.db?poll=nan", "?poll= must be at least"),
+        ("sqlite:///jobs.db?timeout=-1", "?timeout= must be at least"),
+        ("sqlite:///jobs.db?prefix=x", "no option 'prefix'"),
+    ],
+)
+def test_bad_urls_fail_at_start_up_saying_what_to_fix(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("?", r"\?")):
+        App(url).broker  # noqa: B018
+
+
+def test_paths_are_absolute_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert SqliteBroker("sqlite:///jobs.db").path == str(tmp_path / "jobs.db")
+    assert SqliteBroker("sqlite:///sub/my%20jobs.db").path == str(tmp_path / "sub/my jobs.db")
+    assert SqliteBroker("sqlite:////var/tmp/x.db").path == "/var/tmp/x.db"
+    # The default: a file where the app was created, even if the process moves later.
+    app = App()
+    monkeypatch.chdir("/")
+    broker = app.broker
+    assert isinstance(broker, SqliteBroker)
+    assert broker.path == str(tmp_path / "aioworkers.db")
+
+
+async def test_a_path_that_is_no_database_file_is_a_config_error(tmp_path: Path) -> None:
+    not_a_db = tmp_path / "app.py"
+    not_a_db.write_text("print('hello')\n" * 100)
+    for path, message in [
+        (not_a_db, "not a database"),
+        (tmp_path, "unable to open"),
+        (not_a_db / "jobs.db", "cannot create its directory"),
+    ]:
+        broker = SqliteBroker(f"sqlite:///{path}")
+        with pytest.raises(ConfigError, match=message) as info:
+            await broker.publish("q", [b"x"])
+        assert str(path) in str(info.value)
+        await broker.aclose()
+
+
+async def test_a_lock_held_past_the_timeout_is_broker_unavailable(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/jobs.db?timeout=0.1"
+    broker = SqliteBroker(url)
+    await broker.publish("q", [b"x"])  # creates the file
+    other = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(BrokerUnavailable, match="locked"):
+            await broker.publish("q", [b"y"])
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    await broker.publish("q", [b"y"])
+    assert await broker.depth("q") == QueueDepth(ready=2)
+    await broker.aclose()
+
+
+async def test_a_wait_for_the_lock_does_not_shorten_the_lease(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    broker = SqliteBroker(f"sqlite:///{path}", visibility_timeout=0.5)
+    await broker.publish("q", [b"job"])
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    # Longer than the lease: a lease timed from before the wait would be over on arrival.
+    unlock = threading.Timer(0.8, lambda: other.execute("COMMIT"))
+    unlock.start()
+    try:
+        (mine,) = await broker.fetch("q", max_messages=1, wait=0)
+    finally:
+        unlock.join()
+        other.close()
+    assert await broker.fetch("q", max_messages=1, wait=0) == []  # still leased
+    assert await broker.ack([mine]) == []
+    await broker.aclose()
+
+
+async def test_calls_made_while_closing_run_in_order_and_reopen(tmp_path: Path) -> None:
+    broker = SqliteBroker(f"sqlite:///{tmp_path}/jobs.db")
+    await broker.publish("q", [b"%d" % i for i in range(50)])
+    got = await fetch_n(broker, "q", 50, within=2)
+    closing = asyncio.ensure_future(broker.aclose())
+    acks = [asyncio.ensure_future(broker.ack([d])) for d in got]
+    await closing
+    assert await asyncio.gather(*acks) == [[]] * 50
+    assert await broker.depth("q") == QueueDepth()
+    await broker.aclose()
+    assert [t.name for t in threading.enumerate()].count("aioworkers-sqlite_0") <= 1
+
+
+def _open_and_publish(path: str, start: float) -> None:
+    async def main() -> None:
+        broker = SqliteBroker(f"sqlite:///{path}")
+        await broker.publish("q", [b"x"])
+        await broker.aclose()
+
+    time.sleep(max(0.0, start - time.time()))
+    asyncio.run(main())
+
+
+async def test_processes_creating_one_new_file_at_once_all_succeed(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    start = time.time() + 1.5  # after the interpreters are up, all at once
+    procs = [
+        ctx.Process(target=_open_and_publish, args=(str(tmp_path / "new.db"), start))
+        for _ in range(6)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        await asyncio.to_thread(p.join, 30)
+    assert [p.exitcode for p in procs] == [0] * 6
+    broker = SqliteBroker(f"sqlite:///{tmp_path}/new.db")
+    assert await broker.depth("q") == QueueDepth(ready=6)
+    await broker.aclose()
+
+
+async def test_depth_does_not_hold_up_fetches(tmp_path: Path) -> None:
+    broker = SqliteBroker(f"sqlite:///{tmp_path}/jobs.db")
+    for _ in range(20):
+        await broker.publish("q", [b"x" * 10] * 10_000)
+    started = time.perf_counter()
+    depth = asyncio.ensure_future(broker.depth("q"))
+    got = await broker.fetch("q", max_messages=10, wait=0)
+    fetched_in = time.perf_counter() - started
+    assert (await depth).ready + len(got) >= 200_000 - 10
+    assert len(got) == 10
+    # The count runs on the reading connection: the fetch does not wait for it.
+    assert fetched_in < 0.05, fetched_in
+    await broker.aclose()
+
+
+def test_the_default_broker_is_a_file_shared_by_processes(tmp_path: Path) -> None:
+    assert os.path.basename(SqliteBroker("sqlite:///aioworkers.db").path) == "aioworkers.db"
