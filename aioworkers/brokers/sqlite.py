@@ -22,6 +22,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from typing import Any
@@ -54,6 +55,12 @@ CREATE TABLE IF NOT EXISTS aioworkers_dead (
     facts BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS aioworkers_dead_queue ON aioworkers_dead (queue, entry);
+CREATE TABLE IF NOT EXISTS aioworkers_totals (
+    queue TEXT PRIMARY KEY,
+    added INTEGER NOT NULL DEFAULT 0,
+    removed INTEGER NOT NULL DEFAULT 0,
+    dead INTEGER NOT NULL DEFAULT 0
+);
 """
 
 _ANY_READY = "SELECT 1 FROM aioworkers_messages WHERE queue = ? AND visible_at <= ? LIMIT 1"
@@ -80,6 +87,13 @@ _COUNT_LEASED = (
     "WHERE queue = ? AND visible_at > ? AND lease IS NOT NULL"
 )
 _COUNT_DEAD = "SELECT COUNT(*) FROM aioworkers_dead WHERE queue = ?"
+_TOTALS = """
+INSERT INTO aioworkers_totals (queue, added, removed, dead) VALUES (?, ?, ?, ?)
+ON CONFLICT (queue) DO UPDATE SET
+    added = added + excluded.added,
+    removed = removed + excluded.removed,
+    dead = dead + excluded.dead
+"""
 
 # How often an idle broker gives the pages that drained jobs freed back to the disk.
 VACUUM_EVERY = 60.0
@@ -143,6 +157,7 @@ class SqliteBroker:
             with transaction(db) as now:
                 visible_at = now + max(delay, 0.0)
                 db.executemany(_INSERT, [(queue, body, visible_at) for body in payloads])
+                db.execute(_TOTALS, (queue, len(payloads), 0, 0))
 
         await self._call(insert)
         self._notify(queue)
@@ -212,11 +227,10 @@ class SqliteBroker:
 
         def delete(db: sqlite3.Connection) -> list[int]:
             with transaction(db):
-                return [
-                    i
-                    for i, pair in enumerate(pairs)
-                    if db.execute(_DELETE_OWNED, pair).rowcount == 0
-                ]
+                deleted = [db.execute(_DELETE_OWNED, pair).rowcount for pair in pairs]
+                removed = Counter(d.queue for d, n in zip(deliveries, deleted, strict=True) if n)
+                db.executemany(_TOTALS, [(q, 0, n, 0) for q, n in removed.items()])
+            return [i for i, n in enumerate(deleted) if n == 0]
 
         lost = await self._call(delete)
         return [deliveries[i] for i in lost]
@@ -231,6 +245,7 @@ class SqliteBroker:
                 ).rowcount:
                     return False
                 db.execute(_INSERT, (delivery.queue, payload, now + max(delay, 0.0)))
+                db.execute(_TOTALS, (delivery.queue, 1, 1, 0))
                 return True
 
         if not await self._call(replace):
@@ -274,6 +289,7 @@ class SqliteBroker:
                     "INSERT INTO aioworkers_dead (queue, body, facts) VALUES (?, ?, ?)",
                     (delivery.queue, delivery.body, facts),
                 )
+                db.execute(_TOTALS, (delivery.queue, 0, 1, 1))
                 return True
 
         if not await self._call(move):
@@ -289,6 +305,21 @@ class SqliteBroker:
             return QueueDepth(ready, leased, later - leased, dead)
 
         return await self._file.read(count)
+
+    async def totals(self, queue: str) -> dict[str, int]:
+        """Counters for rates (``aioworkers stats --watch``), not part of the Broker
+        protocol: ``added``, jobs ever written to the queue (enqueued, and retries);
+        ``left``, those that left it (acked, retried or dead-lettered); ``dead``, dead
+        letters ever written. Kept in the file, with the jobs."""
+
+        def read(db: sqlite3.Connection) -> dict[str, int]:
+            row = db.execute(
+                "SELECT added, removed, dead FROM aioworkers_totals WHERE queue = ?", (queue,)
+            ).fetchone()
+            added, left, dead = row or (0, 0, 0)
+            return {"added": added, "left": left, "dead": dead}
+
+        return await self._file.read(read)
 
     async def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetter]:
         def read(db: sqlite3.Connection) -> list[tuple[int, bytes, bytes]]:

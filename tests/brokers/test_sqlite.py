@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from aioworkers import App, BrokerUnavailable, ConfigError, QueueDepth
+from aioworkers import App, BrokerUnavailable, ConfigError, DeadLetter, QueueDepth
 from aioworkers.brokers.sqlite import SqliteBroker
 
 from .conftest import fetch_n
@@ -164,3 +164,20 @@ async def test_depth_does_not_hold_up_fetches(tmp_path: Path) -> None:
 
 def test_the_default_broker_is_a_file_shared_by_processes(tmp_path: Path) -> None:
     assert os.path.basename(SqliteBroker("sqlite:///aioworkers.db").path) == "aioworkers.db"
+
+
+async def test_totals_count_what_entered_and_left_each_queue(tmp_path: Path) -> None:
+    broker = SqliteBroker(f"sqlite:///{tmp_path}/jobs.db")
+    await broker.publish("q", [b"a", b"b", b"c"])
+    await broker.publish("other", [b"x"])
+    a, b, c = await fetch_n(broker, "q", 3, within=2)
+    await broker.ack([a])
+    await broker.retry(b, body=b"b again", delay=0)
+    await broker.dead_letter(
+        c, DeadLetter(id="c", task="t", reason="rejected", error=None, attempts=1)
+    )
+    assert await broker.ack([a]) == [a]  # refused: counted once
+    assert await broker.totals("q") == {"added": 4, "left": 3, "dead": 1}
+    assert await broker.totals("other") == {"added": 1, "left": 0, "dead": 0}
+    assert await broker.totals("nothing") == {"added": 0, "left": 0, "dead": 0}
+    await broker.aclose()
