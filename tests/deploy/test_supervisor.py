@@ -136,9 +136,11 @@ class Ledger:
         return {int(m) for m in self.client.smembers(f"{self.prefix}:ledger:pids")}
 
 
-def enqueue(prefix: str, count: int, seconds: float, leak_mb: int = 0) -> list[str]:
+def enqueue(
+    prefix: str, count: int, seconds: float, leak_mb: int = 0, url: str | None = None
+) -> list[str]:
     async def go() -> list[str]:
-        async with aioworkers.App(f"{REDIS_URL}?prefix={prefix}") as app:
+        async with aioworkers.App(url or f"{REDIS_URL}?prefix={prefix}") as app:
             calls = [Call("work", (seconds, leak_mb)) for _ in range(count)]
             return await app.enqueue_many(calls)
 
@@ -226,10 +228,17 @@ def test_exit_descriptions(rc: int, text: str) -> None:
 # -- horizontal scaling and recycling, on real Redis ------------------------------------------
 
 
+@pytest.mark.parametrize("broker", ["redis", "sqlite"])
 def test_three_processes_share_a_queue_and_a_killed_child_is_replaced(
-    start: Callable[..., Supervised], prefix: str
+    start: Callable[..., Supervised], prefix: str, broker: str, tmp_path: Path
 ) -> None:
+    # On sqlite:// the three children share one file: the embedded default, scaled out on
+    # one machine. The ledger stays in Redis either way.
     url = f"{REDIS_URL}?prefix={prefix}"
+    env = {"DEPLOY_BROKER_URL": url}
+    if broker == "sqlite":
+        url = f"sqlite:///{tmp_path}/jobs.db"
+        env = {"DEPLOY_BROKER_URL": url, "DEPLOY_LEDGER_URL": REDIS_URL, "DEPLOY_PREFIX": prefix}
     sup = start(
         "scaleapp:app",
         "--processes",
@@ -238,12 +247,12 @@ def test_three_processes_share_a_queue_and_a_killed_child_is_replaced(
         "5",
         "--grace",
         "10",
-        DEPLOY_BROKER_URL=url,
         DEPLOY_VISIBILITY="2",
+        **env,
     )
     wait_until(lambda: sup.log().count("worker started") == 3, within=20, what="3 children up")
     ledger = Ledger(prefix)
-    ids = enqueue(prefix, 1500, 0.05)
+    ids = enqueue(prefix, 1500, 0.05, url=url)
     wait_until(lambda: len(ledger.done()) >= 200, within=20, what="200 jobs done")
     before = sup.children()
     assert len(before) == 3
@@ -262,7 +271,7 @@ def test_three_processes_share_a_queue_and_a_killed_child_is_replaced(
     # Work that arrives once the replacement is up, so it takes its share however much of
     # the first batch the other children finished while it was starting.
     wait_until(lambda: sup.log().count("worker started") == 4, within=20, what="it is up")
-    ids += enqueue(prefix, 300, 0.05)
+    ids += enqueue(prefix, 300, 0.05, url=url)
     wait_until(lambda: len(ledger.done()) == len(ids), within=40, what="every job done")
 
     assert ledger.done() == set(ids)

@@ -3,6 +3,8 @@
 
 ``DEPLOY_BROKER_URL``  redis URL with the test's own ``?prefix=``; the ledger lives in the
                        same Redis under ``<prefix>:ledger:``
+``DEPLOY_LEDGER_URL``, ``DEPLOY_PREFIX``  the ledger's Redis and prefix when the broker is
+                       not that Redis (a ``sqlite://`` file)
 ``DEPLOY_VISIBILITY``  visibility timeout, seconds (default 30)
 """
 
@@ -19,8 +21,8 @@ import aioworkers
 
 BROKER_URL = os.environ.get("DEPLOY_BROKER_URL", "redis://127.0.0.1:6379/0?prefix=deploy")
 _url = urlsplit(BROKER_URL)
-LEDGER_URL = urlunsplit(_url._replace(query=""))
-PREFIX = dict(parse_qsl(_url.query)).get("prefix", "aioworkers")
+LEDGER_URL = os.environ.get("DEPLOY_LEDGER_URL") or urlunsplit(_url._replace(query=""))
+PREFIX = os.environ.get("DEPLOY_PREFIX") or dict(parse_qsl(_url.query)).get("prefix", "aioworkers")
 
 app = aioworkers.App(
     BROKER_URL, visibility_timeout=float(os.environ.get("DEPLOY_VISIBILITY", "30"))
