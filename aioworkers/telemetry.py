@@ -39,6 +39,7 @@ from contextvars import Token
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -297,6 +298,24 @@ class LagWindow:
         return current if behind == 1 else 0.0
 
 
+# Only bodies this small are parsed again for their headers when they failed decoding.
+SALVAGE_LIMIT = 64 * 1024
+
+
+def _salvage_headers(body: bytes) -> dict[str, str] | None:
+    """The string headers of an undecodable body that is still a JSON object, or None."""
+    if len(body) > SALVAGE_LIMIT:
+        return None
+    try:
+        doc = orjson.loads(body)
+    except (orjson.JSONDecodeError, RecursionError):
+        return None
+    headers = doc.get("headers") if isinstance(doc, dict) else None
+    if not isinstance(headers, dict):
+        return None
+    return {k: v for k, v in headers.items() if isinstance(k, str) and isinstance(v, str)}
+
+
 class Producer:
     """Reports one enqueue batch: a PRODUCER span per job whose context travels in the
     envelope headers (W3C traceparent / tracestate), and the sent-messages counter."""
@@ -487,6 +506,12 @@ class WorkerTelemetry:
             attrs["aioworkers.job.attempt"] = env.attempt
             if env.headers:
                 parent = extract(env.headers)
+        else:
+            headers = _salvage_headers(delivery.body)
+            if headers:
+                # JSON that failed the schema (a newer envelope, a bad field): keep the
+                # dead letter's span in the trace of the request that enqueued it.
+                parent = extract(headers)
         span = self.tracer.start_span(
             f"process {delivery.queue}", context=parent, kind=SpanKind.CONSUMER, attributes=attrs
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
+from opentelemetry.propagate import inject
 from opentelemetry.trace import SpanKind, StatusCode
 
 import aioworkers
@@ -96,6 +98,25 @@ async def test_dead_letter_and_undecodable_bodies_get_spans(otel: Otel, backend:
     assert garbage.parent is None  # no headers to continue: a new trace
     dead = next(s for s in consumers if s.attributes.get("aioworkers.task.name") == "broken")
     assert dead.events[0].attributes["exception.type"] == "ValueError"
+
+
+async def test_a_body_that_fails_the_schema_keeps_its_trace(otel: Otel, redis_url: str) -> None:
+    app = make_app(redis_url)
+    app.telemetry = otel.telemetry()
+    tracer = otel.tracer_provider.get_tracer("test")
+    with tracer.start_as_current_span("request") as request:
+        headers: dict[str, str] = {}
+        inject(headers)
+    # An envelope from a newer producer: valid JSON, a version this worker can't read.
+    body = orjson.dumps({"v": 2, "id": "x1", "task": "t", "headers": headers})
+    await app.broker.publish(app.queue, [body])
+    async with app:
+        await app.worker(poll=0.1).run(burst=True)
+    (consumer,) = [s for s in otel.finished() if s.kind is SpanKind.CONSUMER]
+    assert consumer.attributes["aioworkers.job.outcome"] == "dead"
+    assert consumer.parent is not None
+    assert consumer.parent.span_id == request.get_span_context().span_id
+    assert consumer.context.trace_id == request.get_span_context().trace_id
 
 
 async def test_no_headers_without_a_tracer(otel: Otel, redis_url: str) -> None:
