@@ -194,6 +194,26 @@ class E2E:
             ids += await self.app.enqueue_many(calls[start : start + 1000])
         return ids
 
+    async def restart_until_dead_lettered(
+        self, *, max_deliveries: int, visibility: float = 30.0, tries: int = 4
+    ) -> WorkerProcess:
+        """Start workers one after another, as a supervisor would, while a poison job keeps
+        killing them, until the DLQ holds something; returns the worker alive then."""
+        dlq = self.app.dlq()
+        for _ in range(tries):
+            worker = await self.start_worker(
+                concurrency=5, visibility=visibility, max_deliveries=max_deliveries
+            )
+            worker.signalled = True  # it is expected to die
+
+            async def settled(worker: WorkerProcess = worker) -> bool:
+                return not worker.alive or bool(await dlq.list())
+
+            await wait_until(settled, within=20, what="the worker to die or dead-letter")
+            if await dlq.list():
+                return worker
+        raise AssertionError(f"nothing dead-lettered after {tries} workers")
+
     async def ledger(self) -> Snapshot:
         return await read(self.redis, self.keys)
 

@@ -9,7 +9,7 @@ import time
 
 from aioworkers import QueueDepth, Retry, current_job
 
-from ..e2e.harness import WorkerProcess, wait_until
+from ..e2e.harness import wait_until
 from ..e2e.ledger import Snapshot
 from ..services import close_amqp_connections
 from .harness import AmqpE2E
@@ -91,18 +91,8 @@ async def test_sigterm_hands_prefetched_jobs_to_another_worker_at_once(e2e: Amqp
 
 async def test_a_job_that_kills_its_worker_is_dead_lettered(e2e: AmqpE2E) -> None:
     (poison,) = await e2e.enqueue(1, task="die")
-    dlq = e2e.app.dlq()
-    for _ in range(4):
-        worker = await e2e.start_worker(concurrency=5, max_deliveries=2)
-        worker.signalled = True  # it is expected to die
-
-        async def settled(worker: WorkerProcess = worker) -> bool:
-            return not worker.alive or bool(await dlq.list())
-
-        await wait_until(settled, within=20, what="the worker to die or dead-letter")
-        if await dlq.list():
-            break
-    (entry,) = await dlq.list()
+    worker = await e2e.restart_until_dead_lettered(max_deliveries=2)
+    (entry,) = await e2e.app.dlq().list()
     assert (entry.id, entry.task, entry.reason) == (poison, "die", "max_deliveries")
     runs = await e2e.redis.hget(e2e.keys.runs_started, poison)
     assert int(runs) == 2  # delivered 3 times, run twice, the third never ran
