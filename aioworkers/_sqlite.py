@@ -9,6 +9,7 @@ import asyncio
 import os
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,7 +24,31 @@ HELP = "use sqlite:///relative/path.db or sqlite:////absolute/path.db"
 
 # Errors after which the same call may work: another process holds the lock past the
 # busy timeout, the disk is full or failing. Anything else is the configuration's fault.
-_TRANSIENT = {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_PROTOCOL"}
+# Primary codes: an error carries an extended one (SQLITE_IOERR_WRITE, SQLITE_BUSY_SNAPSHOT).
+_TRANSIENT = {
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_PROTOCOL,
+}
+
+
+def transient(exc: sqlite3.Error) -> bool:
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _TRANSIENT
+
+
+# Every open file, to drop its threads and connections in a forked child (gunicorn
+# --preload): neither survives a fork, and a child must not use its parent's.
+_FILES: weakref.WeakSet[SqliteFile] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for file in list(_FILES):
+        file._forget()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 # The WAL file is cut back to this after a checkpoint instead of keeping its high mark.
 _WAL_LIMIT = 64 * 1024 * 1024
@@ -78,8 +103,13 @@ class SqliteFile:
         self._schema = schema
         self._busy_timeout = busy_timeout
         self._unavailable = unavailable
+        self._forget()
+        _FILES.add(self)
+
+    def _forget(self) -> None:
         self._db: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        self._closed = False
         # For the object's whole life, so every call, close included, runs in order.
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="aioworkers-sqlite")
         self._reads = ThreadPoolExecutor(1, thread_name_prefix="aioworkers-sqlite-read")
@@ -107,6 +137,8 @@ class SqliteFile:
         # The switch to WAL does not wait on the busy timeout: processes opening a new
         # file at once retry it here.
         deadline = time.monotonic() + self._busy_timeout
+        # Before WAL and the tables: it only takes effect on a new, empty file.
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         while True:
             try:
                 (mode,) = db.execute("PRAGMA journal_mode").fetchone()
@@ -114,7 +146,7 @@ class SqliteFile:
                     (mode,) = db.execute("PRAGMA journal_mode=WAL").fetchone()
                 break
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorname not in _TRANSIENT or time.monotonic() > deadline:
+                if not transient(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)
         if mode != "wal":
@@ -124,12 +156,10 @@ class SqliteFile:
             )
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
-        # Only takes effect on a new file; then `vacuum` gives freed pages back.
-        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         db.executescript(self._schema)
 
     def _error(self, exc: sqlite3.Error) -> Exception:
-        if exc.sqlite_errorname in _TRANSIENT:
+        if transient(exc):
             return self._unavailable(f"sqlite {self.path}: {exc}")
         return ConfigError(f"sqlite {self.path}: {exc} ({exc.sqlite_errorname}); {HELP}")
 
@@ -156,7 +186,32 @@ class SqliteFile:
 
     def submit(self, fn: Callable[[sqlite3.Connection], _T]) -> asyncio.Future[_T]:
         """Run ``fn(connection)`` on the writing thread; calls run one at a time, in order."""
+        self._closed = False
         return asyncio.get_running_loop().run_in_executor(self._writes, self._write, fn)
+
+    def clean_up(self, fn: Callable[[sqlite3.Connection], None]) -> asyncio.Future[None]:
+        """Like `submit`, for work left over by a call that was cancelled: if the file was
+        closed meanwhile, it is closed again afterwards."""
+        closed = self._closed
+        future = asyncio.get_running_loop().run_in_executor(self._writes, self._write, fn)
+        if closed:
+            self._writes.submit(self._close_writer)
+        return future
+
+    def vacuum(self, db: sqlite3.Connection) -> None:
+        """Give the pages that deleted rows freed back to the disk, 1000 at most, if the
+        write lock is free now (it never waits: the caller is an idle poll)."""
+        if db.execute("PRAGMA freelist_count").fetchone()[0] == 0:
+            return
+        db.execute("PRAGMA busy_timeout=0")
+        try:
+            # executescript: through execute, the pragma frees one page a call.
+            db.executescript("PRAGMA incremental_vacuum(1000)")
+        except sqlite3.OperationalError as exc:
+            if not transient(exc):
+                raise
+        finally:
+            db.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
 
     async def call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         # A cancelled caller stops waiting; the thread still finishes the call (each is one
@@ -170,23 +225,23 @@ class SqliteFile:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._reads, self._read, fn)
 
+    def _close_writer(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+    def _close_reader(self) -> None:
+        db, self._reader = self._reader, None
+        if db is not None:
+            db.close()
+
     async def aclose(self) -> None:
         """Close both connections, after every call already submitted; a later call opens
-        them again."""
-
-        def close_writer() -> None:
-            db, self._db = self._db, None
-            if db is not None:
-                db.close()
-
-        def close_reader() -> None:
-            db, self._reader = self._reader, None
-            if db is not None:
-                db.close()
-
+        them again. (The two threads stay, idle, for the object's life.)"""
+        self._closed = True
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._reads, close_reader)
-        await loop.run_in_executor(self._writes, close_writer)
+        await loop.run_in_executor(self._reads, self._close_reader)
+        await loop.run_in_executor(self._writes, self._close_writer)
 
 
 @contextmanager

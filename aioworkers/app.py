@@ -5,10 +5,12 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
+from urllib.parse import quote
 
 from ._sqlite import absolute_url
 from .brokers import Broker, DeadLetter, QueueDepth, check_url, open_broker
@@ -70,8 +72,8 @@ class App:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
         if not idempotency_ttl > 0:
             raise ConfigError(f"idempotency_ttl must be > 0 seconds, got {idempotency_ttl}")
-        if isinstance(idempotency, str):
-            check_store_url(idempotency)
+        if isinstance(idempotency, str) and check_store_url(idempotency) == "sqlite":
+            idempotency = absolute_url(idempotency)  # relative to where the app starts
         self.queue = queue
         self.concurrency = concurrency
         self.visibility_timeout = visibility_timeout
@@ -128,6 +130,10 @@ class App:
         """The idempotency store, created from the URL (or in memory) on first use."""
         if self._store is None:
             url = self._store_url or default_url_for(self._broker_url)
+            # A SQLite broker given as an instance: its file too (its module is loaded then).
+            sqlite = sys.modules.get("aioworkers.brokers.sqlite")
+            if not url and sqlite is not None and isinstance(self._broker, sqlite.SqliteBroker):
+                url = f"sqlite:///{quote(self._broker.path)}"
             self._store = open_store(url) if url else MemoryStore()
         return self._store
 

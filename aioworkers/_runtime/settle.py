@@ -136,16 +136,24 @@ class Settler:
             while self._acks:
                 batch = self._acks[: self._max_batch]
                 del self._acks[: self._max_batch]
-                lost: list[Delivery] = []
                 try:
                     lost = await with_backoff(
                         partial(self._broker.ack, [d for d, _ in batch]), "ack"
                     )
-                finally:
-                    refused = {id(d) for d in lost}
-                    for d, acked in batch:
+                except BaseException as exc:
+                    # Not known to be acked: each job sees the error (or the cancel), and
+                    # counts as nothing; the broker redelivers it after its lease.
+                    for _, acked in batch:
                         if not acked.done():
-                            acked.set_result(id(d) not in refused)
+                            if isinstance(exc, asyncio.CancelledError):
+                                acked.cancel()
+                            else:
+                                acked.set_exception(exc)
+                    raise
+                refused = {id(d) for d in lost or ()}  # an older Broker returns None
+                for d, acked in batch:
+                    if not acked.done():
+                        acked.set_result(id(d) not in refused)
 
     @property
     def pending_acks(self) -> int:

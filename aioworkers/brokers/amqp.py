@@ -80,6 +80,7 @@ class _Held:
     message: DeliveredMessage
     count: int
     deadline: float
+    acked: bool = False  # by this process: a repeated ack of it is not a lost lease
 
 
 @dataclass(eq=False, slots=True)
@@ -544,16 +545,23 @@ class AmqpBroker:
         owned: list[tuple[Delivery, _Held]] = []
         for d in deliveries:
             h = self._owned(d)
-            if h is None:
-                lost.append(d)
-            else:
+            if h is not None:
                 owned.append((d, h))
-        for i, (d, h) in enumerate(owned):
+            elif not (isinstance(d.token, _Held) and d.token.acked):
+                lost.append(d)
+        written = True
+        for i, (_, h) in enumerate(owned):
             self._held.discard(h)
+            h.acked = True
             # One basic.ack per delivery (never multiple=True: an earlier tag on this
             # channel may still be running); only the batch's last waits for the write.
-            if not await self._settle_raw(h.message, h.gen, requeue=None, wait=i == len(owned) - 1):
-                lost.append(d)  # its channel closed: RabbitMQ requeued it
+            written = await self._settle_raw(
+                h.message, h.gen, requeue=None, wait=i == len(owned) - 1
+            )
+        if not written:
+            # Frames go out in order: the last one written means all were. If it was not,
+            # the channel closed under the batch and RabbitMQ requeues what it held.
+            lost.extend(d for d, _ in owned)
         return lost
 
     async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:

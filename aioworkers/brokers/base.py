@@ -126,7 +126,8 @@ class Broker(Protocol):
 
     async def ack(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         """Remove finished deliveries; returns those skipped because their lease was lost
-        (another worker may hold them now)."""
+        while the message is still there (another worker may hold it now). A delivery
+        already acked (an ack retried after its reply was lost) is not reported."""
         ...
 
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> None:

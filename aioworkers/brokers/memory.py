@@ -149,11 +149,20 @@ class MemoryBroker:
     async def ack(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         lost = []
         for d in deliveries:
-            if self._owned(d) is None:
-                lost.append(d)
-            else:
+            if self._owned(d) is not None:
                 del self._q(d.queue).leases[d.message_id]
+            elif self._exists(d):
+                lost.append(d)  # leased again, or waiting for its next delivery
         return lost
+
+    def _exists(self, d: Delivery) -> bool:
+        """Whether the message is still in the queue (a slow scan: lost leases only)."""
+        q = self._q(d.queue)
+        return (
+            d.message_id in q.leases
+            or any(m.id == d.message_id for m in q.ready)
+            or any(m.id == d.message_id for _, _, m in q.delayed)
+        )
 
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> None:
         if self._owned(delivery) is None:

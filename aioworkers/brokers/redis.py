@@ -44,7 +44,9 @@ end
 """
 
 # KEYS: stream. ARGV: group, consumer, id1, count1, ...
-# -> 0-based positions of the pairs whose lease is lost (not acked)
+# -> 0-based positions of the pairs whose lease is lost: still in the stream, not ours. An
+# entry no longer in the stream is settled already, mostly by this same ack retried after
+# its reply was lost (else by the worker that took it over): not reported as lost.
 _ACK = (
     _OWNED
     + """
@@ -53,7 +55,7 @@ for i = 3, #ARGV, 2 do
   if owned(KEYS[1], ARGV[1], ARGV[2], ARGV[i], ARGV[i + 1]) then
     redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
     redis.call('XDEL', KEYS[1], ARGV[i])
-  else
+  elseif #redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i]) > 0 then
     table.insert(lost, (i - 3) / 2)
   end
 end
@@ -225,7 +227,14 @@ async def _mapped() -> AsyncIterator[None]:
     """Client errors become `BrokerUnavailable`: the runtime backs off and tries again."""
     try:
         yield
-    except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+    except (
+        rexc.ConnectionError,
+        rexc.TimeoutError,
+        rexc.ReadOnlyError,
+        rexc.BusyLoadingError,
+    ) as exc:
+        # Also a replica that was the primary before a failover, and a server loading its
+        # data after a restart: both answer again soon.
         raise BrokerUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
 

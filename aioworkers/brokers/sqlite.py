@@ -73,6 +73,7 @@ WHERE id IN (
 RETURNING id, body, count
 """
 _DELETE_OWNED = "DELETE FROM aioworkers_messages WHERE id = ? AND lease = ?"
+_EXISTS = "SELECT 1 FROM aioworkers_messages WHERE id = ?"
 _INSERT = "INSERT INTO aioworkers_messages (queue, body, visible_at) VALUES (?, ?, ?)"
 _EXTEND = "UPDATE aioworkers_messages SET visible_at = ? WHERE id = ? AND lease = ?"
 _RELEASE = (
@@ -182,14 +183,14 @@ class SqliteBroker:
         if max_messages <= 0:
             return []
         token = os.urandom(8).hex()
-        vacuum = time.monotonic() > self._vacuum_at
 
         def take(db: sqlite3.Connection) -> list[tuple[int, bytes, int]]:
             # Read first (no lock in WAL mode): idle workers polling an empty queue must
             # not queue up for the write lock.
             if db.execute(_ANY_READY, (queue, time.time())).fetchone() is None:
-                if vacuum:
-                    db.execute("PRAGMA incremental_vacuum(1000)")
+                if time.monotonic() > self._vacuum_at:
+                    self._vacuum_at = time.monotonic() + VACUUM_EVERY
+                    self._file.vacuum(db)
                 return []
             with transaction(db) as now:
                 # The lease starts once the lock is held: a wait for it must not shorten
@@ -197,8 +198,6 @@ class SqliteBroker:
                 args = (token, now + self.visibility_timeout, queue, now, max_messages)
                 return sorted(db.execute(_TAKE, args).fetchall())
 
-        if vacuum:
-            self._vacuum_at = time.monotonic() + VACUUM_EVERY
         future = self._file.submit(take)
         try:
             rows = await asyncio.shield(future)
@@ -214,7 +213,7 @@ class SqliteBroker:
         pairs = [(str(i), token) for i, _, _ in future.result()]
         if pairs:
             # If this fails too, the rows come back when their lease lapses.
-            released = self._file.submit(partial(_release, pairs))
+            released = self._file.clean_up(partial(_release, pairs))
             released.add_done_callback(_log_failed_hand_back)
 
     async def stop_fetching(self, queue: str) -> None:
@@ -230,7 +229,12 @@ class SqliteBroker:
                 deleted = [db.execute(_DELETE_OWNED, pair).rowcount for pair in pairs]
                 removed = Counter(d.queue for d, n in zip(deliveries, deleted, strict=True) if n)
                 db.executemany(_TOTALS, [(q, 0, n, 0) for q, n in removed.items()])
-            return [i for i, n in enumerate(deleted) if n == 0]
+                # Not ours: lost if the row is still there (leased again, or waiting).
+                return [
+                    i
+                    for i, n in enumerate(deleted)
+                    if n == 0 and db.execute(_EXISTS, (pairs[i][0],)).fetchone() is not None
+                ]
 
         lost = await self._call(delete)
         return [deliveries[i] for i in lost]

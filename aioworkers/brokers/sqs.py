@@ -504,7 +504,10 @@ class SqsBroker:
         for queue, group in _by_queue(deliveries).items():
             mine: list[Delivery] = []
             for d in group:
-                (mine if self._owned(d) else lost).append(d)
+                if self._owned(d):
+                    mine.append(d)
+                elif not (isinstance(d.token, Lease) and d.token.settled):
+                    lost.append(d)  # lapsed; settled by this process is not lost
             if not mine:
                 continue
             q = await self._need(queue)

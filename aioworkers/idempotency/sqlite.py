@@ -28,8 +28,8 @@ _HELD = "key = ? AND owner = ? AND expires > ?"
 _RELEASE = f"DELETE FROM aioworkers_idempotency WHERE {_HELD}"
 _COMPLETE = f"UPDATE aioworkers_idempotency SET owner = NULL, expires = ? WHERE {_HELD}"
 
-# Lapsed rows nobody looks up again are swept this often (seconds), a bounded batch at a
-# time so that the sweep never holds the file's write lock long.
+# Lapsed rows nobody looks up again are swept this often (seconds), in bounded batches so
+# that the sweep never holds the file's write lock long.
 SWEEP_EVERY = 60.0
 SWEEP_BATCH = 1000
 _SWEEP = (
@@ -67,9 +67,12 @@ class SqliteStore:
             self._sweep_at = time.monotonic() + SWEEP_EVERY
 
         def claim(db: sqlite3.Connection) -> ClaimResult:
+            # Every lapsed key, a batch per transaction so that others write in between.
+            more = sweep
+            while more:
+                with transaction(db) as now:
+                    more = db.execute(_SWEEP, (now, SWEEP_BATCH)).rowcount == SWEEP_BATCH
             with transaction(db) as now:
-                if sweep:
-                    db.execute(_SWEEP, (now, SWEEP_BATCH))
                 row = db.execute(
                     "SELECT owner FROM aioworkers_idempotency WHERE key = ? AND expires > ?",
                     (key, now),

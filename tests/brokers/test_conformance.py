@@ -65,6 +65,18 @@ async def test_publish_fetch_ack_batch(broker: Broker, case: BrokerCase, queue: 
     await wait_depth(broker, queue, EMPTY)
 
 
+async def test_an_ack_repeated_is_harmless_and_not_a_lost_lease(
+    broker: Broker, case: BrokerCase, queue: str
+) -> None:
+    # What a retried ack looks like when the first one's reply was lost.
+    await broker.publish(queue, [b"once", b"other"])
+    got = await fetch_n(broker, queue, 2, within=case.slack + 1)
+    assert await broker.ack(got[:1]) == []
+    assert await broker.ack(got) == []  # the first again, and the second
+    await wait_depth(broker, queue, EMPTY)
+    assert await drain(broker, queue, duration=case.visibility + case.slack) == []
+
+
 async def test_acked_messages_are_never_redelivered(
     broker: Broker, case: BrokerCase, queue: str
 ) -> None:

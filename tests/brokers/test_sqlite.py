@@ -176,8 +176,86 @@ async def test_totals_count_what_entered_and_left_each_queue(tmp_path: Path) -> 
     await broker.dead_letter(
         c, DeadLetter(id="c", task="t", reason="rejected", error=None, attempts=1)
     )
-    assert await broker.ack([a]) == [a]  # refused: counted once
+    assert await broker.ack([a]) == []  # acked already: counted once
     assert await broker.totals("q") == {"added": 4, "left": 3, "dead": 1}
     assert await broker.totals("other") == {"added": 1, "left": 0, "dead": 0}
     assert await broker.totals("nothing") == {"added": 0, "left": 0, "dead": 0}
     await broker.aclose()
+
+
+def test_extended_error_codes_are_sorted_by_their_primary_code() -> None:
+    from aioworkers._sqlite import transient
+
+    def error(code: int) -> sqlite3.OperationalError:
+        exc = sqlite3.OperationalError("x")
+        exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+        return exc
+
+    io_write = sqlite3.SQLITE_IOERR | (3 << 8)  # SQLITE_IOERR_WRITE
+    busy_snapshot = sqlite3.SQLITE_BUSY | (2 << 8)  # SQLITE_BUSY_SNAPSHOT
+    assert transient(error(io_write))
+    assert transient(error(busy_snapshot))
+    assert not transient(error(sqlite3.SQLITE_CANTOPEN))
+    assert not transient(error(sqlite3.SQLITE_READONLY | (1 << 8)))
+
+
+async def test_an_idle_worker_gives_freed_pages_back(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    broker = SqliteBroker(f"sqlite:///{path}")
+    await broker.publish("q", [b"x" * 4000] * 2000)
+    got = await fetch_n(broker, "q", 2000, within=10)
+    assert await broker.ack(got) == []
+
+    def pages() -> tuple[int, int]:
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+            return db.execute("PRAGMA page_count").fetchone()[0], db.execute(
+                "PRAGMA freelist_count"
+            ).fetchone()[0]
+
+    total, free = pages()
+    assert free > 1000  # the drained jobs' pages
+    broker._vacuum_at = 0.0  # due now (once a minute otherwise)
+    assert await broker.fetch("q", max_messages=1, wait=0) == []  # an idle poll
+    await broker.aclose()  # checkpoints the WAL into the file
+    total_after, free_after = pages()
+    assert free_after == free - 1000  # 1000 pages a minute
+    assert total_after <= total - 1000  # the file shrank
+
+
+async def test_a_fetch_cancelled_during_close_hands_its_rows_back_and_stays_closed(
+    tmp_path: Path,
+) -> None:
+    broker = SqliteBroker(f"sqlite:///{tmp_path}/jobs.db", visibility_timeout=60)
+    await broker.publish("q", [b"a", b"b"])
+    fetch = asyncio.ensure_future(broker.fetch("q", max_messages=2, wait=0))
+    await asyncio.sleep(0)  # the take is in the writer thread
+    fetch.cancel()
+    await broker.aclose()
+    await asyncio.sleep(0.1)  # the hand-back ran, after the close
+    assert broker._file._db is None  # closed again, not left open
+    assert await broker.depth("q") == QueueDepth(ready=2)  # not leased for 60 s
+    got = await broker.fetch("q", max_messages=2, wait=0)
+    assert [d.count for d in got] == [1, 1]  # the cancelled take did not count
+    await broker.aclose()
+
+
+async def test_an_app_given_a_sqlite_broker_keeps_its_keys_in_that_file(tmp_path: Path) -> None:
+    from aioworkers.idempotency.sqlite import SqliteStore
+
+    app = App(SqliteBroker(f"sqlite:///{tmp_path}/jobs.db"))
+    assert isinstance(app.idempotency, SqliteStore)
+    assert app.idempotency.path == f"{tmp_path}/jobs.db"
+    await app.aclose()
+
+
+def test_a_relative_sqlite_store_url_is_taken_from_where_the_app_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aioworkers.idempotency.sqlite import SqliteStore
+
+    monkeypatch.chdir(tmp_path)
+    app = App("memory://", idempotency="sqlite:///keys.db")
+    monkeypatch.chdir("/")
+    assert isinstance(app.idempotency, SqliteStore)
+    assert app.idempotency.path == f"{tmp_path}/keys.db"

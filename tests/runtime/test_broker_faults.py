@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Sequence
 
-from aioworkers import App, QueueDepth, current_job
+import pytest
+
+from aioworkers import App, ConfigError, Delivery, QueueDepth, current_job
+from aioworkers.brokers.memory import MemoryBroker
 
 from .conftest import POLL, FaultyBroker, MakeApp, run_burst, stats_eventually, wait_until
 
@@ -216,3 +220,25 @@ async def test_ack_outage_longer_than_the_lease_does_not_redeliver(
     assert runs == [job_id]
     assert len(faulty.settled("ack")) == 1
     assert faulty.count("extend", ok=True) >= 3
+
+
+async def test_an_ack_that_fails_for_good_counts_nothing_and_stops_the_worker() -> None:
+    class ReadOnly(MemoryBroker):
+        async def ack(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+            raise ConfigError("the queue file is read-only")
+
+    app = App(ReadOnly(), concurrency=5)
+
+    @app.task
+    async def noop() -> None:
+        pass
+
+    for _ in range(3):
+        await noop.enqueue()
+    worker = app.worker(poll=POLL)
+    with pytest.RaisesGroup(ConfigError, flatten_subgroups=True):
+        async with asyncio.timeout(5):
+            await worker.run(burst=True)
+    # Not acked: not "ok"; the broker hands the jobs out again once their leases lapse.
+    assert "ok" not in worker.counts
+    assert await app.stats() == QueueDepth(in_flight=3)
