@@ -352,7 +352,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.broker:
             app.set_broker(args.broker)
         with _runner() as runner:
-            return runner.run(_main(app, args))
+            try:
+                return runner.run(_main(app, args))
+            except BaseExceptionGroup as group:
+                # The worker's task groups wrap what one of its tasks raised: a bad
+                # configuration found at run time (a file that is not a database) is
+                # reported as one line, like one found at start-up.
+                raise _single(group) from None
     except (UsageError, ConfigError) as exc:
         print(f"aioworkers: error: {redact(str(exc))}", file=sys.stderr)
         return 2
@@ -361,6 +367,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one aioworkers error ``group`` holds, or ``group`` itself."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    ours = [exc for exc in leaves if isinstance(exc, AioworkersError)]
+    return ours[0] if len(ours) == len(leaves) and ours else group
 
 
 if __name__ == "__main__":

@@ -74,6 +74,15 @@ def test_bad_invocations_fail_with_one_line_and_exit_2(argv: list[str], message:
     assert not (APPS / "nowhere").exists()  # reading created no empty queue file
 
 
+def test_a_bad_broker_file_found_at_run_time_is_one_line_and_exit_2() -> None:
+    result = aioworkers_cmd("run", "cliapp:app", "--burst", "--broker", "sqlite:///.")
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("aioworkers: error: sqlite "), result.stderr
+    assert "unable to open database file" in last
+    assert "Traceback" not in result.stderr
+
+
 def test_run_burst_runs_jobs_and_dead_letters_bad_ones() -> None:
     result = aioworkers_cmd("run", "cliapp:app", "--burst", seed="nap=0.01,nap=0.02,fail,garbage")
     assert result.returncode == 0, result.stderr
