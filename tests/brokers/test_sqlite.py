@@ -259,3 +259,27 @@ def test_a_relative_sqlite_store_url_is_taken_from_where_the_app_starts(
     monkeypatch.chdir("/")
     assert isinstance(app.idempotency, SqliteStore)
     assert app.idempotency.path == f"{tmp_path}/keys.db"
+
+
+def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
+    broker = SqliteBroker(f"sqlite:///{tmp_path}/jobs.db")
+    asyncio.run(broker.publish("q", [b"parent"]))  # the parent's threads and connections
+
+    def child() -> None:
+        async def main() -> None:
+            await broker.publish("q", [b"child"])  # would hang on the parent's threads
+            await broker.aclose()
+
+        asyncio.run(main())
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(20)
+    assert proc.exitcode == 0
+
+    async def depth() -> QueueDepth:
+        found = await broker.depth("q")
+        await broker.aclose()
+        return found
+
+    assert asyncio.run(depth()) == QueueDepth(ready=2)
