@@ -121,10 +121,7 @@ class SqliteStore:
     async def release(self, key: str, owner: str) -> bool:
         def release(db: sqlite3.Connection) -> bool:
             with transaction(db) as now:
-                cur = db.execute(
-                    f"DELETE FROM aioworkers_idempotency WHERE {_HELD}", (key, owner, now)
-                )
-                return bool(cur.rowcount)
+                return bool(db.execute(_RELEASE, (key, owner, now)).rowcount)
 
         return await self._file.call(release)
 

@@ -352,3 +352,24 @@ class RedisServer:
             self.proc.kill()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), 10)
+
+
+async def delayed_retry_took(app: aioworkers.App, delay: float) -> float:
+    """Run a job that asks for a retry in ``delay`` seconds on ``app``; how long the retry
+    took to start, seconds."""
+    runs: list[float] = []
+
+    @app.task
+    async def later() -> None:
+        runs.append(time.monotonic())
+        if aioworkers.current_job().attempt == 1:
+            raise aioworkers.Retry(delay=delay)
+
+    await later.enqueue()
+    async with app.worker(concurrency=2, poll=0.2):
+
+        async def twice() -> bool:
+            return len(runs) == 2
+
+        await wait_until(twice, within=delay * 3 + 5, what="the retry")
+    return runs[1] - runs[0]

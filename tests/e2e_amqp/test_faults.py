@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 
-from aioworkers import QueueDepth, Retry, current_job
+from aioworkers import QueueDepth
 
-from ..e2e.harness import wait_until
+from ..e2e.harness import delayed_retry_took, wait_until
 from ..e2e.ledger import Snapshot
 from ..services import close_amqp_connections
 from .harness import AmqpE2E
@@ -125,23 +124,7 @@ async def test_a_garbage_body_is_dead_lettered_with_a_reason(e2e: AmqpE2E) -> No
 
 
 async def test_a_delayed_retry_is_honoured_within_ten_percent(e2e: AmqpE2E) -> None:
-    app = e2e.client()
     delay = 2.0
     e2e.queues.add(f"{e2e.queue}.delay.2000")
-    runs: list[float] = []
-
-    @app.task
-    async def later() -> None:
-        runs.append(time.monotonic())
-        if current_job().attempt == 1:
-            raise Retry(delay=delay)
-
-    await later.enqueue()
-    async with app.worker(concurrency=2, poll=0.2):
-
-        async def twice() -> bool:
-            return len(runs) == 2
-
-        await wait_until(twice, within=delay * 3 + 5, what="the retry")
-    took = runs[1] - runs[0]
+    took = await delayed_retry_took(e2e.client(), delay)
     assert delay * 0.95 <= took <= delay * 1.1, took

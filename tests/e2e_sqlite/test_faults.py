@@ -6,14 +6,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
 import orjson
 import pytest
 
-from aioworkers import QueueDepth, Retry, current_job
+from aioworkers import QueueDepth
 
-from ..e2e.harness import ROOT, wait_until
+from ..e2e.harness import ROOT, delayed_retry_took, wait_until
 from .conftest import SqliteE2E
 
 EMPTY = QueueDepth()
@@ -126,22 +125,6 @@ async def test_garbage_is_dead_lettered_and_the_cli_sees_it_from_another_process
 
 
 async def test_a_delayed_retry_is_honoured_within_ten_percent(e2e: SqliteE2E) -> None:
-    app = e2e.client()
     delay = 2.0
-    runs: list[float] = []
-
-    @app.task
-    async def later() -> None:
-        runs.append(time.monotonic())
-        if current_job().attempt == 1:
-            raise Retry(delay=delay)
-
-    await later.enqueue()
-    async with app.worker(concurrency=2, poll=0.2):
-
-        async def twice() -> bool:
-            return len(runs) == 2
-
-        await wait_until(twice, within=delay * 3 + 5, what="the retry")
-    took = runs[1] - runs[0]
+    took = await delayed_retry_took(e2e.client(), delay)
     assert delay * 0.95 <= took <= delay * 1.1, took
