@@ -373,3 +373,19 @@ async def delayed_retry_took(app: aioworkers.App, delay: float) -> float:
 
         await wait_until(twice, within=delay * 3 + 5, what="the retry")
     return runs[1] - runs[0]
+
+
+async def check_a_poison_job_is_dead_lettered(e2e: E2E, *, visibility: float = 30.0) -> None:
+    """A job that kills its worker reaches the DLQ after ``max_deliveries`` (2) runs, and
+    the next worker goes on with the rest: the same test on every broker."""
+    (poison,) = await e2e.enqueue(1, task="die")
+    worker = await e2e.restart_until_dead_lettered(max_deliveries=2, visibility=visibility)
+    (entry,) = await e2e.app.dlq().list()
+    assert (entry.id, entry.task, entry.reason) == (poison, "die", "max_deliveries")
+    runs = await e2e.redis.hget(e2e.keys.runs_started, poison)
+    assert int(runs) == 2  # delivered 3 times, run twice, the third never ran
+    assert worker.alive
+
+    ids = await e2e.enqueue(5)
+    await e2e.wait_done(5, within=20)
+    assert (await e2e.ledger()).done == set(ids)

@@ -8,7 +8,7 @@ import signal
 
 from aioworkers import QueueDepth
 
-from ..e2e.harness import delayed_retry_took, wait_until
+from ..e2e.harness import check_a_poison_job_is_dead_lettered, delayed_retry_took, wait_until
 from ..e2e.ledger import Snapshot
 from ..services import close_amqp_connections
 from .harness import AmqpE2E
@@ -89,17 +89,7 @@ async def test_sigterm_hands_prefetched_jobs_to_another_worker_at_once(e2e: Amqp
 
 
 async def test_a_job_that_kills_its_worker_is_dead_lettered(e2e: AmqpE2E) -> None:
-    (poison,) = await e2e.enqueue(1, task="die")
-    worker = await e2e.restart_until_dead_lettered(max_deliveries=2)
-    (entry,) = await e2e.app.dlq().list()
-    assert (entry.id, entry.task, entry.reason) == (poison, "die", "max_deliveries")
-    runs = await e2e.redis.hget(e2e.keys.runs_started, poison)
-    assert int(runs) == 2  # delivered 3 times, run twice, the third never ran
-    assert worker.alive
-
-    ids = await e2e.enqueue(5)
-    await e2e.wait_done(5, within=20)
-    assert (await e2e.ledger()).done == set(ids)
+    await check_a_poison_job_is_dead_lettered(e2e)
 
 
 async def test_a_garbage_body_is_dead_lettered_with_a_reason(e2e: AmqpE2E) -> None:

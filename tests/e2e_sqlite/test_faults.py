@@ -12,7 +12,7 @@ import pytest
 
 from aioworkers import QueueDepth
 
-from ..e2e.harness import ROOT, delayed_retry_took, wait_until
+from ..e2e.harness import ROOT, check_a_poison_job_is_dead_lettered, delayed_retry_took, wait_until
 from .conftest import SqliteE2E
 
 EMPTY = QueueDepth()
@@ -76,17 +76,7 @@ async def test_sigterm_hands_running_jobs_to_another_worker_at_once(e2e: SqliteE
 
 
 async def test_a_job_that_kills_its_worker_is_dead_lettered(e2e: SqliteE2E) -> None:
-    (poison,) = await e2e.enqueue(1, task="die")
-    worker = await e2e.restart_until_dead_lettered(max_deliveries=2, visibility=1)
-    (entry,) = await e2e.app.dlq().list()
-    assert (entry.id, entry.task, entry.reason) == (poison, "die", "max_deliveries")
-    runs = await e2e.redis.hget(e2e.keys.runs_started, poison)
-    assert int(runs) == 2  # delivered 3 times, run twice, the third never ran
-    assert worker.alive
-
-    ids = await e2e.enqueue(5)
-    await e2e.wait_done(5, within=20)
-    assert (await e2e.ledger()).done == set(ids)
+    await check_a_poison_job_is_dead_lettered(e2e, visibility=1)
 
 
 async def test_garbage_is_dead_lettered_and_the_cli_sees_it_from_another_process(
