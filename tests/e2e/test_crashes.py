@@ -9,7 +9,7 @@ import pytest
 
 from aioworkers import QueueDepth
 
-from .harness import E2E, wait_until
+from .harness import E2E, WorkerProcess, wait_until
 
 CONCURRENCY = 100
 
@@ -34,6 +34,12 @@ async def test_sigkill_mid_run_loses_nothing_and_duplicates_only_jobs_in_flight(
         # Kill it well inside the run, busy with jobs fetched, running and being acked.
         target = await e2e.done() + jobs // (2 * kills + 2)
         await e2e.wait_done(target, within=60)
+
+        async def holding(worker: WorkerProcess = worker) -> bool:
+            # Not in the instant between an acked batch and the next fetch.
+            return bool(await e2e.held_by(worker))
+
+        await wait_until(holding, within=10, what="the worker to hold jobs")
         worker.signal(signal.SIGKILL)
         assert await worker.wait(10) == -signal.SIGKILL
         # What it fetched and never acked: running, or waiting for a slot.
