@@ -4,49 +4,23 @@ SQLite too (no server beyond the Redis that counts completions): no file left be
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import redis
 
-from ..services import REDIS, ensure
-
-ROOT = Path(__file__).resolve().parents[2]
-RUN = ROOT / "benchmarks" / "run.py"
-URL = f"redis://{REDIS.host}:{REDIS.port}/0"
+from ._script import URL, run_script
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("broker", ["redis", "sqlite"])
 def test_smoke_run_reports_every_workload_for_both_sides(tmp_path: Path, broker: str) -> None:
-    ensure(REDIS)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(RUN),
-            "--smoke",
-            "--broker",
-            broker,
-            "--url",
-            URL,
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=170,
-        cwd=ROOT,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
     name = "smoke" if broker == "redis" else f"{broker}-smoke"
-    doc = json.loads((tmp_path / f"{name}.json").read_text())
+    doc, stdout = run_script(
+        "run.py", "--smoke", "--broker", broker, out=tmp_path, report=name, timeout=170
+    )
     records = doc["records"]
     assert doc["meta"]["broker"] == broker
     assert {(r["workload"], r["side"]) for r in records} == {
@@ -68,7 +42,7 @@ def test_smoke_run_reports_every_workload_for_both_sides(tmp_path: Path, broker:
         assert rows[key]["raw"] is not None, key
         assert rows[key]["aioworkers"] is not None, key
     assert "| W1 no-op throughput |" in (tmp_path / f"{name}.md").read_text()
-    assert "| W1 no-op throughput |" in proc.stdout
+    assert "| W1 no-op throughput |" in stdout
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -87,32 +61,10 @@ def test_smoke_run_reports_every_workload_for_both_sides(tmp_path: Path, broker:
 
 @pytest.mark.timeout(120)
 def test_smoke_run_measures_otel_overhead_against_aioworkers(tmp_path: Path) -> None:
-    ensure(REDIS)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(RUN),
-            "--smoke",
-            "--only",
-            "W1",
-            "--otel",
-            "off,metrics",
-            "--sides",
-            "aioworkers",
-            "--url",
-            URL,
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=110,
-        cwd=ROOT,
-        check=False,
+    args = ("--smoke", "--only", "W1", "--otel", "off,metrics", "--sides", "aioworkers")
+    doc, stdout = run_script(
+        "run.py", *args, out=tmp_path, report="smoke-W1-otel-off-metrics", timeout=110
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-    doc = json.loads((tmp_path / "smoke-W1-otel-off-metrics.json").read_text())
     records = doc["records"]
     # No raw side: --sides still selects, --otel adds its sides.
     assert {r["side"] for r in records} == {"aioworkers", "aio-off", "aio-metrics"}
@@ -136,8 +88,8 @@ def test_smoke_run_measures_otel_overhead_against_aioworkers(tmp_path: Path) -> 
     rows = {row["key"]: row for row in doc["summary"]}
     assert rows["W1.rate"]["raw"] is None
     assert rows["W1.rate"]["aioworkers"] is not None
-    assert "OpenTelemetry overhead" in proc.stdout
-    assert "| W1 no-op throughput | aio-metrics |" in proc.stdout
+    assert "OpenTelemetry overhead" in stdout
+    assert "| W1 no-op throughput | aio-metrics |" in stdout
 
     client = redis.Redis.from_url(URL)
     try:

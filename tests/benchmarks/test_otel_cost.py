@@ -6,51 +6,21 @@ About a minute (four valgrind runs, mostly the interpreter's start-up), hence ``
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import redis
 
-from ..services import REDIS, ensure
-
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "otel_cost.py"
-URL = f"redis://{REDIS.host}:{REDIS.port}/0"
+from ._script import URL, run_script
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 def test_metrics_cost_more_instructions_per_job_than_off(tmp_path: Path) -> None:
-    ensure(REDIS)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--small",
-            "200",
-            "--large",
-            "400",
-            "--modes",
-            "off,metrics",
-            "--url",
-            URL,
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=170,
-        cwd=ROOT,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-    doc = json.loads((tmp_path / "otel-cost.json").read_text())
+    args = ("--small", "200", "--large", "400", "--modes", "off,metrics")
+    doc, _ = run_script("otel_cost.py", *args, out=tmp_path, report="otel-cost", timeout=170)
     per_job = {row["mode"]: row["instructions_per_job"] for row in doc["modes"]}
     assert set(per_job) == {"off", "metrics"}
     assert per_job["off"] > 0
