@@ -89,10 +89,23 @@ def seconds_option(query: dict[str, str], name: str, default: float, low: float)
     return value
 
 
+def _create_private(path: str) -> None:
+    """Create ``path`` empty (a valid new database) with mode 0600, less if the umask takes
+    more, unless it exists: SQLite would create it 0644 and the -wal and -shm files copy
+    the database's mode, yet they hold job arguments. An existing file keeps its mode."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"sqlite {path}: cannot create the file: {exc.strerror}") from None
+    os.close(fd)
+
+
 class SqliteFile:
-    """The file at ``path``, opened on first use (created with ``schema`` if it does not
-    exist) in WAL mode with ``synchronous=NORMAL``: durable across crashed processes; a
-    power loss may drop the last commits. A transient `sqlite3.Error` (a lock held past
+    """The file at ``path``, opened on first use (created with ``schema`` and mode 0600 if
+    it does not exist) in WAL mode with ``synchronous=NORMAL``: durable across crashed
+    processes; a power loss may drop the last commits. A transient `sqlite3.Error` (a lock held past
     ``busy_timeout``, a full disk) is raised as ``unavailable``, any other as a
     `ConfigError` that names the file."""
 
@@ -122,6 +135,7 @@ class SqliteFile:
                 raise ConfigError(
                     f"sqlite {self.path}: cannot create its directory: {exc}"
                 ) from None
+        _create_private(self.path)
         db = sqlite3.connect(
             self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
         )
