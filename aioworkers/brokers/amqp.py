@@ -25,7 +25,9 @@ the deliveries counted before this copy. On quorum queues RabbitMQ adds
 ``x-delivery-count``; on classic queues a message that comes back redelivered (its
 worker died, or its lease ran out) is republished with the count plus one and the old
 copy acked. Handing a message back (release, stop_fetching) republishes it with its
-count unchanged, so a shutdown never makes a job look poisonous.
+count unchanged, so a shutdown never makes a job look poisonous. A count header holding
+anything but a whole number in 0..MAX_COUNT (not ours) sends the message to the DLQ at
+once with reason ``schema_error``: it is never handed out, nor left unsettled.
 
 Reconnects: a lost connection or channel makes `fetch` raise `BrokerUnavailable`; the
 next `fetch` reconnects and re-creates the consumer (checking RabbitMQ reports it).
@@ -44,6 +46,8 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import math
+import reprlib
 import time
 import uuid
 from collections import deque
@@ -69,6 +73,10 @@ CONNECT_TIMEOUT = 10.0
 _OWN_PARAMS = ("queue_type", "prefetch")
 _CHUNK = 1000  # publishes awaiting their confirms at once
 _PERSISTENT = 2
+MAX_COUNT = 1_000_000  # far above any poison limit: a larger count was not written by us
+_NUMERIC_FACTS = ("attempts", "dead_at")
+_SHOWN = reprlib.Repr()  # a header's value shown in an error: short, one line
+_SHOWN.maxstring = _SHOWN.maxother = 40
 
 
 @dataclass(eq=False, slots=True)
@@ -89,7 +97,7 @@ class _Consumer:
     gen: int
     tag: str = ""
     active: bool = True
-    buffer: deque[DeliveredMessage] = field(default_factory=deque)
+    buffer: deque[tuple[DeliveredMessage, int]] = field(default_factory=deque)  # (m, count)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -108,6 +116,23 @@ async def _mapped(what: str) -> AsyncIterator[None]:
 
 def _headers(message: DeliveredMessage) -> dict[str, Any]:
     return dict(message.header.properties.headers or {})
+
+
+class _BadHeader(Exception):
+    """A header this broker reads holds something it never writes."""
+
+
+def _counted(headers: dict[str, Any], name: str) -> int:
+    """The delivery count in header ``name`` (0 if absent); raises `_BadHeader` unless it
+    is a whole number in 0..MAX_COUNT: a negative one would defeat the poison limit."""
+    value = headers.get(name, 0)
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        raise _BadHeader(f"header {name} is not a delivery count: {_SHOWN.repr(value)}")
+    return value
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def _tag(message: DeliveredMessage) -> int:
@@ -394,22 +419,30 @@ class AmqpBroker:
                 # The copy a recount published overtook the ack of the original: hand it
                 # out only once that ack is sent, or a crash now would requeue both.
                 await recounting.wait()
+            try:
+                count = self._count_of(message)
+            except _BadHeader as exc:
+                # Never handed out (nor left unsettled): straight to the DLQ.
+                self._spawn(self._dead_on_arrival(message, c.queue, c.gen, str(exc)))
+                return
             if not c.active:
                 # Arrived after stop_fetching cancelled the consumer: hand it back too.
-                self._spawn(self._hand_back([(message, self._count_of(message), c.queue)], c.gen))
+                self._spawn(self._hand_back([(message, count, c.queue)], c.gen))
             elif self.queue_type == "classic" and message.redelivered:
-                self._spawn(self._recount(message, c.queue, c.gen))
+                self._spawn(self._recount(message, count, c.queue, c.gen))
             else:
-                c.buffer.append(message)
+                c.buffer.append((message, count))
                 c.arrived.set()
 
         return on_message
 
     def _count_of(self, message: DeliveredMessage) -> int:
+        """Deliveries of the message so far, this one included; `_BadHeader` if a count
+        header holds something else than a count."""
         headers = _headers(message)
-        count = int(headers.get(COUNT, 0)) + 1
+        count = _counted(headers, COUNT) + 1
         if self.queue_type == "quorum":
-            count += int(headers.get("x-delivery-count", 0))
+            count += _counted(headers, "x-delivery-count")
         return count
 
     def _spawn(self, coro: Any) -> None:
@@ -417,11 +450,11 @@ class AmqpBroker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _recount(self, message: DeliveredMessage, queue: str, gen: int) -> None:
+    async def _recount(self, message: DeliveredMessage, count: int, queue: str, gen: int) -> None:
         """A classic queue redelivered a message its worker never settled: count that
         delivery in a copy, then drop the original."""
         headers = _headers(message)
-        headers[COUNT] = int(headers.get(COUNT, 0)) + 1
+        headers[COUNT] = count
         props = message.header.properties
         props.headers = headers
         done = asyncio.Event()
@@ -440,6 +473,30 @@ class AmqpBroker:
             if self._recounting.get(key) is done:
                 del self._recounting[key]
             done.set()
+
+    async def _dead_on_arrival(
+        self, message: DeliveredMessage, queue: str, gen: int, why: str
+    ) -> None:
+        """Dead-letter a message whose headers can't be read (reason ``schema_error``,
+        as for a body that fails the envelope), then ack it."""
+        message_id = _printable(message.header.properties.message_id or f"{gen}.{_tag(message)}")
+        letter = DeadLetter(
+            id=message_id,
+            task=None,
+            reason="schema_error",
+            error=f"DecodeError: {why}",
+            error_type="DecodeError",
+            attempts=1,
+            queue=queue,
+        )
+        try:
+            await self._ensure(queue)
+            await self._send(f"{queue}.dead", [self._letter(message.body, letter)])
+        except (BrokerUnavailable, ConfigError):
+            await asyncio.sleep(1.0)  # let the next delivery try again, not at once
+            await self._settle_raw(message, gen, requeue=True)
+            return
+        await self._settle_raw(message, gen, requeue=None)
 
     async def _settle_raw(
         self, message: DeliveredMessage, gen: int, *, requeue: bool | None, wait: bool = True
@@ -508,8 +565,8 @@ class AmqpBroker:
         out: list[Delivery] = []
         deadline = time.monotonic() + self.visibility_timeout
         while c.buffer and len(out) < max_messages:
-            message = c.buffer.popleft()
-            h = _Held(c.queue, c.gen, message, self._count_of(message), deadline)
+            message, count = c.buffer.popleft()
+            h = _Held(c.queue, c.gen, message, count, deadline)
             self._held.add(h)
             heapq.heappush(self._expiries, (deadline, next(self._seq), h))
             message_id = message.header.properties.message_id or f"{c.gen}.{_tag(message)}"
@@ -535,7 +592,7 @@ class AmqpBroker:
         if c.gen == self._gen and ch is not None and not ch.is_closed:
             with contextlib.suppress(mqexc.AMQPError, mqexc.ChannelInvalidStateError, OSError):
                 await ch.basic_cancel(c.tag)
-        items = [(m, self._count_of(m), queue) for m in c.buffer]
+        items = [(m, count, queue) for m, count in c.buffer]
         c.buffer.clear()
         if items:
             await self._hand_back(items, c.gen)
@@ -605,10 +662,13 @@ class AmqpBroker:
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         h = self._must_own(delivery)
         await self._ensure(delivery.queue)
+        await self._replace(h, f"{delivery.queue}.dead", self._letter(delivery.body, letter))
+
+    def _letter(self, body: bytes, letter: DeadLetter) -> tuple[bytes, Any]:
         headers: dict[str, Any] = {ENTRY: uuid.uuid4().hex, **letter.facts()}
         # As text: the AMQP float header is single precision.
         headers["dead_at"] = repr(headers["dead_at"])
-        await self._replace(h, f"{delivery.queue}.dead", self._new(delivery.body, headers))
+        return self._new(body, headers)
 
     # -- introspection ----------------------------------------------------------------------
 
@@ -693,6 +753,15 @@ class AmqpBroker:
 def _dead_letter(queue: str, message: DeliveredMessage) -> DeadLetter:
     h = _headers(message)
     entry_id = _text(h.get(ENTRY)) or (message.header.properties.message_id or "")
-    return DeadLetter.from_facts(
-        lambda name: _text(h.get(name)), queue=queue, entry_id=entry_id, body=message.body
-    )
+
+    def fact(name: str) -> str | None:
+        text = _text(h.get(name))
+        if name in _NUMERIC_FACTS and text is not None:
+            # An entry another client wrote must not break listing the DLQ.
+            with contextlib.suppress(ValueError):
+                if math.isfinite(float(text)):
+                    return text
+            return None
+        return text
+
+    return DeadLetter.from_facts(fact, queue=queue, entry_id=entry_id, body=message.body)
