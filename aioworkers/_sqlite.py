@@ -6,6 +6,7 @@ another process's lock, and in WAL mode a long read never holds up a write."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import time
@@ -18,6 +19,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from .errors import ConfigError
 
+log = logging.getLogger("aioworkers")
 _T = TypeVar("_T")
 
 HELP = "use sqlite:///relative/path.db or sqlite:////absolute/path.db"
@@ -100,6 +102,11 @@ def _create_private(path: str) -> None:
     except OSError as exc:
         raise ConfigError(f"sqlite {path}: cannot create the file: {exc.strerror}") from None
     os.close(fd)
+    # Once per file (O_EXCL): a file made by mistake (another directory) strands its jobs.
+    log.warning(
+        "created the new SQLite file %s: only processes using this same file share its jobs",
+        path,
+    )
 
 
 class SqliteFile:

@@ -101,8 +101,20 @@ class App:
         if self._broker is not None and self._broker_url != "":
             raise ConfigError("the broker is already in use; set it before enqueueing or running")
         if broker is None:
-            broker = os.environ.get(ENV_BROKER_URL) or DEFAULT_BROKER_URL
+            broker = os.environ.get(ENV_BROKER_URL, DEFAULT_BROKER_URL)
+            if not broker.strip():
+                # An empty variable is a mistake, not "the default": a job enqueued to a
+                # fresh default file in the wrong directory is one no worker ever sees.
+                raise ConfigError(
+                    f"{ENV_BROKER_URL} is set but empty: unset it for the embedded default "
+                    f"({DEFAULT_BROKER_URL}), or give a broker URL"
+                )
         if isinstance(broker, str):
+            if not broker.strip():
+                raise ConfigError(
+                    "the broker URL is empty: give a URL (sqlite:///path.db, redis://...), "
+                    f"or None for {ENV_BROKER_URL} or the embedded default"
+                )
             if check_url(broker) == "sqlite":
                 broker = absolute_url(broker)  # the file of the directory the app starts in
             self._broker_url = broker

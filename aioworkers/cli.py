@@ -181,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--delay", type=_seconds, default=0.0, help="seconds")
     enqueue.add_argument("--key", help="idempotency key")
     enqueue.add_argument("--queue", help="queue (default: the task's)")
+    enqueue.add_argument(
+        "--create",
+        action="store_true",
+        help="sqlite://: create the queue file if it does not exist (else an error)",
+    )
 
     stats = command("stats", "show ready, in-flight, delayed and dead jobs per queue")
     stats.add_argument("--queues", type=_csv, help="comma-separated (default: the app's)")
@@ -261,6 +266,8 @@ def _on_signal(worker: Worker, sig: signal.Signals) -> None:
 
 async def cmd_enqueue(app: App, args: argparse.Namespace) -> int:
     _require_shared_broker(app, "enqueue")
+    if not args.create:
+        _require_queue_file(app)
     if app.tasks and args.task not in app.tasks:
         raise UsageError(f"unknown task {args.task!r}; registered: {', '.join(sorted(app.tasks))}")
     try:
@@ -310,12 +317,18 @@ def _require_shared_broker(app: App, what: str) -> None:
 def _warn_private_broker(app: App) -> None:
     if app.broker_name.startswith("memory:"):
         print("note: memory:// is private to this process; these are its numbers", file=sys.stderr)
+    # Reading must not create an empty file that says "nothing queued".
+    _require_queue_file(app, hint="")
+
+
+def _require_queue_file(app: App, hint: str = " (or --create to make a new one)") -> None:
+    """A command run from another directory than the worker's must not create a file of
+    its own: a job enqueued there would wait for a worker that never reads it."""
     path = getattr(app.broker, "path", None)
     if app.broker_name.startswith("sqlite:") and path and not os.path.exists(path):
-        # Reading must not create an empty file that says "nothing queued".
         raise UsageError(
             f"no queue file at {path}: run this where the worker runs, or point both at one "
-            "file (--broker or AIOWORKERS_BROKER_URL=sqlite:////absolute/path.db)"
+            f"file (--broker or AIOWORKERS_BROKER_URL=sqlite:////absolute/path.db){hint}"
         )
 
 
@@ -349,8 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raw = list(sys.argv[1:] if argv is None else argv)
             return supervisor.supervise(raw, processes, grace=args.grace)
         app = load_app(args.app)
-        if args.broker:
-            app.set_broker(args.broker)
+        if args.broker is not None:
+            app.set_broker(args.broker)  # an empty one is an error, not the default
         with _runner() as runner:
             try:
                 return runner.run(_main(app, args))

@@ -60,6 +60,12 @@ def _env(seed: str) -> dict[str, str]:
         (["dlq", "list"], "required: MODULE:ATTR"),
         (["stats", "cliapp:app", "--broker", "sqlite:///nowhere/jobs.db"], "no queue file at"),
         (["dlq", "list", "cliapp:app", "--broker", "sqlite:///nowhere/jobs.db"], "no queue file"),
+        (
+            ["enqueue", "cliapp:app", "nap", "--broker", "sqlite:///nowhere/jobs.db"],
+            "no queue file",
+        ),
+        (["enqueue", "cliapp:app", "nap", "--broker", ""], "the broker URL is empty"),
+        (["run", "cliapp:app", "--broker", " "], "the broker URL is empty"),
     ],
 )
 def test_bad_invocations_fail_with_one_line_and_exit_2(argv: list[str], message: str) -> None:
@@ -175,3 +181,82 @@ def test_dlq_list_replay_purge_in_process(capsys: pytest.CaptureFixture[str]) ->
     assert cli.main(["dlq", "purge", "cliapp:app"]) == 0
     assert "purged 2 dead letters" in capsys.readouterr().out
     assert asyncio.run(app.stats()).dead == 0
+
+
+# -- the embedded default: no job stranded in a file no worker reads ----------------------------
+
+
+def _in_dir(
+    cwd: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k != "AIOWORKERS_BROKER_URL"}
+    base["PYTHONPATH"] = str(APPS)
+    return subprocess.run(
+        [sys.executable, "-m", "aioworkers", *args],
+        cwd=cwd,
+        env=base | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_enqueue_refuses_a_missing_queue_file_unless_told_to_create_it(tmp_path: Path) -> None:
+    db = tmp_path / "aioworkers.db"
+    refused = _in_dir(tmp_path, "enqueue", "defaultapp:app", "greet", "--args", '["ann"]')
+    assert refused.returncode == 2, refused.stderr
+    assert f"no queue file at {db}" in refused.stderr
+    assert "--create" in refused.stderr
+    assert refused.stdout == ""  # no job id: nothing was enqueued
+    assert not db.exists()
+
+    created = _in_dir(
+        tmp_path, "enqueue", "defaultapp:app", "greet", "--args", '["ann"]', "--create"
+    )
+    assert created.returncode == 0, created.stderr
+    assert len(created.stdout.strip()) > 10  # the job id
+    warnings = [line for line in created.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, created.stderr
+    assert f"created the new SQLite file {db}" in warnings[0]
+
+    # The file exists now: the worker finds the job and says nothing about creating.
+    ran = _in_dir(tmp_path, "run", "defaultapp:app", "--burst")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == "hello ann\n"
+    assert "created" not in ran.stderr
+
+
+def test_an_empty_broker_url_in_the_environment_is_an_error(tmp_path: Path) -> None:
+    result = _in_dir(tmp_path, "stats", "defaultapp:app", env={"AIOWORKERS_BROKER_URL": ""})
+    assert result.returncode == 2, result.stderr
+    assert "AIOWORKERS_BROKER_URL is set but empty" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "aioworkers.db").exists()
+
+
+def test_an_empty_broker_url_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aioworkers import App, ConfigError
+
+    with pytest.raises(ConfigError, match="the broker URL is empty"):
+        App("")
+    monkeypatch.setenv("AIOWORKERS_BROKER_URL", "")
+    with pytest.raises(ConfigError, match="AIOWORKERS_BROKER_URL is set but empty"):
+        App()
+
+
+async def test_the_process_that_creates_a_queue_file_says_where_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from aioworkers import App
+
+    db = tmp_path / "sub" / "jobs.db"
+    for _ in range(2):
+        app = App(f"sqlite:///{db}")
+
+        @app.task
+        async def noop() -> None: ...
+
+        async with app:
+            await noop.enqueue()
+    created = [r for r in caplog.records if "created the new SQLite file" in r.getMessage()]
+    assert [(r.levelname, str(db) in r.getMessage()) for r in created] == [("WARNING", True)]
