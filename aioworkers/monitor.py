@@ -83,7 +83,7 @@ def _sdk(flag: str) -> Any:
         from opentelemetry.sdk import metrics as sdk_metrics
     except ImportError:
         raise ConfigError(
-            f"{flag} needs the OpenTelemetry SDK: pip install 'aioworkers[otel]'"
+            f"{flag} needs the OpenTelemetry SDK: pip install 'aio-job-workers[otel]'"
         ) from None
     return sdk_metrics
 
@@ -143,7 +143,8 @@ class Exporters:
                 from opentelemetry.exporter.prometheus import PrometheusMetricReader
             except ImportError:
                 raise ConfigError(
-                    "--metrics-port needs the Prometheus exporter: pip install 'aioworkers[otel]'"
+                    "--metrics-port needs the Prometheus exporter: "
+                    "pip install 'aio-job-workers[otel]'"
                 ) from None
             readers.append(PrometheusMetricReader())
         if otlp:

@@ -41,7 +41,7 @@ def open_broker(url: str, *, visibility_timeout: float) -> Broker:
         module = importlib.import_module(module_name, __package__)
     except ImportError as exc:
         raise ConfigError(
-            f"{scheme}:// needs its client library: pip install 'aioworkers[{extra}]' ({exc})"
+            f"{scheme}:// needs its client library: pip install 'aio-job-workers[{extra}]' ({exc})"
         ) from None
     backend = getattr(module, class_name)
     if scheme == "memory":

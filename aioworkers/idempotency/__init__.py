@@ -50,7 +50,7 @@ def open_store(url: str) -> IdempotencyStore:
     except ImportError as exc:
         raise ConfigError(
             f"a redis:// idempotency store needs the redis client: "
-            f"pip install 'aioworkers[redis]' ({exc})"
+            f"pip install 'aio-job-workers[redis]' ({exc})"
         ) from None
     return RedisStore(url)
 
