@@ -348,8 +348,10 @@ class App:
 class DeadLetterQueue:
     """List, replay and purge the dead letters of one queue."""
 
-    # Replay by id looks at this many entries at most.
+    # A replay takes at most this many entries (its snapshot); run it again for more.
     SCAN_LIMIT = 100_000
+    # Entries published and removed per round trip.
+    BATCH = 1000
 
     def __init__(self, broker: Broker, queue: str) -> None:
         self.broker = broker
@@ -363,23 +365,24 @@ class DeadLetterQueue:
         """Enqueue dead jobs again as first attempts (all, or those whose ``id`` or
         ``entry_id`` is in ``ids``), then remove them from the DLQ; returns how many.
 
-        A crash between the two leaves a job both queued and dead, never lost.
+        Only the entries present when the replay starts (at most `SCAN_LIMIT`) are
+        replayed, each once: a replayed job that dies again meanwhile stays dead. A crash
+        between publishing and removing leaves a job both queued and dead, never lost.
         """
-        wanted = None if ids is None else set(ids)
-        limit = 1000 if wanted is None else self.SCAN_LIMIT
+        entries = await self.list(self.SCAN_LIMIT)
+        if ids is not None:
+            wanted = set(ids)
+            entries = [e for e in entries if e.id in wanted or e.entry_id in wanted]
+        return await self.replay_entries(entries)
+
+    async def replay_entries(self, entries: Sequence[DeadLetter]) -> int:
+        """Replay these entries (from `list`) as `replay` does; returns how many."""
         total = 0
-        while True:
-            entries = await self.broker.dead_letters(self.queue, limit=limit)
-            if wanted is not None:
-                entries = [e for e in entries if e.id in wanted or e.entry_id in wanted]
-            if not entries:
-                return total
-            await self.broker.publish(self.queue, [reset_attempt(e.body) for e in entries])
-            total += await self.broker.remove_dead_letters(
-                self.queue, [e.entry_id for e in entries]
-            )
-            if wanted is not None:
-                return total
+        for start in range(0, len(entries), self.BATCH):
+            batch = entries[start : start + self.BATCH]
+            await self.broker.publish(self.queue, [reset_attempt(e.body) for e in batch])
+            total += await self.broker.remove_dead_letters(self.queue, [e.entry_id for e in batch])
+        return total
 
     async def purge(self) -> int:
         """Delete every dead letter of the queue; returns how many."""

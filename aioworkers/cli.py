@@ -21,7 +21,7 @@ from typing import Any, NoReturn, TypeVar
 import orjson
 
 from . import monitor, supervisor
-from .app import App
+from .app import App, DeadLetterQueue
 from .errors import AioworkersError, ConfigError, redact
 from .worker import Worker
 
@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--broker", metavar="URL", help="broker URL (overrides the app's)")
         p.add_argument("--log-level", default="WARNING", type=_level)
         p.add_argument("--log-format", default="text", choices=monitor.LOG_FORMATS)
-        p.add_argument("--queue", help="queue (default: the app's)")
+        p.add_argument(
+            "--queue", type=_csv, help="comma-separated queues (default: every queue of the app)"
+        )
         if action == "list":
             p.add_argument("--limit", type=_positive_int, default=100)
             p.add_argument("--json", action="store_true", help="print JSON")
@@ -287,23 +289,57 @@ async def cmd_stats(app: App, args: argparse.Namespace) -> int:
 
 async def cmd_dlq(app: App, args: argparse.Namespace) -> int:
     _warn_private_broker(app)
-    dlq = app.dlq(args.queue)
+    dlqs = [app.dlq(queue) for queue in args.queue or app.queues()]
     if args.action == "purge":
-        print(f"purged {await dlq.purge()} dead letters from {dlq.queue!r}")
+        for dlq in dlqs:
+            print(f"purged {_letters(await dlq.purge())} from {dlq.queue!r}")
     elif args.action == "replay":
-        print(f"replayed {await dlq.replay(args.ids)} dead letters to {dlq.queue!r}")
+        return await _replay(dlqs, args.ids)
     else:
-        entries = await dlq.list(args.limit)
+        entries = {dlq.queue: await dlq.list(args.limit) for dlq in dlqs}
         if args.json:
-            docs = [asdict(e) | {"body": e.body.decode(errors="replace")} for e in entries]
-            print(orjson.dumps(docs, option=orjson.OPT_INDENT_2).decode())
+            doc = {
+                queue: [asdict(e) | {"body": e.body.decode(errors="replace")} for e in listed]
+                for queue, listed in entries.items()
+            }
+            print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
         else:
-            for e in entries:
-                print(
-                    f"{e.id}  {e.task or '-'}  {e.reason}  attempts={e.attempts}  {e.error or ''}"
-                )
-            print(f"{len(entries)} dead letters in {dlq.queue!r}", file=sys.stderr)
+            for queue, listed in entries.items():
+                print(f"{queue}: {_letters(len(listed))}")
+                for e in listed:
+                    print(
+                        f"  {e.id}  {e.task or '-'}  {e.reason}  attempts={e.attempts}  "
+                        f"{e.error or ''}".rstrip()
+                    )
     return 0
+
+
+async def _replay(dlqs: list[DeadLetterQueue], ids: list[str] | None) -> int:
+    """Each queue's DLQ as it is now, once: never the letters that die again meanwhile."""
+    wanted = None if ids is None else set(ids)
+    found: set[str] = set()
+    for dlq in dlqs:
+        entries = await dlq.list(dlq.SCAN_LIMIT)
+        if wanted is not None:
+            entries = [e for e in entries if e.id in wanted or e.entry_id in wanted]
+            found.update(e.id for e in entries)
+            found.update(e.entry_id for e in entries)
+        print(f"replayed {_letters(await dlq.replay_entries(entries))} to {dlq.queue!r}")
+        if len(entries) == dlq.SCAN_LIMIT:
+            print(f"  {dlq.queue!r} may hold more: replay again for the rest", file=sys.stderr)
+    missing = [i for i in ids or () if i not in found]
+    if missing:
+        queues = ", ".join(repr(dlq.queue) for dlq in dlqs)
+        for job_id in missing:
+            print(
+                f"aioworkers: no dead letter with id {job_id!r} in queue {queues}", file=sys.stderr
+            )
+        return 1
+    return 0
+
+
+def _letters(n: int) -> str:
+    return f"{n} dead letter" if n == 1 else f"{n} dead letters"
 
 
 def _require_shared_broker(app: App, what: str) -> None:

@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -154,33 +156,78 @@ def test_stats_json() -> None:
     }
 
 
-def test_dlq_list_replay_purge_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+def _import_cliapp() -> Any:
     sys.path.insert(0, str(APPS))
     try:
         import cliapp
     finally:
         sys.path.remove(str(APPS))
+    return cliapp
+
+
+def test_dlq_list_replay_purge_cover_every_queue_grouped(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cliapp = _import_cliapp()
     app = cliapp.app
 
-    async def seed_dead() -> list[str]:
+    async def seed_dead() -> tuple[list[str], list[str]]:
         ids = [await cliapp.fail.enqueue() for _ in range(3)]
+        other = [await cliapp.fail_other.enqueue()]
         await app.worker(poll=0.05).run(burst=True)
-        return ids
+        return ids, other
 
-    ids = asyncio.run(seed_dead())
+    ids, other = asyncio.run(seed_dead())
     assert cli.main(["dlq", "list", "cliapp:app", "--json"]) == 0
     listed = orjson.loads(capsys.readouterr().out)
-    assert [d["id"] for d in listed] == ids
-    assert {d["reason"] for d in listed} == {"max_retries"}
-    assert all(d["error"] == "RuntimeError: always fails" for d in listed)
+    assert list(listed) == ["default", "other"]
+    assert [d["id"] for d in listed["default"]] == ids
+    assert [d["id"] for d in listed["other"]] == other
+    assert {d["reason"] for d in listed["default"]} == {"max_retries"}
+    assert all(d["error"] == "RuntimeError: always fails" for d in listed["default"])
+
+    assert cli.main(["dlq", "list", "cliapp:app"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0] == "default: 3 dead letters"
+    assert text[4] == "other: 1 dead letter"
+    assert text[5].startswith(f"  {other[0]}  fail_other  max_retries  attempts=1")
+
+    assert cli.main(["dlq", "list", "cliapp:app", "--queue", "other", "--json"]) == 0
+    assert list(orjson.loads(capsys.readouterr().out)) == ["other"]
 
     assert cli.main(["dlq", "replay", "cliapp:app", "--ids", ids[0]]) == 0
-    assert "replayed 1 dead letters" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "replayed 1 dead letter to 'default'" in out
+    assert "replayed 0 dead letters to 'other'" in out
     assert asyncio.run(app.stats()).ready == 1
 
+    assert cli.main(["dlq", "replay", "cliapp:app", "--queue", "other"]) == 0
+    assert capsys.readouterr().out == "replayed 1 dead letter to 'other'\n"
+    assert asyncio.run(app.stats("other")).ready == 1
+
     assert cli.main(["dlq", "purge", "cliapp:app"]) == 0
-    assert "purged 2 dead letters" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "purged 2 dead letters from 'default'" in out
+    assert "purged 0 dead letters from 'other'" in out
     assert asyncio.run(app.stats()).dead == 0
+
+
+def test_dlq_replay_of_unknown_ids_says_which_and_exits_1(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cliapp = _import_cliapp()
+
+    async def seed_dead() -> str:
+        job_id = await cliapp.fail.enqueue()
+        await cliapp.app.worker(poll=0.05).run(burst=True)
+        return job_id
+
+    job_id = asyncio.run(seed_dead())
+    assert cli.main(["dlq", "replay", "cliapp:app", "--ids", f"nosuch,{job_id}"]) == 1
+    out, err = capsys.readouterr()
+    assert "replayed 1 dead letter to 'default'" in out
+    assert "no dead letter with id 'nosuch' in queue 'default', 'other'" in err
+    assert job_id not in err
 
 
 # -- the embedded default: no job stranded in a file no worker reads ----------------------------
@@ -260,3 +307,58 @@ async def test_the_process_that_creates_a_queue_file_says_where_once(
             await noop.enqueue()
     created = [r for r in caplog.records if "created the new SQLite file" in r.getMessage()]
     assert [(r.levelname, str(db) in r.getMessage()) for r in created] == [("WARNING", True)]
+
+
+def test_dlq_replay_under_a_live_worker_replays_the_letters_it_found_once(tmp_path: Path) -> None:
+    """The worker kills every replayed job again at once: a replay that kept listing until
+    the DLQ looked empty would chase those and replay jobs twice (or never end)."""
+    n = 1500  # more than one listing page (1,000)
+    from aioworkers import App
+
+    async def seed() -> None:
+        app = App(f"sqlite:///{tmp_path / 'aioworkers.db'}")
+
+        @app.task(retries=0)
+        async def boom(n: int) -> None:
+            raise ValueError(f"boom {n}")
+
+        async with app:
+            await app.enqueue_many(boom.call(i) for i in range(n))
+            await app.worker(poll=0.05).run(burst=True)
+            assert (await app.stats()).dead == n
+
+    asyncio.run(seed())
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "aioworkers", "run", "defaultapp:app", "--log-level", "ERROR"],
+        cwd=tmp_path,
+        env={**_env(""), "PYTHONPATH": str(APPS)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        replay = _in_dir(tmp_path, "dlq", "replay", "defaultapp:app")
+        assert replay.returncode == 0, replay.stderr
+        assert replay.stdout == f"replayed {n} dead letters to 'default'\n"
+        _wait_until(lambda: _stats(tmp_path)["dead"] == n)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        out, _ = worker.communicate(timeout=30)
+    runs = out.splitlines()
+    # Each letter ran once more, and died again: none was replayed twice.
+    assert sorted(runs) == sorted(f"boom {i}" for i in range(n))
+    assert _stats(tmp_path) == {"ready": 0, "in_flight": 0, "delayed": 0, "dead": n}
+
+
+def _stats(cwd: Path) -> dict[str, int]:
+    result = _in_dir(cwd, "stats", "defaultapp:app", "--json")
+    assert result.returncode == 0, result.stderr
+    doc: dict[str, int] = orjson.loads(result.stdout)["default"]
+    return doc
+
+
+def _wait_until(check: Callable[[], bool], within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, f"not within {within}s"
+        time.sleep(0.1)

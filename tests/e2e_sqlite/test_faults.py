@@ -107,7 +107,7 @@ async def test_garbage_is_dead_lettered_and_the_cli_sees_it_from_another_process
     }
     listed = cli("dlq", "list", "--json")
     assert listed.returncode == 0, listed.stderr
-    (entry,) = orjson.loads(listed.stdout)
+    (entry,) = orjson.loads(listed.stdout)["default"]
     assert (entry["reason"], entry["task"]) == ("decode_error", None)
     purged = cli("dlq", "purge")
     assert purged.returncode == 0, purged.stderr

@@ -24,6 +24,11 @@ async def fail() -> None:
     raise RuntimeError("always fails")
 
 
+@app.task(retries=0, queue="other")
+async def fail_other() -> None:
+    raise RuntimeError("fails on the other queue")
+
+
 @app.on_startup
 async def seed() -> None:
     for spec in filter(None, os.environ.get("CLIAPP_SEED", "").split(",")):
