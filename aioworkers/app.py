@@ -283,6 +283,8 @@ class App:
         task = self.tasks.get(call.task)
         if task is not None:
             task.check_arguments(call.args, call.kwargs)
+            if call.key is not None and not task.idempotent:
+                task.key_ignored()
         queue = call.queue or (task.queue if task is not None else None) or self.queue
         env = Envelope(
             id=new_id(),

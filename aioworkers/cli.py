@@ -179,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--args", type=_json(list), default=[], help="JSON array")
     enqueue.add_argument("--kwargs", type=_json(dict), default={}, help="JSON object")
     enqueue.add_argument("--delay", type=_seconds, default=0.0, help="seconds")
-    enqueue.add_argument("--key", help="idempotency key")
+    enqueue.add_argument(
+        "--key",
+        help="idempotency key, only with a task registered idempotent=True: the first job "
+        "with a key runs, later ones with it are acked unrun; other tasks just carry it",
+    )
     enqueue.add_argument("--queue", help="queue (default: the task's)")
     enqueue.add_argument(
         "--create",

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 if TYPE_CHECKING:
     from .app import App
+
+log = logging.getLogger("aioworkers")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -84,6 +87,7 @@ class Task(Generic[P, R]):
         self.idempotent = idempotent
         self.signature = inspect.signature(fn)
         self._fits = _fast_fit(self.signature)
+        self._warned_key = False
 
     def __repr__(self) -> str:
         return f"<Task {self.name} queue={self.queue or self.app.queue}>"
@@ -100,10 +104,22 @@ class Task(Generic[P, R]):
         except TypeError as exc:
             raise TypeError(f"bad arguments for task {self.name!r}: {exc}") from None
 
+    def key_ignored(self) -> None:
+        """A job of this task was enqueued with a key it ignores: say so, once."""
+        if not self._warned_key:
+            self._warned_key = True
+            log.warning(
+                "task %r is not idempotent=True: a key given to its jobs is only carried "
+                "with them (current_job().key) and every job with the same key runs; "
+                "register it with @app.task(idempotent=True) to run each key once",
+                self.name,
+            )
+
     def options(
         self, *, delay: float = 0.0, key: str | None = None, queue: str | None = None
     ) -> Enqueuer[P]:
-        """Bind enqueue options: ``delay`` seconds, an idempotency ``key``, another ``queue``."""
+        """Bind enqueue options: ``delay`` seconds, an idempotency ``key`` (run once per
+        key on a task registered with ``idempotent=True``), another ``queue``."""
         return Enqueuer(self, delay, key, queue)
 
     def call(self, *args: P.args, **kwargs: P.kwargs) -> Call:

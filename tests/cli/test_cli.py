@@ -362,3 +362,37 @@ def _wait_until(check: Callable[[], bool], within: float = 30) -> None:
     while not check():
         assert time.monotonic() < deadline, f"not within {within}s"
         time.sleep(0.1)
+
+
+# -- --key on a task that ignores it ---------------------------------------------------------
+
+
+async def test_a_key_given_to_a_task_that_is_not_idempotent_warns_once_per_task(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from aioworkers import App
+
+    app = App("memory://")
+
+    @app.task
+    async def plain() -> None: ...
+
+    @app.task(idempotent=True)
+    async def keyed() -> None: ...
+
+    async with app:
+        for _ in range(2):
+            await plain.options(key="k").enqueue()
+            await app.enqueue("plain", key="k2")
+            await keyed.options(key="k").enqueue()
+        await plain.enqueue()  # no key: nothing to say
+    warned = [r for r in caplog.records if "key" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    assert warned[0].levelname == "WARNING"
+    assert "task 'plain' is not idempotent=True" in warned[0].getMessage()
+
+
+def test_enqueue_key_help_says_what_it_does() -> None:
+    result = aioworkers_cmd("enqueue", "--help")
+    text = " ".join(result.stdout.split())
+    assert "only with a task registered idempotent=True" in text
