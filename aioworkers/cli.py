@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict
 from typing import Any, NoReturn, TypeVar
@@ -32,6 +33,14 @@ class UsageError(Exception):
     """A mistake on the command line: printed as one line, exit code 2."""
 
 
+class ImportFailed(UsageError):
+    """The user's module raised while it was imported: its traceback, then one line."""
+
+    def __init__(self, message: str, user_traceback: str) -> None:
+        super().__init__(message)
+        self.user_traceback = user_traceback
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line that says what to fix, instead of argparse's usage dump.
@@ -48,14 +57,14 @@ def load_app(spec: str) -> App:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
+        if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".")):
             raise UsageError(
                 f"cannot import module {module_name!r}: run from the directory that holds it "
                 "or add it to PYTHONPATH"
             ) from None
-        raise UsageError(f"importing {module_name!r} failed: {exc}") from None
+        raise _import_failed(module_name, exc) from None
     except Exception as exc:
-        raise UsageError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+        raise _import_failed(module_name, exc) from None
     try:
         app = getattr(module, attr)
     except AttributeError:
@@ -65,6 +74,34 @@ def load_app(spec: str) -> App:
     if not isinstance(app, App):
         raise UsageError(f"{spec} is a {type(app).__name__}, not an aioworkers.App")
     return app
+
+
+_OWN_FILES = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _import_failed(module_name: str, exc: Exception) -> ImportFailed:
+    """The error of a user's module that raised on import, with the traceback of its own
+    code: the frames of aioworkers and of the import machinery are left out."""
+    report = traceback.TracebackException.from_exception(exc)
+    _trim(report)
+    return ImportFailed(
+        f"importing {module_name!r} failed: {type(exc).__name__}: {exc} (traceback above)",
+        "".join(report.format()),
+    )
+
+
+def _trim(report: traceback.TracebackException) -> None:
+    report.stack = traceback.StackSummary.from_list(
+        [frame for frame in report.stack if _users(frame.filename)]
+    )
+    for chained in (report.__cause__, report.__context__):
+        if chained is not None:
+            _trim(chained)
+
+
+def _users(filename: str) -> bool:
+    internal = filename.startswith(_OWN_FILES) or filename.startswith("<frozen importlib")
+    return not internal and filename != importlib.__file__
 
 
 def _csv(value: str) -> list[str]:
@@ -413,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # reported as one line, like one found at start-up.
                 raise _single(group) from None
     except (UsageError, ConfigError) as exc:
+        if isinstance(exc, ImportFailed):
+            print(redact(exc.user_traceback), end="", file=sys.stderr)
         print(f"aioworkers: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except AioworkersError as exc:

@@ -396,3 +396,37 @@ def test_enqueue_key_help_says_what_it_does() -> None:
     result = aioworkers_cmd("enqueue", "--help")
     text = " ".join(result.stdout.split())
     assert "only with a task registered idempotent=True" in text
+
+
+# -- a user's module that fails on import --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "frames", "error"),
+    [
+        ("brokenapp:app", ["in <module>", "in load_settings"], "KeyError: 'BROKENAPP_SMTP_HOST'"),
+        (
+            "needsdep:app",
+            ["in <module>"],
+            "ModuleNotFoundError: No module named 'no_such_dependency_for_aioworkers_tests'",
+        ),
+        ("badtask:app", ["in <module>"], "ConfigError: retries, backoff and max_backoff"),
+    ],
+)
+def test_a_module_that_raises_on_import_shows_the_users_traceback_and_exits_2(
+    spec: str, frames: list[str], error: str
+) -> None:
+    result = aioworkers_cmd("run", spec)
+    assert result.returncode == 2, result.stderr
+    err = result.stderr
+    module = spec.partition(":")[0]
+    assert err.startswith("Traceback (most recent call last):\n"), err
+    assert f'File "{APPS / module}.py", line ' in err
+    for frame in frames:
+        assert frame in err
+    # Only the user's frames: neither aioworkers' own nor the import machinery's.
+    assert "importlib" not in err
+    assert f"{os.sep}aioworkers{os.sep}" not in err
+    assert error in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"aioworkers: error: importing {module!r} failed: {error}")
