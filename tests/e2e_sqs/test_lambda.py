@@ -5,31 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import aioworkers
 from aioworkers import QueueDepth, Reject, current_job
-from aioworkers.serverless import _event_loop
 
 from ..services import moto_endpoint, sqs_url
+from .lambda_events import Context, delete_done, receive_event, run
 
 pytest.importorskip("aiobotocore")
-
-
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    """On the adapter's own loop, where the app's SQS client lives between invocations."""
-    return _event_loop().run_until_complete(coro)
-
-
-class Context:
-    def __init__(self, ms: int) -> None:
-        self.ms = ms
-
-    def get_remaining_time_in_millis(self) -> int:
-        return self.ms
 
 
 @pytest.fixture
@@ -41,58 +28,6 @@ def app() -> Iterator[aioworkers.App]:
         yield app
     finally:
         run(app.aclose())
-
-
-async def receive_event(app: aioworkers.App, n: int) -> dict[str, Any]:
-    """What Lambda's event source mapping would hand the function: ``n`` records."""
-    broker: Any = app.broker
-    client = await broker.client()
-    url = (await client.get_queue_url(QueueName=broker.sqs_name(app.queue)))["QueueUrl"]
-    arn = (await client.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"]))[
-        "Attributes"
-    ]["QueueArn"]
-    records: list[dict[str, Any]] = []
-    for _ in range(20):
-        reply = await client.receive_message(
-            QueueUrl=url,
-            MaxNumberOfMessages=10,
-            WaitTimeSeconds=1,
-            VisibilityTimeout=30,
-            AttributeNames=["All"],
-            MessageAttributeNames=["All"],
-        )
-        for m in reply.get("Messages", []):
-            records.append(
-                {
-                    "messageId": m["MessageId"],
-                    "receiptHandle": m["ReceiptHandle"],
-                    "body": m["Body"],
-                    "attributes": m["Attributes"],
-                    "messageAttributes": {
-                        k: {"stringValue": v["StringValue"], "dataType": v["DataType"]}
-                        for k, v in m.get("MessageAttributes", {}).items()
-                    },
-                    "md5OfBody": m["MD5OfBody"],
-                    "eventSource": "aws:sqs",
-                    "eventSourceARN": arn,
-                    "awsRegion": "us-east-1",
-                }
-            )
-        if len(records) >= n:
-            break
-    assert len(records) == n, f"received {len(records)} of {n}"
-    return {"Records": records}
-
-
-async def delete_done(app: aioworkers.App, event: dict[str, Any], result: dict[str, Any]) -> None:
-    """What Lambda does after the function returns: delete the records not reported."""
-    broker: Any = app.broker
-    client = await broker.client()
-    url = (await client.get_queue_url(QueueName=broker.sqs_name(app.queue)))["QueueUrl"]
-    failed = {f["itemIdentifier"] for f in result["batchItemFailures"]}
-    for r in event["Records"]:
-        if r["messageId"] not in failed:
-            await client.delete_message(QueueUrl=url, ReceiptHandle=r["receiptHandle"])
 
 
 def test_a_batch_with_failures_retries_dead_letters_and_reports_only_what_must_come_back(
