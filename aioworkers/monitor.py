@@ -16,16 +16,15 @@ import operator
 import os
 import re
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ._endpoint import MetricsEndpoint
 from .brokers.base import QueueDepth
 from .errors import ConfigError, redact
 
@@ -126,7 +125,7 @@ class Exporters:
         self.meter_provider: Any = None
         self.tracer_provider: Any = None
         self.health: Health | None = None
-        self._server: ThreadingHTTPServer | None = None
+        self._server: MetricsEndpoint | None = None
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -175,8 +174,7 @@ class Exporters:
         if self._task is not None:
             self._task.cancel()
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
         for provider in (self.tracer_provider, self.meter_provider):
             if provider is not None:
                 with contextlib.suppress(Exception):
@@ -199,36 +197,28 @@ def _set_global(meter_provider: Any, tracer_provider: Any) -> None:
             trace.set_tracer_provider(tracer_provider)
 
 
-def _serve(host: str, port: int, health: Health) -> ThreadingHTTPServer:
+def _serve(
+    host: str, port: int, health: Health, *, timeout: float = 5.0, max_connections: int = 64
+) -> MetricsEndpoint:
+    """Serve ``/metrics`` and ``/healthz``; see `MetricsEndpoint` for ``timeout`` (per
+    connection) and ``max_connections``."""
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._reply(200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY))
-            elif path == "/healthz":
-                ok, doc = health.check()
-                self._reply(200 if ok else 503, "application/json", orjson.dumps(doc))
-            else:
-                self._reply(404, "text/plain", b"not found: try /metrics or /healthz\n")
-
-        def _reply(self, status: int, kind: str, body: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("metrics endpoint: " + format, *args)
+    def respond(path: str) -> tuple[int, str, bytes]:
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
+        if path == "/healthz":
+            ok, doc = health.check()
+            return 200 if ok else 503, "application/json", orjson.dumps(doc)
+        return 404, "text/plain", b"not found: try /metrics or /healthz\n"
 
     try:
-        server = ThreadingHTTPServer((host, port), Handler)
+        server = MetricsEndpoint(
+            host, port, respond, timeout=timeout, max_connections=max_connections
+        )
     except OSError as exc:
         raise ConfigError(f"--metrics-port {port} on {host}: {exc.strerror or exc}") from None
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="aioworkers-metrics", daemon=True).start()
+    server.start()
     log.info("serving /metrics and /healthz on http://%s:%d", host, server.server_port)
     return server
 
