@@ -21,12 +21,15 @@ from typing import Any, NoReturn, TypeVar
 
 import orjson
 
-from . import monitor, supervisor
+from . import __version__, monitor, supervisor
 from .app import App, DeadLetterQueue
 from .errors import AioworkersError, ConfigError, redact
 from .worker import Worker
 
 log = logging.getLogger("aioworkers")
+
+# The name to install it by ("aioworkers" on PyPI is another project).
+DISTRIBUTION = "aio-job-workers"
 
 
 class UsageError(Exception):
@@ -142,7 +145,10 @@ def _seconds(value: str) -> float:
 
 
 def _count(value: str) -> int:
-    return 0 if value.strip() == "0" else _positive_int(value)
+    n = _number(value, int, -(2**63), "a whole number")
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (one per CPU) or more processes, got {n}")
+    return n
 
 
 def _positive_seconds(value: str) -> float:
@@ -186,6 +192,9 @@ def _json(kind: type) -> Callable[[str], Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="aioworkers", description="asyncio background job workers")
+    parser.add_argument(
+        "--version", action="version", version=f"aioworkers {__version__} ({DISTRIBUTION})"
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -324,12 +333,28 @@ async def cmd_enqueue(app: App, args: argparse.Namespace) -> int:
 
 
 async def cmd_stats(app: App, args: argparse.Namespace) -> int:
+    if args.count is not None and args.watch is None:
+        raise UsageError("--count needs --watch: it stops after that many refreshes")
     _warn_private_broker(app)
+    _note_unknown_queues(app, args.queues)
     return await monitor.stats(app, args.queues or app.queues(), args)
+
+
+def _note_unknown_queues(app: App, queues: list[str] | None) -> None:
+    """A queue no task names may be a typo, or one filled by ``enqueue --queue``: say so
+    and show what the broker has."""
+    known = app.queues()
+    for queue in queues or ():
+        if queue not in known:
+            print(
+                f"note: queue {queue!r} is unknown to the app (its queues: {', '.join(known)})",
+                file=sys.stderr,
+            )
 
 
 async def cmd_dlq(app: App, args: argparse.Namespace) -> int:
     _warn_private_broker(app)
+    _note_unknown_queues(app, args.queue)
     dlqs = [app.dlq(queue) for queue in args.queue or app.queues()]
     if args.action == "purge":
         for dlq in dlqs:
@@ -434,8 +459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``aioworkers`` console script; returns the exit code."""
     try:
         args = build_parser().parse_args(argv)
-        monitor.configure_logging(args.log_level, args.log_format)
-        if args.command == "run" and (processes := supervisor.plan(args)) is not None:
+        processes = supervisor.plan(args) if args.command == "run" else None
+        # Several processes write to one stream: each line says which.
+        several = processes is not None or supervisor.child_index() is not None
+        monitor.configure_logging(args.log_level, args.log_format, pid=several)
+        if processes is not None:
             raw = list(sys.argv[1:] if argv is None else argv)
             return supervisor.supervise(raw, processes, grace=args.grace)
         app = load_app(args.app)

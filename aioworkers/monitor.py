@@ -37,6 +37,8 @@ log = logging.getLogger("aioworkers")
 # -- logs ------------------------------------------------------------------------------
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Under --processes: several processes write to one stream.
+TEXT_FORMAT_PID = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 LOG_FORMATS = ("text", "json")
 
 
@@ -48,9 +50,14 @@ class RedactingFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: ``ts``, ``level``, ``logger``, ``message``, and for job
-    failures the fields ``job_id``, ``task``, ``attempt``, ``queue``, ``duration``,
-    ``error``, ``error_type``, ``outcome``; passwords in URLs hidden."""
+    """One JSON object a line: ``ts``, ``level``, ``logger``, ``message`` (and ``pid``
+    with ``pid=True``), and for job failures the fields ``job_id``, ``task``,
+    ``attempt``, ``queue``, ``duration``, ``error``, ``error_type``, ``outcome``;
+    passwords in URLs hidden."""
+
+    def __init__(self, *, pid: bool = False) -> None:
+        super().__init__()
+        self.pid = pid
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
@@ -59,6 +66,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": redact(record.getMessage()),
         }
+        if self.pid:
+            doc["pid"] = record.process
         job = getattr(record, "job", None)
         if isinstance(job, dict):
             doc.update({k: redact(v) if isinstance(v, str) else v for k, v in job.items()})
@@ -67,10 +76,13 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
-def configure_logging(level: str, fmt: str = "text") -> None:
-    """Log to stderr at ``level`` as ``text`` or ``json`` lines."""
+def configure_logging(level: str, fmt: str = "text", *, pid: bool = False) -> None:
+    """Log to stderr at ``level`` as ``text`` or ``json`` lines (with the process id)."""
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else RedactingFormatter(TEXT_FORMAT))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(pid=pid))
+    else:
+        handler.setFormatter(RedactingFormatter(TEXT_FORMAT_PID if pid else TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler])
 
 
@@ -322,6 +334,8 @@ class Rates:
     the broker's counters where it has them (Redis: ``totals``), ``failed`` (dead-lettered)
     and ``backlog`` (change of ready + delayed) from the depths."""
 
+    NAMES = ("enqueued", "done", "failed", "backlog")
+
     def __init__(self) -> None:
         self._last: dict[str, tuple[float, QueueDepth, dict[str, int] | None]] = {}
 
@@ -332,7 +346,7 @@ class Rates:
         last = self._last.get(queue)
         self._last[queue] = (now, depth, totals)
         if last is None:
-            return {"enqueued": None, "done": None, "failed": None, "backlog": None}
+            return dict.fromkeys(self.NAMES)
         then, before, old = last
         dt = max(now - then, 1e-9)
         if totals is not None and old is not None:
@@ -398,17 +412,26 @@ async def stats(app: App, queues: Sequence[str], args: argparse.Namespace) -> in
         return await _watch(app, queues, args)
     rows = {q: await app.stats(q) for q in queues}
     if args.json:
-        print(
-            orjson.dumps(
-                {q: asdict(d) for q, d in rows.items()}, option=orjson.OPT_INDENT_2
-            ).decode()
-        )
+        # The shape of a --watch refresh: rates need two polls, so here they are unknown.
+        rates = dict.fromkeys(Rates.NAMES)
+        print(_json_line(rows, dict.fromkeys(queues, rates)))
     else:
         print(_table(rows, None))
     alerts = _check(rows, thresholds)
     for alert in alerts:
         print(f"aioworkers: threshold {alert}", file=sys.stderr)
     return 1 if alerts else 0
+
+
+def _now() -> str:
+    return datetime.now(tz=UTC).isoformat(timespec="seconds")
+
+
+def _json_line(rows: dict[str, QueueDepth], rates: dict[str, dict[str, float | None]]) -> str:
+    """``stats --json``, with or without ``--watch``: ``{"ts": .., "queues": {queue:
+    {"ready": .., "in_flight": .., "delayed": .., "dead": .., "rates": {..}}}}``."""
+    queues = {q: asdict(depth) | {"rates": rates[q]} for q, depth in rows.items()}
+    return orjson.dumps({"ts": _now(), "queues": queues}).decode()
 
 
 async def _watch(app: App, queues: Sequence[str], args: argparse.Namespace) -> int:
@@ -422,10 +445,9 @@ async def _watch(app: App, queues: Sequence[str], args: argparse.Namespace) -> i
             depth, totals = await _poll(app, q)
             rows[q] = depth
             per_queue[q] = rates.update(q, depth, totals)
-        stamp = datetime.now(tz=UTC).isoformat(timespec="seconds")
+        stamp = _now()
         if args.json:
-            doc = {q: asdict(rows[q]) | {"rates": per_queue[q]} for q in queues}
-            print(orjson.dumps({"ts": stamp, "queues": doc}).decode(), flush=True)
+            print(_json_line(rows, per_queue), flush=True)
         else:
             header = f"{app.broker_name}  {stamp}  every {args.watch:g}s (Ctrl-C to stop)"
             prefix = "\x1b[H\x1b[2J" if in_place else ("\n" if refreshes else "")

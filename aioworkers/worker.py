@@ -232,7 +232,8 @@ class Worker:
         with anyio.move_on_after(self.grace) as self._grace_scope:
             await self._inflight.wait_empty()
         if len(self._inflight):
-            log.warning("grace period over: releasing %d unfinished jobs", len(self._inflight))
+            if self._stops < 2:  # else a second stop() cut the grace period short
+                log.warning("grace period over: releasing %d unfinished jobs", len(self._inflight))
             await self._abandon()
 
     async def _abandon(self) -> None:

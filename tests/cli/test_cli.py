@@ -68,6 +68,8 @@ def _env(seed: str) -> dict[str, str]:
         ),
         (["enqueue", "cliapp:app", "nap", "--broker", ""], "the broker URL is empty"),
         (["run", "cliapp:app", "--broker", " "], "the broker URL is empty"),
+        (["stats", "cliapp:app", "--count", "2"], "--count needs --watch"),
+        (["run", "cliapp:app", "--processes", "-1"], "0 (one per CPU) or more"),
     ],
 )
 def test_bad_invocations_fail_with_one_line_and_exit_2(argv: list[str], message: str) -> None:
@@ -111,7 +113,7 @@ def _start_worker(seed: str, *extra: str) -> subprocess.Popen[str]:
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()  # blocks until the job is running
-    assert line.startswith("nap start"), line
+    assert line.startswith(("nap start", "tidy start")), line
     return proc
 
 
@@ -126,16 +128,21 @@ def test_sigterm_lets_the_job_in_flight_finish_and_exits_0() -> None:
 
 
 def test_sigint_then_second_signal_stops_now_and_releases() -> None:
-    proc = _start_worker("nap=30", "--grace", "30")
+    proc = _start_worker("tidy=30", "--grace", "30")  # a job that cleans up when cancelled
     started = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.3)
+    # The grace period starts once the fetchers have stopped, within the fetch's poll
+    # (1 s): the second signal comes inside it.
+    time.sleep(1.3)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert time.monotonic() - started < 10
-    assert "nap done" not in out
+    assert "done" not in out
     assert "ok=0 retried=0 dead=0 released=1" in err
+    assert "stopping now: cancelling 1 jobs" in err
+    # The second signal cut the grace period short: it did not run out.
+    assert "grace period over" not in err, err
 
 
 def test_grace_expiry_releases_unfinished_jobs() -> None:
@@ -148,12 +155,48 @@ def test_grace_expiry_releases_unfinished_jobs() -> None:
     assert "ok=0 retried=0 dead=0 released=1" in err
 
 
-def test_stats_json() -> None:
-    result = aioworkers_cmd("stats", "cliapp:app", "--json")
+def test_stats_json_has_one_shape_with_and_without_watch() -> None:
+    once = aioworkers_cmd("stats", "cliapp:app", "--json")
+    assert once.returncode == 0, once.stderr
+    doc = orjson.loads(once.stdout)
+    rates = {"enqueued": None, "done": None, "failed": None, "backlog": None}
+    zero = {"ready": 0, "in_flight": 0, "delayed": 0, "dead": 0, "rates": rates}
+    assert doc == {"ts": doc["ts"], "queues": {"default": zero, "other": zero}}
+    watched = aioworkers_cmd("stats", "cliapp:app", "--json", "--watch", "0.1", "--count", "2")
+    assert watched.returncode == 0, watched.stderr
+    first, second = (orjson.loads(line) for line in watched.stdout.splitlines())
+    assert first | {"ts": None} == doc | {"ts": None}
+    assert second.keys() == doc.keys()
+    assert second["queues"].keys() == doc["queues"].keys()
+    assert second["queues"]["default"].keys() == zero.keys()
+
+
+def test_stats_of_a_queue_unknown_to_the_app_says_so() -> None:
+    result = aioworkers_cmd("stats", "cliapp:app", "--queues", "nosuch,default")
     assert result.returncode == 0, result.stderr
-    assert orjson.loads(result.stdout) == {
-        "default": {"ready": 0, "in_flight": 0, "delayed": 0, "dead": 0}
-    }
+    assert "queue 'nosuch' is unknown to the app (its queues: default, other)" in result.stderr
+    assert "'default'" not in result.stderr
+    dlq = aioworkers_cmd("dlq", "list", "cliapp:app", "--queue", "nosuch")
+    assert "queue 'nosuch' is unknown to the app" in dlq.stderr
+
+
+def test_version() -> None:
+    import aioworkers
+
+    result = aioworkers_cmd("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"aioworkers {aioworkers.__version__} (aio-job-workers)\n"
+
+
+def test_log_lines_carry_the_pid_under_processes() -> None:
+    result = aioworkers_cmd("run", "cliapp:app", "--processes", "1", "--burst", seed="nap=0.01")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if " aioworkers[" in line]
+    pids = {line.split(" aioworkers[")[1].split("]")[0] for line in lines}
+    assert len(pids) == 2, result.stderr  # the supervisor's and its child's
+    assert all(" aioworkers[" in line for line in result.stderr.splitlines() if "INFO" in line)
+    plain = aioworkers_cmd("run", "cliapp:app", "--burst")
+    assert " aioworkers: worker started" in plain.stderr
 
 
 def _import_cliapp() -> Any:
@@ -353,7 +396,8 @@ def test_dlq_replay_under_a_live_worker_replays_the_letters_it_found_once(tmp_pa
 def _stats(cwd: Path) -> dict[str, int]:
     result = _in_dir(cwd, "stats", "defaultapp:app", "--json")
     assert result.returncode == 0, result.stderr
-    doc: dict[str, int] = orjson.loads(result.stdout)["default"]
+    doc: dict[str, int] = orjson.loads(result.stdout)["queues"]["default"]
+    del doc["rates"]
     return doc
 
 

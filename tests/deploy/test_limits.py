@@ -67,7 +67,7 @@ async def test_recycle_after_stop_is_ignored() -> None:
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--processes", "-1", "--processes: must be >= 1"),
+        ("--processes", "-1", "--processes: expected 0 (one per CPU) or more processes"),
         ("--max-jobs-per-child", "0", "--max-jobs-per-child: must be >= 1"),
         ("--max-memory-per-child", "lots", "--max-memory-per-child: expected megabytes"),
         ("--max-job-seconds", "0", "--max-job-seconds: must be > 0"),

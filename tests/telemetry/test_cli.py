@@ -185,8 +185,11 @@ def test_stats_json_equals_the_broker_counts(
     fresh = asyncio.run(depth_from_another_broker(url, queue))
     assert fresh == aioworkers.QueueDepth(ready=1, in_flight=0, delayed=delayed, dead=3)
     assert run_main("stats", "telapp:app", "--broker", url, "--json") == 0
-    doc = orjson.loads(capsys.readouterr().out)
-    assert doc == {queue: {"ready": 1, "in_flight": 0, "delayed": delayed, "dead": 3}}
+    doc = orjson.loads(capsys.readouterr().out)["queues"]
+    depth = {"ready": 1, "in_flight": 0, "delayed": delayed, "dead": 3}
+    assert doc == {
+        queue: depth | {"rates": dict.fromkeys(("enqueued", "done", "failed", "backlog"))}
+    }
 
     # --fail-if: exit 1 when any threshold holds on a queue, 0 when none does.
     assert run_main("stats", "telapp:app", "--broker", url, "--fail-if", "dead>0") == 1
@@ -209,6 +212,7 @@ def test_stats_json_equals_the_broker_counts(
     counted = 0 if backend.name in ("redis", "sqlite") else None
     assert rates == {"enqueued": counted, "done": counted, "failed": 0, "backlog": 0}
     assert second["queues"][queue] | {"rates": None} == doc[queue] | {"rates": None}
+    assert first["queues"] == doc  # --json has one shape, with or without --watch
 
 
 async def depth_from_another_broker(url: str, queue: str) -> aioworkers.QueueDepth:

@@ -20,6 +20,16 @@ async def nap(seconds: float) -> None:
 
 
 @app.task(retries=0)
+async def tidy(seconds: float) -> None:
+    """Takes a moment to clean up when cancelled."""
+    print(f"tidy start {seconds}", flush=True)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        await asyncio.sleep(0.2)
+
+
+@app.task(retries=0)
 async def fail() -> None:
     raise RuntimeError("always fails")
 
@@ -35,6 +45,8 @@ async def seed() -> None:
         name, _, arg = spec.partition("=")
         if name == "nap":
             await nap.enqueue(float(arg))
+        elif name == "tidy":
+            await tidy.enqueue(float(arg))
         elif name == "fail":
             await fail.enqueue()
         elif name == "garbage":
