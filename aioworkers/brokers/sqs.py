@@ -12,7 +12,10 @@
 
 The queue named ``q`` is the SQS queue ``<prefix>q`` and its DLQ ``<prefix>q-dead``
 (``q-dead.fifo`` for FIFO queues); if the queue has a redrive policy, its target is the DLQ
-instead. Names are resolved to URLs once (GetQueueUrl) and cached.
+instead. A FIFO queue ``q.fifo`` also has the standard queue ``<prefix>q-delay``, where its
+delayed jobs wait (see Delays). Names are resolved to URLs once (GetQueueUrl) and cached,
+with each queue's ``MaximumMessageSize``: a message over it is refused before it is sent,
+and a dead letter's facts are cut to fit it.
 
 Leases and fencing: a delivery's token holds its receipt handle, its receive count and a
 local deadline (the time the receive or the last extend was *sent*, plus the visibility
@@ -25,16 +28,31 @@ failures as lost; a stale *delete* may succeed on real SQS, so the local check i
 guarantee on both. What no client can rule out: a worker paused for longer than the lease
 *during* one of those calls (after the check) may still delete a message another worker
 has received since — at-least-once still holds, and idempotency keys cover the effects.
+A retry, release or dead letter sends its new message first and deletes the original
+second; the lease stays ours until the delete is done, so a caller that tries again after
+a failed delete only deletes (no second copy), and a copy whose original could not be
+deleted before its lease ran out is logged as a job that may run twice.
 
 Delays: DelaySeconds in whole seconds (rounded up), at most 900 s. A longer delay carries
 an ``aw-eta`` attribute; a message received before its eta is sent again with the rest of
-the delay (and deleted), inside `fetch`. Bodies that are not valid SQS text (bytes that are
-not UTF-8, control characters, empty) travel base64-encoded with ``aw-enc=b64``.
+the delay (and deleted), inside `fetch`. FIFO queues take no per-message delay, and a
+message held back inside its group would hold back the whole group: a delayed FIFO job
+waits in the delay queue instead, and `fetch` moves it to the tail of its group once due.
+
+Bodies that are not valid SQS text (bytes that are not UTF-8, control characters, empty)
+travel base64-encoded with ``aw-enc=b64``. A message whose attributes cannot be read (an
+unknown ``aw-enc`` or a body that is not in it, an ``aw-base`` or ``aw-eta`` that is not a
+number in range) is dead-lettered by `fetch` with a decode reason and never handed out.
+
+Errors: `map_error` is the one table from botocore's errors to ours (transient ->
+`BrokerUnavailable`; set-up -> `ConfigError` with what to fix; a message SQS refuses for
+what it holds -> `MessageRefusedError`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import itertools
@@ -46,8 +64,8 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
@@ -55,16 +73,26 @@ from aiobotocore.session import get_session  # type: ignore[import-untyped]
 from botocore import exceptions as bexc  # type: ignore[import-untyped]
 
 from ..envelope import decode
-from ..errors import BrokerUnavailable, ConfigError, LeaseLost
+from ..errors import (
+    AioworkersError,
+    BrokerUnavailable,
+    ConfigError,
+    DecodeError,
+    LeaseLost,
+    redact,
+)
 from ._sqs_wire import (
-    _NOT_SQS_TEXT,
     BASE,
+    DEDUP,
     ENC,
     ETA,
     _attr,
     _attr_value,
-    decode_body,
     encode_body,
+    read_body,
+    read_count,
+    read_eta,
+    sqs_text,
 )
 from .base import DeadLetter, Delivery, QueueDepth
 
@@ -75,22 +103,157 @@ T = TypeVar("T")
 MAX_DELAY = 900  # SQS's limit for DelaySeconds
 MAX_WAIT = 20  # SQS's limit for WaitTimeSeconds
 MAX_BATCH = 10  # SQS's limit for every *Batch call and for MaxNumberOfMessages
-MAX_SIZE = 256 * 1024  # body plus message attributes
+MAX_VISIBILITY = 12 * 3600  # SQS's limit for a visibility timeout
+DEFAULT_MAX_SIZE = 256 * 1024  # a queue's MaximumMessageSize when SQS does not say
 DLQ_SCAN_VISIBILITY = 30  # seconds a DLQ listing hides the entries it reads
+MOVE_EVERY = 1.0  # seconds between two looks at a FIFO queue's delay queue
+MOVE_VISIBILITY = 30  # seconds a delayed job being moved is hidden (well inside the 5-minute
+# deduplication window, so a move repeated after a failure is dropped by SQS)
+MAX_MOVES = 10  # receives of due delayed jobs in one fetch at most
+MAX_FACT = 1024  # characters kept of a dead letter's short facts (id, task, error type)
+NOTE_ROOM = 160  # bytes kept free for the "error" attribute when a letter's body is cut
 
-_TRANSIENT_CODES = {
-    "ThrottlingException",
-    "Throttling",
-    "RequestThrottled",
-    "RequestThrottledException",
-    "ServiceUnavailable",
-    "InternalError",
-    "InternalFailure",
-    "KmsThrottled",
-    "SlowDown",
-    "RequestTimeout",
-    "RequestTimeoutException",
+
+class MessageRefusedError(AioworkersError, ValueError):
+    """SQS refuses a message for what it holds (too large, characters it does not take):
+    permanent, sending it again fails the same way."""
+
+
+# -- client errors: one table -----------------------------------------------------------------
+
+TRANSIENT, CONFIG, REFUSED = "transient", "config", "refused"
+
+# What an SQS error code means here (the "AWS.SimpleQueueService." prefix removed). A code
+# not listed is TRANSIENT in a 5xx reply or when it speaks of throttling, CONFIG otherwise:
+# credentials, permissions, a missing queue, KMS, a bad parameter at start-up.
+_CODES: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "ThrottlingException",
+            "Throttling",
+            "RequestThrottled",
+            "RequestThrottledException",
+            "ServiceUnavailable",
+            "InternalError",
+            "InternalFailure",
+            "KmsThrottled",
+            "SlowDown",
+            "RequestTimeout",
+            "RequestTimeoutException",
+            "OverLimit",  # too many messages in flight: some settle soon
+            "QueueDeletedRecently",  # create again after 60 s
+        ),
+        TRANSIENT,
+    ),
+    # What one message holds: `MessageRefusedError` for a send, `ConfigError` elsewhere.
+    **dict.fromkeys(
+        (
+            "InvalidMessageContents",
+            "MessageTooLong",
+            "BatchRequestTooLong",
+            "InvalidParameterValue",
+            "InvalidAttributeValue",
+        ),
+        REFUSED,
+    ),
 }
+
+_PERMISSIONS = (
+    "the AWS credentials in use lack a permission on this queue: aioworkers needs "
+    "sqs:GetQueueUrl, GetQueueAttributes, SendMessage, ReceiveMessage, DeleteMessage, "
+    "ChangeMessageVisibility, and CreateQueue unless create=0"
+)
+_KEYS = "the AWS credentials in use are not valid (environment, profile or role): check them"
+# What to fix, for the errors a user meets at start-up (AWS's own text otherwise: auth
+# failures get only this, their text may quote the request).
+_HINTS: dict[str, str] = {
+    "AccessDenied": _PERMISSIONS,
+    "AccessDeniedException": _PERMISSIONS,
+    "InvalidClientTokenId": _KEYS,
+    "UnrecognizedClientException": _KEYS,
+    "SignatureDoesNotMatch": _KEYS,
+    "IncompleteSignature": _KEYS,
+    "InvalidSecurity": _KEYS,
+    "MissingAuthenticationToken": _KEYS,
+    "ExpiredToken": "the AWS session token has expired: refresh the credentials",
+    "NonExistentQueue": "the queue does not exist: create it, or use create=1",
+    "QueueDoesNotExist": "the queue does not exist: create it, or use create=1",
+    "credentials": (
+        "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a "
+        "profile (AWS_PROFILE, or profile= in the URL), or give the process an instance or "
+        "task role"
+    ),
+}
+
+# botocore's other errors, by class (first match wins).
+_TYPES: tuple[tuple[type[Exception], str], ...] = (
+    # An instance or task metadata service, or a credential process, failed this time.
+    (bexc.CredentialRetrievalError, TRANSIENT),
+    (bexc.MetadataRetrievalError, TRANSIENT),
+    (bexc.PartialCredentialsError, CONFIG),
+    (bexc.UnknownCredentialError, CONFIG),
+    (bexc.NoRegionError, CONFIG),
+    (bexc.ProfileNotFound, CONFIG),
+    (bexc.InvalidConfigError, CONFIG),
+    (bexc.ConnectionError, TRANSIENT),  # endpoint unreachable, connect timeout, proxy
+    (bexc.HTTPClientError, TRANSIENT),  # read timeout, connection closed
+    (OSError, TRANSIENT),
+)
+
+
+def map_error(
+    exc: BaseException, what: str, *, started: bool = True, message: bool = False
+) -> AioworkersError | None:
+    """Our error for a client error raised during ``what`` (None: not a client error).
+
+    ``started``: the broker has talked to SQS before, so missing credentials are a lapse
+    of an instance role, not a set-up without any. ``message``: the call sends messages,
+    so a refusal concerns what they hold."""
+    kind, detail = _classify(exc, started)
+    if kind == TRANSIENT:
+        return BrokerUnavailable(f"sqs {what}: {detail}")
+    if kind == REFUSED and message:
+        return MessageRefusedError(f"sqs {what}: {detail}")
+    if kind is not None:
+        return ConfigError(f"sqs {what}: {detail}")
+    return None
+
+
+def _classify(exc: BaseException, started: bool) -> tuple[str | None, str]:
+    if isinstance(exc, bexc.ClientError):
+        code = _code(exc)
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        kind = _CODES.get(code)
+        if kind is None:
+            server = isinstance(status, int) and status >= 500
+            kind = TRANSIENT if server or "Throttl" in code or "Unavailable" in code else CONFIG
+        text = _HINTS.get(code) or redact(str(exc.response.get("Error", {}).get("Message", "")))
+        return kind, f"{code}: {text[:300]}" if text else code
+    if isinstance(exc, bexc.NoCredentialsError):
+        if started:
+            return TRANSIENT, "no AWS credentials at the moment (NoCredentialsError)"
+        return CONFIG, _HINTS["credentials"]
+    for cls, kind in _TYPES:
+        if isinstance(exc, cls):
+            return kind, f"{type(exc).__name__}: {redact(str(exc))[:300]}"
+    return None, ""
+
+
+@asynccontextmanager
+async def _mapped(what: str, *, started: bool = True, message: bool = False) -> AsyncIterator[None]:
+    """Client errors become ours at the I/O boundary (see `map_error`)."""
+    try:
+        yield
+    except Exception as exc:
+        mapped = map_error(exc, what, started=started, message=message)
+        if mapped is None:
+            raise
+        raise mapped from exc
+
+
+def _code(exc: bexc.ClientError) -> str:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    return code.removeprefix("AWS.SimpleQueueService.")
 
 
 @dataclass(eq=False, slots=True)
@@ -103,6 +266,7 @@ class Lease:
     base: int = 0
     eta: int | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
+    copied: bool = False  # its retry, hand-back or dead letter is sent; the delete is left
     settled: bool = False  # acked, retried, released or dead-lettered by us
 
 
@@ -111,36 +275,14 @@ class _Queue:
     url: str
     dlq_url: str
     fifo: bool
+    max_size: int = DEFAULT_MAX_SIZE  # bytes a message may have (the delay queue's too)
+    dlq_max_size: int = DEFAULT_MAX_SIZE
+    delay_url: str | None = None  # FIFO queues: where delayed jobs wait (`_move_due`)
     # message id -> the lease of its current delivery in this process: an older delivery
     # of the same message (its lease lapsed, another fetch got it) is no longer ours.
     held: dict[str, Lease] = field(default_factory=dict)
-
-
-@asynccontextmanager
-async def _mapped(what: str) -> AsyncIterator[None]:
-    """Transient client errors become `BrokerUnavailable`: the runtime backs off."""
-    try:
-        yield
-    except bexc.ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        transient = code in _TRANSIENT_CODES or "Throttl" in code or "Unavailable" in code
-        if transient or (isinstance(status, int) and status >= 500):
-            raise BrokerUnavailable(f"sqs {what}: {code}") from exc
-        raise
-    except (
-        bexc.EndpointConnectionError,
-        bexc.ConnectionClosedError,
-        bexc.ReadTimeoutError,
-        bexc.ConnectTimeoutError,
-        bexc.HTTPClientError,
-        OSError,
-    ) as exc:
-        raise BrokerUnavailable(f"sqs {what}: {type(exc).__name__}") from exc
-
-
-def _code(exc: bexc.ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
+    owed: list[Delivery] = field(default_factory=list)  # early, sent again, not yet deleted
+    next_move: float = 0.0  # time.monotonic() of the next look at the delay queue
 
 
 def split_delay(delay: float, *, now_ms: int | None = None) -> tuple[int, int | None]:
@@ -163,12 +305,16 @@ def group_and_dedup(body: bytes, group: str | None) -> tuple[str, str]:
         return group or "aioworkers", digest
     dedup = env.key if env.key is not None else env.id
     # Ids are limited to 128 characters of [A-Za-z0-9!-~]: hash anything else.
-    if len(dedup) > 128 or re.search(r"[^!-~]", dedup):
+    if not _fifo_id(dedup):
         dedup = hashlib.sha256(dedup.encode()).hexdigest()
     g = group or env.task
-    if len(g) > 128 or re.search(r"[^!-~]", g):
+    if not _fifo_id(g):
         g = hashlib.sha256(g.encode()).hexdigest()
     return g, dedup
+
+
+def _fifo_id(value: str | None) -> bool:
+    return value is not None and re.fullmatch(r"[!-~]{1,128}", value) is not None
 
 
 class SqsBroker:
@@ -182,6 +328,11 @@ class SqsBroker:
             raise ConfigError(f"sqs URL: unknown parameters {sorted(unknown)}")
         if parts.username or parts.password:
             raise ConfigError("sqs URL: credentials come from the AWS chain, not the URL")
+        if visibility_timeout > MAX_VISIBILITY:
+            raise ConfigError(
+                f"sqs: visibility_timeout is at most 12 hours ({MAX_VISIBILITY} s) on SQS, "
+                f"got {visibility_timeout}"
+            )
         self.region = query.get("region") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         self.endpoint_url = query.get("endpoint_url") or None
         self.profile = query.get("profile") or None
@@ -196,6 +347,8 @@ class SqsBroker:
         self._queues: dict[str, _Queue] = {}
         self._last_fetched: dict[str, int] = {}  # per queue: how busy the last fetch was
         self._ids = itertools.count()
+        # Talked to SQS once: missing credentials are no longer a set-up error.
+        self._started = False
 
     def __repr__(self) -> str:
         where = self.endpoint_url or self.region
@@ -219,7 +372,7 @@ class SqsBroker:
                     read_timeout=MAX_WAIT + 10,
                     max_pool_connections=100,
                 )
-                async with _mapped("connect"):
+                async with _mapped("connect", started=self._started):
                     self._client = await stack.enter_async_context(
                         session.create_client(
                             "sqs",
@@ -244,25 +397,38 @@ class SqsBroker:
             return q
         create = self.create if create is None else create
         client = await self.client()
-        name = self.sqs_name(queue)
+        async with _mapped("resolve queue", started=self._started):
+            q = await self._resolve(client, self.sqs_name(queue), create)
+        self._started = True
+        return None if q is None else self._queues.setdefault(queue, q)
+
+    async def _resolve(self, client: Any, name: str, create: bool) -> _Queue | None:
         fifo = name.endswith(".fifo")
-        async with _mapped("resolve queue"):
-            url = await self._url(client, name, create, fifo)
-            if url is None:
-                return None
-            attrs = (
-                await client.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])
-            ).get("Attributes", {})
-            redrive = attrs.get("RedrivePolicy")
-            if redrive:
-                target = json.loads(redrive).get("deadLetterTargetArn", "")
-                dlq_name = target.rsplit(":", 1)[-1]
-            else:
-                dlq_name = f"{name.removesuffix('.fifo')}-dead" + (".fifo" if fifo else "")
-            dlq_url = await self._url(client, dlq_name, create, fifo)
+        url = await self._url(client, name, create, fifo)
+        if url is None:
+            return None
+        attrs = await _attributes(client, url, "RedrivePolicy", "MaximumMessageSize")
+        redrive = attrs.get("RedrivePolicy")
+        if redrive:
+            target = json.loads(redrive).get("deadLetterTargetArn", "")
+            dlq_name = target.rsplit(":", 1)[-1]
+        else:
+            dlq_name = f"{name.removesuffix('.fifo')}-dead" + (".fifo" if fifo else "")
+        dlq_url = await self._url(client, dlq_name, create, fifo)
         if dlq_url is None:
             raise ConfigError(f"sqs: the DLQ {dlq_name!r} of {name!r} does not exist (create=0)")
-        q = self._queues.setdefault(queue, _Queue(url, dlq_url, fifo))
+        dlq_size = _max_size(await _attributes(client, dlq_url, "MaximumMessageSize"))
+        q = _Queue(url, dlq_url, fifo, max_size=_max_size(attrs), dlq_max_size=dlq_size)
+        if fifo:
+            delay_name = f"{name.removesuffix('.fifo')}-delay"
+            q.delay_url = await self._url(client, delay_name, create, False)
+            if q.delay_url is None:
+                raise ConfigError(
+                    f"sqs: the FIFO queue {name!r} needs the standard queue {delay_name!r} "
+                    "for its delayed jobs and retries: create it, or use create=1"
+                )
+            delay_size = _max_size(await _attributes(client, q.delay_url, "MaximumMessageSize"))
+            q.max_size = min(q.max_size, delay_size)
         return q
 
     async def _url(self, client: Any, name: str, create: bool, fifo: bool) -> str | None:
@@ -291,9 +457,11 @@ class SqsBroker:
             self._queues.pop(queue, None)
             raise BrokerUnavailable(f"sqs: queue {self.sqs_name(queue)!r} does not exist") from exc
 
-    async def _call(self, queue: str, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+    async def _call(
+        self, queue: str, what: str, fn: Callable[[Any], Awaitable[T]], *, message: bool = False
+    ) -> T:
         client = await self.client()
-        async with _mapped(what):
+        async with _mapped(what, started=self._started, message=message):
             try:
                 return await fn(client)
             except bexc.ClientError as exc:
@@ -303,57 +471,126 @@ class SqsBroker:
     # -- producer -------------------------------------------------------------------------
 
     async def publish(self, queue: str, bodies: Sequence[bytes], *, delay: float = 0.0) -> None:
+        """Raises `MessageRefusedError` (a `ValueError`) for a job SQS cannot take: over the
+        queue's MaximumMessageSize (checked before anything is sent), or refused by SQS."""
         if not bodies:
             return
         q = await self._need(queue)
         seconds, eta = split_delay(delay)
-        extra: dict[str, Any] = {} if eta is None else {ETA: _attr(eta)}
-        entries = [self._entry(q, body, seconds, extra) for body in bodies]
-        await self._send(queue, q.url, entries)
+        attrs = {} if eta is None else {ETA: _attr(eta)}
+        routed = [self._route(q, body, attrs, seconds, fresh=False) for body in bodies]
+        entries = [entry for _, entry in routed]
+        for i, entry in enumerate(entries):
+            if (size := _size(entry)) > q.max_size:
+                raise MessageRefusedError(
+                    f"sqs: job {i + 1} of {len(entries)} is {size} bytes as an SQS message, "
+                    f"over the MaximumMessageSize {q.max_size} of {self.sqs_name(queue)!r}; "
+                    "nothing was sent: pass a reference (a URL, a key) instead of the data"
+                )
+        await self._send_copies(queue, routed[0][0], entries, q.max_size)
 
+    def _route(
+        self, q: _Queue, body: bytes, attrs: dict[str, Any], seconds: int, *, fresh: bool
+    ) -> tuple[str, dict[str, Any]]:
+        """The URL a message for ``q`` goes to, and its entry. ``fresh``: a new message for
+        SQS (a retry, a hand-back), never deduplicated against the job's first send."""
+        if not q.fifo:
+            return q.url, self._entry(body, attrs, delay=seconds)
+        group, dedup = group_and_dedup(body, self.group)
+        if seconds:
+            # FIFO queues take no per-message delay, and a message held back inside its
+            # group would hold back the whole group: it waits in the delay queue.
+            assert q.delay_url is not None
+            keep = {} if fresh else {DEDUP: _attr(dedup)}
+            return q.delay_url, self._entry(body, {**attrs, **keep}, delay=seconds)
+        return q.url, self._entry(body, attrs, group=(group, _new_id() if fresh else dedup))
+
+    @staticmethod
     def _entry(
-        self, q: _Queue, body: bytes, delay: int, attributes: dict[str, Any], *, fresh: bool = False
+        body: bytes,
+        attributes: dict[str, Any],
+        *,
+        delay: int = 0,
+        group: tuple[str, str] | None = None,
+        b64: bool = False,
     ) -> dict[str, Any]:
+        """A SendMessageBatch entry; ``group``: FIFO (MessageGroupId, MessageDeduplicationId);
+        ``b64``: base64 even if the body is text."""
         text, enc = encode_body(body)
+        if b64 and not enc:
+            text, enc = base64.b64encode(body).decode(), {ENC: _attr("b64")}
         entry: dict[str, Any] = {"MessageBody": text}
-        attrs = {**attributes, **enc}
+        attrs = {name: a for name, a in attributes.items() if name != ENC} | enc
         if attrs:
             entry["MessageAttributes"] = attrs
-        if q.fifo:
-            group, dedup = group_and_dedup(body, self.group)
-            entry["MessageGroupId"] = group
-            # A retry or hand-back is a new message for SQS: never deduplicated away.
-            entry["MessageDeduplicationId"] = os.urandom(16).hex() if fresh else dedup
-            if delay:
-                # FIFO queues take no per-message delay: the eta holds it back in `fetch`.
-                attrs.setdefault(ETA, _attr(time.time_ns() // 1_000_000 + delay * 1000))
-                entry["MessageAttributes"] = attrs
+        if group is not None:
+            entry["MessageGroupId"], entry["MessageDeduplicationId"] = group
         elif delay:
             entry["DelaySeconds"] = delay
         return entry
 
-    async def _send(self, queue: str, url: str, entries: list[dict[str, Any]]) -> None:
-        async def batch(chunk: list[dict[str, Any]]) -> None:
-            pending = {str(i): e for i, e in enumerate(chunk)}
-            for attempt in range(5):
+    async def _send_copies(
+        self, queue: str, url: str, entries: list[dict[str, Any]], limit: int
+    ) -> None:
+        """`_send`, and `MessageRefusedError` if SQS refuses any (the others are sent)."""
+        refused = await self._send(queue, url, entries, limit)
+        if refused:
+            raise MessageRefusedError(
+                f"sqs refused {len(refused)} of {len(entries)} messages for "
+                f"{self.sqs_name(queue)!r} (the others were sent): {refused[0][1]}"
+            )
+
+    async def _send(
+        self, queue: str, url: str, entries: list[dict[str, Any]], limit: int
+    ) -> list[tuple[int, str]]:
+        """Send ``entries`` in the batches SQS takes (10, together at most ``limit``
+        bytes). Returns ``(index, why)`` of those refused for what they hold (over
+        ``limit``, or a sender fault): sending them again would fail the same way. Other
+        failures are retried, then raised as `BrokerUnavailable`."""
+        refused: list[tuple[int, str]] = []
+        batches: list[list[tuple[int, dict[str, Any]]]] = []
+        total = 0
+        for i, entry in enumerate(entries):
+            size = _size(entry)
+            if size > limit:
+                why = f"{size} bytes as an SQS message, over the MaximumMessageSize {limit}"
+                refused.append((i, f"MessageTooLong: {why}"))
+                continue
+            if not batches or len(batches[-1]) == MAX_BATCH or total + size > limit:
+                batches.append([])
+                total = 0
+            batches[-1].append((i, entry))
+            total += size
+        for found in await asyncio.gather(*(self._send_batch(queue, url, b) for b in batches)):
+            refused += found
+        return sorted(refused)
+
+    async def _send_batch(
+        self, queue: str, url: str, batch: list[tuple[int, dict[str, Any]]]
+    ) -> list[tuple[int, str]]:
+        pending = {str(i): entry for i, entry in batch}
+        refused: list[tuple[int, str]] = []
+        for attempt in range(5):
+            try:
                 reply = await self._call(
                     queue,
                     "send",
                     lambda c: c.send_message_batch(
                         QueueUrl=url, Entries=[{"Id": i, **e} for i, e in pending.items()]
                     ),
+                    message=True,
                 )
-                failed = reply.get("Failed") or []
-                for ok in reply.get("Successful") or []:
-                    pending.pop(ok["Id"], None)
-                if not pending:
-                    return
-                if any(f.get("SenderFault") for f in failed):
-                    raise BrokerUnavailable(f"sqs send: {failed[0].get('Code')}")
-                await asyncio.sleep(0.05 * 2**attempt)
-            raise BrokerUnavailable(f"sqs send: {len(pending)} messages not accepted")
-
-        await asyncio.gather(*(batch(c) for c in _chunks(entries, MAX_BATCH)))
+            except MessageRefusedError as exc:
+                if len(pending) == 1:
+                    return [*refused, (int(next(iter(pending))), str(exc))]
+                # The whole call was refused for one entry's sake: send them one by one.
+                singles = [self._send_batch(queue, url, [(int(i), e)]) for i, e in pending.items()]
+                return refused + [r for found in await asyncio.gather(*singles) for r in found]
+            refused += [(int(i), why) for i, why in _sort_reply(reply, pending)]
+            if not pending:
+                return refused
+            await asyncio.sleep(0.05 * 2**attempt)
+        raise BrokerUnavailable(f"sqs send: {len(pending)} messages not accepted")
 
     # -- consumer -------------------------------------------------------------------------
 
@@ -361,6 +598,10 @@ class SqsBroker:
         if max_messages <= 0:
             return []
         q = await self._need(queue)
+        if q.owed:
+            await self._pay_owed(queue, q)
+        if q.delay_url is not None and time.monotonic() >= q.next_move:
+            await self._move_due(queue, q, q.delay_url)
         # Whole seconds, rounded up, so a short wait still waits (SQS has no finer unit).
         wait_s = min(MAX_WAIT, math.ceil(max(wait, 0.0) - 1e-9))
         sizes = [min(MAX_BATCH, max_messages - i) for i in range(0, max_messages, MAX_BATCH)]
@@ -394,31 +635,66 @@ class SqsBroker:
         out = []
         deadline = sent + self.visibility_timeout
         for m in reply.get("Messages") or []:
-            attrs = m.get("MessageAttributes") or {}
-            received = int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1))
-            base = int(_attr_value(attrs, BASE) or 0)
-            eta = _attr_value(attrs, ETA)
-            lease = Lease(
-                m["ReceiptHandle"],
-                received,
-                deadline,
-                base=base,
-                eta=int(float(eta)) if eta else None,
-                attributes=attrs,
-            )
-            mid = m["MessageId"]
-            current = q.held.get(mid)
-            if current is not None and _live(current):
-                # moto handed a message this process still holds to a second receive:
-                # keep the first delivery, drop this one (real SQS never does this).
+            try:
+                delivery = self._delivery(queue, q, m, deadline)
+            except DecodeError as exc:
+                await self._dead_letter_raw(queue, q.url, _raw(m), exc)
                 continue
-            q.held[mid] = lease
-            body = decode_body(m.get("Body", ""), _attr_value(attrs, ENC))
-            out.append(Delivery(queue, mid, body, base + received, lease))
+            if delivery is not None:
+                out.append(delivery)
         if len(q.held) > 10_000:
             # Bounded: forget leases that lapsed (settled ones are already gone).
             q.held = {k: v for k, v in q.held.items() if _live(v)}
         return out
+
+    @staticmethod
+    def _delivery(queue: str, q: _Queue, m: dict[str, Any], deadline: float) -> Delivery | None:
+        """The delivery of received message ``m`` (None if this process holds it already);
+        `DecodeError` if its attributes cannot be read."""
+        attrs = m.get("MessageAttributes") or {}
+        count = (m.get("Attributes") or {}).get("ApproximateReceiveCount")
+        received = read_count("ApproximateReceiveCount", count, least=1)
+        base = read_count(BASE, _attr_value(attrs, BASE))
+        eta = read_eta(_attr_value(attrs, ETA))
+        body = read_body(m.get("Body", ""), _attr_value(attrs, ENC))
+        mid = m["MessageId"]
+        current = q.held.get(mid)
+        if current is not None and _live(current):
+            # moto handed a message this process still holds to a second receive:
+            # keep the first delivery, drop this one (real SQS never does this).
+            return None
+        lease = Lease(m["ReceiptHandle"], received, deadline, base=base, eta=eta, attributes=attrs)
+        q.held[mid] = lease
+        return Delivery(queue, mid, body, base + received, lease)
+
+    async def _dead_letter_raw(self, queue: str, url: str, raw: _Raw, exc: DecodeError) -> None:
+        """Dead-letter a message the runtime never sees (as SQS holds it), then delete it
+        from ``url``. If SQS cannot be reached now, it comes back after its lease."""
+        error = f"DecodeError: {exc.detail}"
+        letter = DeadLetter(
+            id=raw.message_id,
+            task=None,
+            reason=exc.reason,
+            error=error,
+            error_type="DecodeError",
+            attempts=1,
+            dead_at=time.time(),
+            queue=queue,
+        )
+        log.error(
+            "job failed id=%s size=%d error=%r outcome=dead-lettered (%s)",
+            raw.message_id,
+            len(raw.body),
+            error,
+            exc.reason,
+        )
+        try:
+            await self.send_dead_letter(queue, raw.body, letter)
+            await self._delete(queue, url, [Lease(raw.receipt, 1, 0.0)])
+        except (BrokerUnavailable, MessageRefusedError) as err:
+            log.warning(
+                "could not dead-letter %s now, it comes back later: %s", raw.message_id, err
+            )
 
     @staticmethod
     def _early(d: Delivery) -> bool:
@@ -426,30 +702,109 @@ class SqsBroker:
         return eta is not None and eta > time.time_ns() // 1_000_000 + 500
 
     async def _redelay(self, queue: str, q: _Queue, early: list[Delivery]) -> None:
-        """Send early messages again with the rest of their delay, then delete them."""
+        """Send early messages again with the rest of their delay (a FIFO queue's to its
+        delay queue), then delete them; a delete that fails is owed (`_pay_owed`)."""
         now = time.time_ns() // 1_000_000
-        if q.fifo:
-            # No per-message delay on FIFO queues: keep them hidden until the eta instead
-            # (each early receive then counts as a delivery).
+        routed = []
+        for d in early:
+            seconds = math.ceil(((_lease(d).eta or now) - now) / 1000)
+            # This receive was no delivery: the copy carries the count so far.
+            copy = self._route(q, d.body, _carried(d), max(1, min(MAX_DELAY, seconds)), fresh=True)
+            routed.append(copy)
+        try:
+            refused = dict(
+                await self._send(queue, routed[0][0], [e for _, e in routed], q.max_size)
+            )
+        except BrokerUnavailable as exc:
+            log.warning("could not delay %d early messages again: %s", len(early), exc)
             for d in early:
-                remaining = math.ceil((_lease(d).eta or now) / 1000 - now / 1000)
-                seconds = max(1, min(remaining, 12 * 3600 - 60))
-                await self._extend_batch(queue, q.url, [d], seconds)
-                self._settled(d)  # not handed out: no longer held by this process
+                self._settled(d)  # they come back after their visibility timeout
             return
-        entries = []
-        for d in early:
-            lease = _lease(d)
-            assert lease.eta is not None
-            seconds = min(MAX_DELAY, math.ceil((lease.eta - now) / 1000))
-            attrs = {k: v for k, v in lease.attributes.items() if k not in (ENC, BASE)}
-            # This receive was no delivery: carry the count over to the copy.
-            attrs[BASE] = _attr(d.count - 1)
-            entries.append(self._entry(q, d.body, seconds, attrs, fresh=True))
-        await self._send(queue, q.url, entries)
-        for d in early:
-            self._settled(d)
-        await self._delete(queue, q.url, [_lease(d) for d in early])
+        for i, d in enumerate(early):
+            if i in refused:
+                raw = _Raw(d.message_id, _lease(d).receipt, d.body)
+                await self._dead_letter_raw(queue, q.url, raw, _too_large(refused[i]))
+                self._settled(d)
+            else:
+                _lease(d).copied = True
+                q.owed.append(d)
+        await self._pay_owed(queue, q)
+
+    async def _pay_owed(self, queue: str, q: _Queue) -> None:
+        """Delete the originals of early messages already sent on (the copy and the
+        original must not both come back); if SQS cannot be reached, at the next fetch."""
+        owed, q.owed = q.owed, []
+        mine = [d for d in owed if self._owned(d)]
+        for d in owed:
+            if d not in mine:
+                _may_run_twice("delay", d)
+        if not mine:
+            return
+        try:
+            await self._remove(queue, q.url, mine, "delay")
+        except BrokerUnavailable as exc:
+            q.owed += mine
+            log.warning("could not delete %d early messages sent on, later: %s", len(mine), exc)
+
+    async def _move_due(self, queue: str, q: _Queue, url: str) -> None:
+        """Move the delayed jobs of FIFO queue ``q`` that are due from its delay queue
+        ``url`` to the tail of their group; early ones wait there again."""
+        q.next_move = time.monotonic() + MOVE_EVERY
+        for _ in range(MAX_MOVES):
+            reply = await self._call(
+                queue,
+                "receive delayed",
+                lambda c: c.receive_message(
+                    QueueUrl=url,
+                    MaxNumberOfMessages=MAX_BATCH,
+                    WaitTimeSeconds=0,
+                    VisibilityTimeout=MOVE_VISIBILITY,
+                    MessageAttributeNames=["All"],
+                ),
+            )
+            messages = reply.get("Messages") or []
+            if messages:
+                await self._move(queue, q, url, messages)
+            if len(messages) < MAX_BATCH:
+                return
+
+    async def _move(self, queue: str, q: _Queue, url: str, messages: list[dict[str, Any]]) -> None:
+        now = time.time_ns() // 1_000_000
+        moves: dict[str, list[tuple[_Raw, dict[str, Any]]]] = {q.url: [], url: []}
+        for m in messages:
+            try:
+                target, entry = self._moved(q, url, m, now)
+            except DecodeError as exc:
+                await self._dead_letter_raw(queue, url, _raw(m), exc)
+                continue
+            moves[target].append((_raw(m), entry))
+        done: list[Lease] = []
+        for target, items in moves.items():
+            refused = dict(await self._send(queue, target, [e for _, e in items], q.max_size))
+            for i, (raw, _) in enumerate(items):
+                if i in refused:
+                    await self._dead_letter_raw(queue, url, raw, _too_large(refused[i]))
+                else:
+                    done.append(Lease(raw.receipt, 1, 0.0))
+        await self._delete(queue, url, done)
+
+    def _moved(
+        self, q: _Queue, url: str, m: dict[str, Any], now: int
+    ) -> tuple[str, dict[str, Any]]:
+        """Where a message of the delay queue ``url`` goes now, and its entry: to its group
+        when due, else back with the rest of its delay. `DecodeError` if unreadable."""
+        attrs = m.get("MessageAttributes") or {}
+        body = read_body(m.get("Body", ""), _attr_value(attrs, ENC))
+        eta = read_eta(_attr_value(attrs, ETA))
+        found = _attr_value(attrs, DEDUP)
+        # One deduplication id for every leg (a delayed enqueue's is its job's): a copy left
+        # behind by a failed delete joins the group as a duplicate that SQS drops.
+        dedup = found if found is not None and _fifo_id(found) else str(m["MessageId"])
+        if eta is not None and eta > now + 500:
+            seconds = min(MAX_DELAY, math.ceil((eta - now) / 1000))
+            return url, self._entry(body, {**attrs, DEDUP: _attr(dedup)}, delay=seconds)
+        rest = {k: v for k, v in attrs.items() if k not in (ENC, ETA, DEDUP)}
+        return q.url, self._entry(body, rest, group=(group_and_dedup(body, self.group)[0], dedup))
 
     async def stop_fetching(self, queue: str) -> None:
         """Nothing to hand back: `fetch` never receives more than it returns."""
@@ -460,6 +815,14 @@ class SqsBroker:
             return False
         q = self._queues.get(d.queue)
         return q is not None and q.held.get(d.message_id) is lease
+
+    def _claim(self, d: Delivery, what: str) -> Lease:
+        """The lease of ``d`` if it is still ours, else `LeaseLost`."""
+        if self._owned(d):
+            return _lease(d)
+        if _half_done(d):
+            _may_run_twice(what, d)
+        raise LeaseLost(f"{d!r} is no longer leased by this worker")
 
     def _settled(self, d: Delivery) -> None:
         lease = _lease(d)
@@ -483,12 +846,8 @@ class SqsBroker:
                         Entries=[{"Id": i, "ReceiptHandle": x.receipt} for i, x in pending.items()],
                     ),
                 )
-                for ok in reply.get("Successful") or []:
-                    pending.pop(ok["Id"], None)
-                for failed in reply.get("Failed") or []:
-                    if failed.get("SenderFault") and failed["Id"] in pending:
-                        # The handle is invalid (the message is gone or no longer ours).
-                        refused.append(pending.pop(failed["Id"]))
+                # A refused handle is invalid: the message is gone, or no longer ours.
+                refused.extend(chunk[int(i)] for i, _ in _sort_reply(reply, pending))
                 if not pending:
                     return
                 await asyncio.sleep(0.05 * 2**attempt)
@@ -496,6 +855,16 @@ class SqsBroker:
 
         await asyncio.gather(*(batch(c) for c in _chunks(leases, MAX_BATCH)))
         return refused
+
+    async def _remove(self, queue: str, url: str, deliveries: list[Delivery], what: str) -> None:
+        """Delete the originals of ``deliveries``, whose new messages are out, then let go of
+        their leases. A delete that fails keeps them ours: the caller tries again, and only
+        the delete is repeated."""
+        refused = set(await self._delete(queue, url, [_lease(d) for d in deliveries]))
+        for d in deliveries:
+            self._settled(d)
+            if _lease(d) in refused:
+                _may_run_twice(what, d)
 
     async def ack(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         # SQS may accept an outdated receipt handle: only a lapsed lease this process
@@ -554,66 +923,102 @@ class SqsBroker:
         return [chunk[i] for i in sorted(failed)]
 
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> None:
-        if not self._owned(delivery):
-            raise LeaseLost(f"{delivery!r} is no longer leased by this worker")
+        lease = self._claim(delivery, "retry")
         q = await self._need(delivery.queue)
-        seconds, eta = split_delay(delay)
-        attrs = {} if eta is None else {ETA: _attr(eta)}
-        await self._send(delivery.queue, q.url, [self._entry(q, body, seconds, attrs, fresh=True)])
-        self._settled(delivery)
-        await self._delete(delivery.queue, q.url, [_lease(delivery)])
+        if not lease.copied:
+            seconds, eta = split_delay(delay)
+            attrs = {} if eta is None else {ETA: _attr(eta)}
+            url, entry = self._route(q, body, attrs, seconds, fresh=True)
+            await self._send_copies(delivery.queue, url, [entry], q.max_size)
+            lease.copied = True
+        await self._remove(delivery.queue, q.url, [delivery], "retry")
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
         # A fresh copy, visible at once, that carries the delivery count minus this one:
         # a hand-back at shutdown never pushes a job toward max_deliveries.
         for queue, group in _by_queue(deliveries).items():
             mine = [d for d in group if self._owned(d)]
+            for d in group:
+                if d not in mine and _half_done(d):
+                    _may_run_twice("release", d)
             if not mine:
                 continue
             q = await self._need(queue)
-            entries = []
-            for d in mine:
-                lease = _lease(d)
-                attrs = {k: v for k, v in lease.attributes.items() if k not in (ENC, BASE)}
-                if d.count > 1:
-                    attrs[BASE] = _attr(d.count - 1)
-                entries.append(self._entry(q, d.body, 0, attrs, fresh=True))
-            await self._send(queue, q.url, entries)
-            for d in mine:
-                self._settled(d)
-            await self._delete(queue, q.url, [_lease(d) for d in mine])
+            todo = [d for d in mine if not _lease(d).copied]
+            entries = [self._route(q, d.body, _carried(d), 0, fresh=True)[1] for d in todo]
+            refused = dict(await self._send(queue, q.url, entries, q.max_size))
+            back = [d for i, d in enumerate(todo) if i in refused]
+            if back:
+                # No copy (the count attribute took it over the size limit): the original is
+                # made visible again instead, and this hand-back counts as a delivery.
+                await self._extend_batch(queue, q.url, back, 0)
+                for d in back:
+                    self._settled(d)
+            for d in todo:
+                _lease(d).copied = d not in back
+            await self._remove(queue, q.url, [d for d in mine if _lease(d).copied], "release")
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
-        if not self._owned(delivery):
-            raise LeaseLost(f"{delivery!r} is no longer leased by this worker")
+        lease = self._claim(delivery, "dead letter")
         q = await self._need(delivery.queue)
-        await self.send_dead_letter(delivery.queue, delivery.body, letter)
-        self._settled(delivery)
-        await self._delete(delivery.queue, q.url, [_lease(delivery)])
+        if not lease.copied:
+            await self.send_dead_letter(delivery.queue, delivery.body, letter)
+            lease.copied = True
+        await self._remove(delivery.queue, q.url, [delivery], "dead letter")
 
     async def send_dead_letter(self, queue: str, body: bytes, letter: DeadLetter) -> None:
         """Write ``body`` with ``letter``'s facts to the DLQ of ``queue`` (confirmed).
 
-        The facts travel as message attributes; the traceback is cut (from the start) to fit
-        SQS's 256 KiB for body and attributes together."""
+        The facts travel as message attributes, with every character SQS refuses escaped,
+        cut to fit the DLQ's MaximumMessageSize: the traceback first (its end is kept), then
+        the error; a body too large for the DLQ is cut last, and the error says so. If SQS
+        still refuses the letter, a bare one goes: the body in base64 and the reason, with
+        why the full letter was refused."""
         q = await self._need(queue)
-        values = letter.facts()
-        values.pop("traceback", None)  # added last, cut to the room left
-        attrs = {name: _attr(v) for name, v in values.items() if v != ""}
-        entry = self._entry(q, body, 0, attrs, fresh=True)
-        sizes = (len(k) + len(v["StringValue"].encode()) + 16 for k, v in attrs.items())
-        used = len(entry["MessageBody"].encode()) + sum(sizes)
-        room = MAX_SIZE - used - 64
-        if letter.traceback and room > 0:
-            tb = letter.traceback.encode()[-room:].decode(errors="ignore")
-            tb = _NOT_SQS_TEXT.sub("?", tb)
-            if tb:
-                entry["MessageAttributes"]["traceback"] = _attr(tb)
-        await self._send(queue, q.dlq_url, [entry])
+        entry = self._letter(q, body, letter)
+        refused = await self._send(queue, q.dlq_url, [entry], q.dlq_max_size)
+        if not refused:
+            return
+        why = refused[0][1]
+        log.warning("the DLQ of %r refused a dead letter, sending it bare: %s", queue, why)
+        bare = replace(letter, error=f"the DLQ refused the full letter: {why}", traceback=None)
+        entry = self._letter(q, body, bare, b64=True)
+        refused = await self._send(queue, q.dlq_url, [entry], q.dlq_max_size)
+        if refused:
+            raise MessageRefusedError(f"sqs: the DLQ of {queue!r} refused a dead letter: {why}")
+
+    def _letter(
+        self, q: _Queue, body: bytes, letter: DeadLetter, *, b64: bool = False
+    ) -> dict[str, Any]:
+        facts = letter.facts()
+        error = sqs_text(str(facts.pop("error", "")))
+        traceback = sqs_text(str(facts.pop("traceback", "")))
+        attrs = {
+            name: _attr(sqs_text(value)[:MAX_FACT] if isinstance(value, str) else value)
+            for name, value in facts.items()
+            if value != ""
+        }
+        group = group_and_dedup(body, self.group)[0] if q.fifo else None
+        limit = q.dlq_max_size
+
+        def entry_for(data: bytes) -> dict[str, Any]:
+            ids = None if group is None else (group, _new_id())
+            return self._entry(data, attrs, group=ids, b64=b64)
+
+        kept, entry = body, entry_for(body)
+        while kept and (over := _size(entry) + NOTE_ROOM - limit) > 0:
+            kept = kept[: max(0, len(kept) - over)]
+            entry = entry_for(kept)
+        if len(kept) < len(body):
+            error = f"(body cut to {len(kept)} of {len(body)} bytes to fit the DLQ) {error}"
+        _add_fact(entry, "error", error, limit)
+        _add_fact(entry, "traceback", traceback, limit, tail=True)
+        return entry
 
     # -- introspection --------------------------------------------------------------------
 
     async def depth(self, queue: str) -> QueueDepth:
+        """A FIFO queue's delayed jobs are those in its delay queue, in any state."""
         q = await self._q(queue)
         if q is None:
             return QueueDepth()
@@ -630,8 +1035,9 @@ class SqsBroker:
             a = reply.get("Attributes", {})
             return [int(a.get(n, 0)) for n in names]
 
-        (ready, in_flight, delayed), dead = await asyncio.gather(attrs(q.url), attrs(q.dlq_url))
-        return QueueDepth(ready, in_flight, delayed, sum(dead))
+        urls = [q.url, q.dlq_url] + ([q.delay_url] if q.delay_url else [])
+        (ready, in_flight, delayed), dead, *waiting = await asyncio.gather(*map(attrs, urls))
+        return QueueDepth(ready, in_flight, delayed + sum(map(sum, waiting)), sum(dead))
 
     async def _scan_dead(self, queue: str, q: _Queue) -> list[tuple[DeadLetter, str]]:
         """Every DLQ entry that can be received now, hidden for a while: O(n) receives.
@@ -725,9 +1131,104 @@ def _by_queue(deliveries: Sequence[Delivery]) -> dict[str, list[Delivery]]:
     return groups
 
 
+def _too_large(why: str) -> DecodeError:
+    return DecodeError("payload_too_large", f"SQS refused to take it further: {why}")
+
+
+def _half_done(d: Delivery) -> bool:
+    """Its new message is out, but its original was not deleted."""
+    return isinstance(d.token, Lease) and d.token.copied and not d.token.settled
+
+
+def _may_run_twice(what: str, d: Delivery) -> None:
+    log.warning(
+        "%s of %r: its new message was sent but the original could not be deleted before "
+        "its lease ran out; the job may run twice",
+        what,
+        d,
+    )
+
+
+def _carried(d: Delivery) -> dict[str, Any]:
+    """The attributes a copy of ``d`` keeps, with the deliveries so far as ``aw-base``."""
+    attrs = {k: v for k, v in _lease(d).attributes.items() if k not in (ENC, BASE)}
+    if d.count > 1:
+        attrs[BASE] = _attr(d.count - 1)
+    return attrs
+
+
+def _new_id() -> str:
+    return os.urandom(16).hex()
+
+
+def _size(entry: dict[str, Any]) -> int:
+    """A message's size as SQS counts it: the body, and each attribute's name, type and
+    value."""
+    size = len(entry["MessageBody"].encode())
+    for name, attr in (entry.get("MessageAttributes") or {}).items():
+        size += len(name.encode()) + len(str(attr.get("DataType", "")).encode())
+        size += len(str(attr.get("StringValue", "")).encode()) + len(attr.get("BinaryValue", b""))
+    return size
+
+
+def _add_fact(
+    entry: dict[str, Any], name: str, text: str, limit: int, *, tail: bool = False
+) -> None:
+    """Add attribute ``name`` with as much of ``text`` as fits in ``limit`` bytes: its head,
+    or its ``tail`` (a traceback ends with the error)."""
+    room = limit - _size(entry) - len(name) - len("String")
+    if not text or room <= 0:
+        return
+    data = text.encode()
+    text = (data[-room:] if tail else data[:room]).decode(errors="ignore")
+    if text:
+        entry.setdefault("MessageAttributes", {})[name] = _attr(text)
+
+
+def _sort_reply(reply: dict[str, Any], pending: dict[str, Any]) -> list[tuple[str, str]]:
+    """Take the entries SQS took or refused out of ``pending`` (what is left failed on
+    SQS's side, worth another try); returns ``(id, why)`` of those refused (sender faults)."""
+    for ok in reply.get("Successful") or []:
+        pending.pop(ok.get("Id"), None)
+    refused = []
+    for failed in reply.get("Failed") or []:
+        if failed.get("SenderFault") and failed.get("Id") in pending:
+            del pending[failed["Id"]]
+            refused.append((str(failed["Id"]), f"{failed.get('Code')}: {failed.get('Message')}"))
+    return refused
+
+
+class _Raw(NamedTuple):
+    """A received message as SQS holds it (its body: the SQS text), for the DLQ."""
+
+    message_id: str
+    receipt: str
+    body: bytes
+
+
+def _raw(m: dict[str, Any]) -> _Raw:
+    body = str(m.get("Body", "")).encode(errors="surrogatepass")
+    return _Raw(str(m.get("MessageId", "")), str(m.get("ReceiptHandle", "")), body)
+
+
+async def _attributes(client: Any, url: str, *names: str) -> dict[str, str]:
+    reply = await client.get_queue_attributes(QueueUrl=url, AttributeNames=list(names))
+    return dict(reply.get("Attributes") or {})
+
+
+def _max_size(attributes: dict[str, str]) -> int:
+    try:
+        return int(attributes.get("MaximumMessageSize", DEFAULT_MAX_SIZE))
+    except ValueError:
+        return DEFAULT_MAX_SIZE
+
+
 def _dead_letter(queue: str, m: dict[str, Any]) -> DeadLetter:
     attrs = m.get("MessageAttributes") or {}
-    body = decode_body(m.get("Body", ""), _attr_value(attrs, ENC))
+    try:
+        body = read_body(m.get("Body", ""), _attr_value(attrs, ENC))
+    except DecodeError:
+        body = _raw(m).body  # listed as SQS holds it
 
     def get(name: str) -> str | None:
         return _attr_value(attrs, name)

@@ -20,7 +20,12 @@ from .conftest import fetch_n, wait_depth
 pytest.importorskip("aiobotocore")
 
 from aioworkers.brokers._sqs_wire import decode_body, encode_body
-from aioworkers.brokers.sqs import SqsBroker, group_and_dedup, split_delay
+from aioworkers.brokers.sqs import (
+    MessageRefusedError,
+    SqsBroker,
+    group_and_dedup,
+    split_delay,
+)
 
 
 @pytest.fixture
@@ -221,7 +226,13 @@ async def test_an_existing_redrive_policy_moves_poison_to_its_dlq(sqs: SqsBroker
 
 
 async def test_a_large_traceback_is_cut_to_fit(sqs: SqsBroker) -> None:
+    # Queues of SQS's former 256 KiB limit (the broker reads each queue's own).
     queue = name()
+    client = await sqs.client()
+    for sqs_name in (queue, f"{queue}-dead"):
+        await client.create_queue(
+            QueueName=sqs_name, Attributes={"MaximumMessageSize": str(256 * 1024)}
+        )
     body = b"x" * 200_000
     await sqs.publish(queue, [body])
     (d,) = await fetch_n(sqs, queue, 1, within=3)
@@ -246,26 +257,101 @@ def _fields(letter: object) -> dict[str, object]:
     return {f.name: getattr(letter, f.name) for f in fields(letter)}  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(
-    ("code", "status", "transient"),
-    [
-        ("ThrottlingException", 400, True),
-        ("AWS.SimpleQueueService.RequestThrottled", 403, True),
-        ("ServiceUnavailable", 503, True),
-        ("InternalError", 500, True),
-        ("AccessDenied", 403, False),
-        ("InvalidParameterValue", 400, False),
-    ],
-)
-async def test_client_errors_are_mapped(code: str, status: int, transient: bool) -> None:
+def _client_error(code: str, status: int) -> Exception:
     from botocore.exceptions import ClientError
 
+    reply = {
+        "Error": {"Code": code, "Message": "m"},
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
+    return ClientError(reply, "ReceiveMessage")
+
+
+def _botocore(name: str, **kwargs: str) -> Exception:
+    from botocore import exceptions
+
+    error: Exception = getattr(exceptions, name)(**kwargs)
+    return error
+
+
+@pytest.mark.parametrize(
+    ("error", "started", "message", "expected"),
+    [
+        (_client_error("ThrottlingException", 400), True, False, BrokerUnavailable),
+        (
+            _client_error("AWS.SimpleQueueService.RequestThrottled", 403),
+            True,
+            False,
+            BrokerUnavailable,
+        ),
+        (_client_error("ServiceUnavailable", 503), True, False, BrokerUnavailable),
+        (_client_error("InternalError", 500), True, False, BrokerUnavailable),
+        (_client_error("SomethingNew", 502), True, False, BrokerUnavailable),
+        (_client_error("OverLimit", 403), True, False, BrokerUnavailable),
+        (_client_error("AccessDenied", 403), True, False, ConfigError),
+        (_client_error("InvalidClientTokenId", 403), False, False, ConfigError),
+        (_client_error("AWS.SimpleQueueService.NonExistentQueue", 400), True, False, ConfigError),
+        (_client_error("KmsAccessDenied", 400), True, True, ConfigError),
+        (_client_error("SomethingNew", 400), True, False, ConfigError),
+        (_client_error("InvalidParameterValue", 400), True, False, ConfigError),
+        (_client_error("InvalidParameterValue", 400), True, True, MessageRefusedError),
+        (_client_error("InvalidMessageContents", 400), True, True, MessageRefusedError),
+        (_client_error("BatchRequestTooLong", 400), True, True, MessageRefusedError),
+        (_botocore("NoCredentialsError"), False, False, ConfigError),
+        (_botocore("NoCredentialsError"), True, False, BrokerUnavailable),
+        (
+            _botocore("CredentialRetrievalError", provider="iam-role", error_msg="timeout"),
+            False,
+            False,
+            BrokerUnavailable,
+        ),
+        (_botocore("MetadataRetrievalError", error_msg="timeout"), True, False, BrokerUnavailable),
+        (
+            _botocore("PartialCredentialsError", provider="env", cred_var="secret"),
+            True,
+            False,
+            ConfigError,
+        ),
+        (_botocore("NoRegionError"), False, False, ConfigError),
+        (_botocore("ProfileNotFound", profile="nope"), False, False, ConfigError),
+        (
+            _botocore("EndpointConnectionError", endpoint_url="http://x"),
+            True,
+            False,
+            BrokerUnavailable,
+        ),
+        (_botocore("ConnectTimeoutError", endpoint_url="http://x"), True, False, BrokerUnavailable),
+        (_botocore("ReadTimeoutError", endpoint_url="http://x"), True, True, BrokerUnavailable),
+        (ConnectionResetError(), True, False, BrokerUnavailable),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else None,
+)
+async def test_client_errors_are_mapped_by_one_table(
+    error: Exception, started: bool, message: bool, expected: type[Exception]
+) -> None:
     from aioworkers.brokers.sqs import _mapped
 
-    error = ClientError(
-        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
-        "ReceiveMessage",
-    )
-    with pytest.raises(BrokerUnavailable if transient else ClientError):
-        async with _mapped("receive"):
+    with pytest.raises(expected) as caught:
+        async with _mapped("receive", started=started, message=message):
             raise error
+    assert caught.value.__cause__ is error
+
+
+def test_an_auth_failure_says_what_to_check_not_what_aws_quoted() -> None:
+    from botocore.exceptions import ClientError
+
+    from aioworkers.brokers.sqs import map_error
+
+    reply = {"Error": {"Code": "SignatureDoesNotMatch", "Message": "AKIAEXAMPLE/20250101"}}
+    mapped = map_error(ClientError(reply, "ReceiveMessage"), "receive", started=False)
+    assert isinstance(mapped, ConfigError)
+    assert "AKIA" not in str(mapped)
+    assert "credentials" in str(mapped)
+
+
+async def test_other_errors_pass_through() -> None:
+    from aioworkers.brokers.sqs import _mapped
+
+    with pytest.raises(KeyError):
+        async with _mapped("receive"):
+            raise KeyError("not a client error")
