@@ -79,3 +79,41 @@ async def test_poison_and_garbage_are_dead_lettered_with_reasons(e2e: SqsE2E) ->
     await e2e.wait_depth(QueueDepth(dead=3), within=10)
     second.signal(signal.SIGTERM)
     assert await second.wait(20) == 0
+
+
+async def test_unreadable_attributes_are_dead_lettered_and_the_worker_lives(e2e: SqsE2E) -> None:
+    # Before: an aw-eta that is no number raised out of fetch and stopped the worker for
+    # good; an aw-base of -100 made a job that kills its worker look delivered -99 times,
+    # so max_deliveries never caught it.
+    from aioworkers.brokers.sqs import SqsBroker
+    from aioworkers.envelope import Envelope, encode
+
+    ids = await e2e.enqueue(5)
+    broker = e2e.app.broker
+    assert isinstance(broker, SqsBroker)
+    client = await broker.client()
+    url = (await client.get_queue_url(QueueName=broker.sqs_name("default")))["QueueUrl"]
+    poison = encode(Envelope(id="poison", task="die", args=[], kwargs={}))
+    for body, name, kind, value in [
+        (poison.decode(), "aw-base", "Number", "-100"),
+        ("{}", "aw-eta", "String", "soon"),
+    ]:
+        attributes = {name: {"DataType": kind, "StringValue": value}}
+        await client.send_message(QueueUrl=url, MessageBody=body, MessageAttributes=attributes)
+    worker = await e2e.start_worker(concurrency=5, visibility=2.0, max_deliveries=1)
+
+    async def both_dead() -> bool:
+        e2e.check_workers()  # the poison job never runs, so nothing dies
+        return (await e2e.depth()).dead == 2
+
+    await wait_until(both_dead, within=20, what="2 dead letters")
+    await e2e.wait_done(5, within=20)
+    assert (await e2e.ledger()).done == set(ids)
+    dead = sorted(await e2e.app.dlq().list(), key=lambda e: e.error or "")
+    assert [e.reason for e in dead] == ["schema_error", "schema_error"]
+    assert "aw-base" in (dead[0].error or "")
+    assert "aw-eta" in (dead[1].error or "")
+    assert dead[0].body == poison
+    await e2e.wait_depth(QueueDepth(dead=2), within=10)
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait(20) == 0
