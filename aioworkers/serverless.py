@@ -46,7 +46,7 @@ from ._runtime.inflight import InFlight, Run
 from ._runtime.lease import keep_leases
 from ._runtime.settle import DEFAULT_POLICY, dead_letter_for
 from .app import App
-from .brokers._sqs_wire import BASE, ENC, ETA, _attr_value, decode_body
+from .brokers._sqs_wire import BASE, ENC, ETA, _attr_value, read_body, read_count, read_eta
 from .brokers.base import Broker, Delivery
 from .envelope import encode
 from .errors import BrokerUnavailable, DecodeError
@@ -56,8 +56,6 @@ log = logging.getLogger("aioworkers")
 # Jobs are cancelled this long before Lambda's deadline, so their records can be reported.
 MARGIN = 1.0
 
-MAX_COUNT = 2**31 - 1  # a delivery count no queue reaches: anything above is malformed
-MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31, the last instant a datetime holds
 MAX_BATCH = 10  # SQS's limit for ChangeMessageVisibilityBatch
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -236,10 +234,13 @@ class LambdaHandler:
         count, invalid = 1, None
         try:
             attrs, system = _attributes(record)
-            body = _body(text, _attr_value(attrs, ENC))
-            received = _number("ApproximateReceiveCount", system.get("ApproximateReceiveCount"))
-            count = received + _number(BASE, _attr_value(attrs, BASE), least=0)
-            _epoch_ms(_attr_value(attrs, ETA))
+            body = read_body(text, _attr_value(attrs, ENC))
+            received = system.get("ApproximateReceiveCount")
+            count = read_count("ApproximateReceiveCount", _str(received), least=1)
+            count += read_count(BASE, _attr_value(attrs, BASE))
+            # The record runs when SQS delivers it; its eta is read only to refuse a
+            # malformed one, as a worker's broker does.
+            read_eta(_attr_value(attrs, ETA))
         except DecodeError as exc:
             invalid = exc
         if body is None:
@@ -321,37 +322,8 @@ def _attributes(record: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return attrs, system
 
 
-def _body(text: str, encoding: str | None) -> bytes:
-    try:
-        return decode_body(text, encoding)
-    except ValueError as exc:  # binascii.Error, non-ASCII base64, unencodable text
-        raise DecodeError("decode_error", f"the body is not {encoding or 'text'}: {exc}") from None
-
-
-def _number(name: str, value: object, *, least: int = 1) -> int:
-    """A delivery count from a record: an integer from ``least`` to `MAX_COUNT`."""
-    if value is None:
-        return least
-    try:
-        n = int(str(value))  # int() of over 4,300 digits is a ValueError too
-    except ValueError:
-        n = -1
-    if not least <= n <= MAX_COUNT:
-        raise DecodeError("schema_error", f"{name} is not a count: {str(value)[:40]!r}")
-    return n
-
-
-def _epoch_ms(value: str | None) -> None:
-    """``aw-eta`` must be a time in epoch ms (the adapter runs a record when SQS delivers
-    it, so it reads it only to refuse a malformed one, as a worker's broker would)."""
-    if value is None:
-        return
-    try:
-        eta = float(value)
-    except ValueError:
-        eta = math.nan
-    if not 0 <= eta <= MAX_EPOCH_MS:  # NaN fails this too
-        raise DecodeError("schema_error", f"{ETA} is not a time in epoch ms: {value[:40]!r}")
+def _str(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def _time_left(context: Any) -> float | None:

@@ -63,6 +63,8 @@ MALFORMED = {
     "base_huge": ({"aw-base": "9" * 30}, None, "schema_error"),
     "body_not_base64": ({"aw-enc": "b64"}, "not base64 at all!", "decode_error"),
     "body_base64_not_ascii": ({"aw-enc": "b64"}, "ünïcode", "decode_error"),
+    "body_base64_with_junk": ({"aw-enc": "b64"}, "e30=!!", "decode_error"),
+    "body_encoding_unknown": ({"aw-enc": "gzip"}, "H4sI", "decode_error"),
     "eta_not_a_number": ({"aw-eta": "soon"}, None, "schema_error"),
     "eta_not_finite": ({"aw-eta": "nan"}, None, "schema_error"),
     "count_not_a_number": ({"count": "lots"}, None, "schema_error"),
