@@ -1,7 +1,13 @@
 """RabbitMQ broker (AMQP 0-9-1, through aio-pika's protocol layer ``aiormq``).
 
-``amqp://user:pass@host:5672/vhost?queue_type=classic&prefetch=N`` (``amqps://`` for TLS,
-certificates verified). Other query parameters (``heartbeat``, ...) go to the client.
+``amqp://user:pass@host:5672/vhost?queue_type=classic&prefetch=N&publish_timeout=S``
+(``amqps://`` for TLS, certificates verified). Other query parameters (``heartbeat``,
+...) go to the client.
+
+Two connections: one only publishes, the other consumes, acks and declares. RabbitMQ's
+memory and disk alarms block a connection that publishes (it stops reading it), so acks
+and a shutdown never wait behind a blocked publish. Every call has a deadline by purpose
+(``*_TIMEOUT``, ``publish_timeout``); client errors are mapped in one table, `_RULES`.
 
 Queues, all durable and declared on first use: ``<queue>`` (the jobs; classic, or quorum
 with ``queue_type=quorum``), ``<queue>.dead`` (the DLQ, same type) and, lazily, one
@@ -48,6 +54,7 @@ import heapq
 import itertools
 import math
 import reprlib
+import ssl
 import time
 import uuid
 from collections import deque
@@ -62,15 +69,21 @@ from aiormq import exceptions as mqexc
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pamqp import commands as spec
 
-from ..errors import BrokerUnavailable, ConfigError, LeaseLost, redact
+from ..errors import AioworkersError, BrokerUnavailable, ConfigError, LeaseLost, redact
 from .base import DeadLetter, Delivery, QueueDepth
 
 COUNT = "x-aioworkers-deliveries"  # deliveries counted before this copy of the message
 ENTRY = "x-aioworkers-entry"  # a DLQ entry's id
 DELAY_EXPIRES_MS = 600_000  # a delay queue unused this long (beyond its TTL) is deleted
 REDECLARE_AFTER = 300.0  # redeclare a delay queue before publishing if older than this
-CONNECT_TIMEOUT = 10.0
-_OWN_PARAMS = ("queue_type", "prefetch")
+# Deadlines, by purpose. Every call to RabbitMQ has one; running out is BrokerUnavailable.
+CONNECT_TIMEOUT = 10.0  # TCP, TLS and the AMQP handshake; opening a channel
+RPC_TIMEOUT = 10.0  # a method RabbitMQ answers at once unless in trouble (declare, consume)
+PUBLISH_TIMEOUT = 10.0  # default ``publish_timeout``: one publish call, confirms included
+HAND_BACK_TIMEOUT = 2.0  # a shutdown's republish of unstarted jobs (else: nacked back)
+SETTLE_TIMEOUT = 5.0  # acks and nacks written to the socket
+CLOSE_TIMEOUT = 5.0  # a connection's close handshake
+_OWN_PARAMS = ("queue_type", "prefetch", "publish_timeout")
 _CHUNK = 1000  # publishes awaiting their confirms at once
 _PERSISTENT = 2
 MAX_COUNT = 1_000_000  # far above any poison limit: a larger count was not written by us
@@ -101,17 +114,83 @@ class _Consumer:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+# Client errors -> ours, first match wins: (types, text the error or its cause must hold,
+# our error, what to fix). ConfigError for refusals that retrying can't cure; everything
+# else the client raises is transient: BrokerUnavailable, back off and try again.
+_Rule = tuple[
+    type[BaseException] | tuple[type[BaseException], ...], str, type[AioworkersError], str
+]
+_RULES: tuple[_Rule, ...] = (
+    (
+        ssl.SSLCertVerificationError,
+        "",
+        ConfigError,
+        "the server's TLS certificate is not trusted: fix it, or give its CA as cafile=",
+    ),
+    (
+        (mqexc.ProbableAuthenticationError, mqexc.AuthenticationError),
+        "",
+        ConfigError,
+        "RabbitMQ refused the login: check the user and password in the URL",
+    ),
+    (
+        mqexc.ChannelAccessRefused,
+        "",
+        ConfigError,
+        "RabbitMQ refused the user this: grant it configure, write and read permissions "
+        "on these queues (rabbitmqctl set_permissions)",
+    ),
+    # Transient, with a hint: the first also comes from a proxy whose RabbitMQ is down,
+    # the second from a connection limit as well as from a missing vhost.
+    (
+        mqexc.IncompatibleProtocolError,
+        "",
+        BrokerUnavailable,
+        "no AMQP handshake (is this RabbitMQ's port?)",
+    ),
+    (
+        mqexc.InvalidFrameError,
+        "Connection.OpenOk",
+        BrokerUnavailable,
+        "RabbitMQ refused to open the vhost (does it exist, may the user use it, "
+        "is a connection limit reached?)",
+    ),
+    ((mqexc.AMQPError, mqexc.ChannelInvalidStateError, OSError), "", BrokerUnavailable, ""),
+    (RuntimeError, "closed", BrokerUnavailable, ""),
+)
+
+
+def _detail(exc: BaseException) -> str:
+    text = " ".join(str(a) for a in exc.args) if exc.args else ""
+    return f"{type(exc).__name__}: {redact(text)[:300]}" if text else type(exc).__name__
+
+
+def _map_error(what: str, exc: BaseException) -> AioworkersError | None:
+    """Our error for a client error ``exc`` (by `_RULES`), or None to let it through."""
+    if isinstance(exc, AioworkersError):
+        return None
+    for types, marker, kind, fix in _RULES:
+        for candidate in (exc, exc.__cause__):
+            if isinstance(candidate, types) and marker in str(candidate):
+                detail = _detail(exc)
+                return kind(f"amqp: {what}: {fix} ({detail})" if fix else f"amqp: {what}: {detail}")
+    return None
+
+
 @asynccontextmanager
-async def _mapped(what: str) -> AsyncIterator[None]:
-    """Client errors become `BrokerUnavailable`: the runtime backs off and tries again."""
+async def _io(what: str, seconds: float) -> AsyncIterator[None]:
+    """The I/O boundary: ``what`` gets ``seconds``, and client errors are mapped."""
+    deadline = asyncio.timeout(seconds)
     try:
-        yield
-    except (mqexc.AMQPError, mqexc.ChannelInvalidStateError, OSError, TimeoutError) as exc:
-        raise BrokerUnavailable(f"amqp: {what}: {type(exc).__name__}: {redact(str(exc))}") from exc
-    except RuntimeError as exc:
-        if "closed" not in str(exc):
+        async with deadline:
+            yield
+    except Exception as exc:
+        if isinstance(exc, TimeoutError) and deadline.expired():
+            raise BrokerUnavailable(f"amqp: {what}: timed out after {seconds:g}s") from exc
+        mapped = _map_error(what, exc)
+        if mapped is None:
             raise
-        raise BrokerUnavailable(f"amqp: {what}: {redact(str(exc))}") from exc
+        raise mapped from exc
 
 
 def _headers(message: DeliveredMessage) -> dict[str, Any]:
@@ -173,14 +252,26 @@ class AmqpBroker:
             raise ConfigError("amqp URL: prefetch must be a whole number") from None
         if self.prefetch is not None and self.prefetch < 1:
             raise ConfigError("amqp URL: prefetch must be >= 1")
+        try:
+            self.publish_timeout = float(query.get("publish_timeout", PUBLISH_TIMEOUT))
+        except ValueError:
+            raise ConfigError("amqp URL: publish_timeout must be a number of seconds") from None
+        if not 0 < self.publish_timeout < math.inf:
+            raise ConfigError("amqp URL: publish_timeout must be > 0 seconds")
         client_query = urlencode({k: v for k, v in query.items() if k not in _OWN_PARAMS})
         self._url = urlunsplit(parts._replace(query=client_query))
         self._host = f"{parts.hostname}:{parts.port or 5672}{parts.path or '/'}"
         self.visibility_timeout = visibility_timeout
-        self._conn: AbstractConnection | None = None
+        # Two connections: RabbitMQ's resource alarms block a connection that publishes
+        # (it stops reading it), so acks, consuming and declarations never share one with
+        # publishes.
+        self._conn: AbstractConnection | None = None  # consuming, acks, declarations
+        self._pconn: AbstractConnection | None = None  # publishing only
+        self._connecting = {"main": asyncio.Lock(), "publish": asyncio.Lock()}
         self._con: AbstractChannel | None = None  # consuming: acks and nacks go here
-        self._pub: AbstractChannel | None = None  # publisher confirms, declarations
+        self._ctl: AbstractChannel | None = None  # declarations
         self._probe: AbstractChannel | None = None  # passive declares (a miss closes it)
+        self._pub: AbstractChannel | None = None  # publisher confirms (on ``_pconn``)
         self._gen = 0  # the consuming channel's generation
         self._lock = asyncio.Lock()
         self._consumers: dict[str, _Consumer] = {}
@@ -202,26 +293,55 @@ class AmqpBroker:
     def _alive(self, ch: AbstractChannel | None) -> bool:
         return ch is not None and not ch.is_closed
 
+    async def _connect(self, purpose: str) -> AbstractConnection:
+        async with _io("connect", CONNECT_TIMEOUT):
+            # Named for `rabbitmqctl list_connections` and the management UI.
+            return await aiormq.connect(
+                self._url, client_properties={"connection_name": f"aioworkers {purpose}"}
+            )
+
     async def _connection(self) -> AbstractConnection:
-        if self._conn is None or self._conn.is_closed:
-            self._conn = None
-            async with _mapped("connect"), asyncio.timeout(CONNECT_TIMEOUT):
-                self._conn = await aiormq.connect(self._url)
-        return self._conn
+        """The main connection: consuming, acks, declarations; it never publishes."""
+        conn = self._conn
+        if conn is None or conn.is_closed:
+            async with self._connecting["main"]:
+                if self._conn is None or self._conn.is_closed:
+                    self._conn = None
+                    self._conn = await self._connect("main")
+                conn = self._conn
+        return conn
+
+    async def _publishing(self) -> AbstractConnection:
+        conn = self._pconn
+        if conn is None or conn.is_closed:
+            async with self._connecting["publish"]:
+                if self._pconn is None or self._pconn.is_closed:
+                    self._pconn = None
+                    self._pconn = await self._connect("publish")
+                conn = self._pconn
+        return conn
+
+    async def _channel(
+        self, conn: AbstractConnection, *, confirms: bool = False
+    ) -> AbstractChannel:
+        async with _io("open a channel", CONNECT_TIMEOUT):
+            return await conn.channel(publisher_confirms=confirms, on_return_raises=confirms)
 
     async def _publisher(self) -> AbstractChannel:
         if not self._alive(self._pub):
-            conn = await self._connection()
-            async with _mapped("open channel"):
-                self._pub = await conn.channel(publisher_confirms=True, on_return_raises=True)
+            self._pub = await self._channel(await self._publishing(), confirms=True)
         assert self._pub is not None
         return self._pub
 
+    async def _control(self) -> AbstractChannel:
+        if not self._alive(self._ctl):
+            self._ctl = await self._channel(await self._connection())
+        assert self._ctl is not None
+        return self._ctl
+
     async def _consuming(self) -> AbstractChannel:
         if not self._alive(self._con):
-            conn = await self._connection()
-            async with _mapped("open channel"):
-                ch = await conn.channel(publisher_confirms=False)
+            ch = await self._channel(await self._connection())
             self._gen += 1
             self._con = ch
             # Deliveries of the old channel were requeued by RabbitMQ: none is ours now.
@@ -256,9 +376,9 @@ class AmqpBroker:
         return {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
 
     async def _declare(self, name: str, arguments: dict[str, Any]) -> spec.Queue.DeclareOk:
-        ch = await self._publisher()
+        ch = await self._control()
         try:
-            async with _mapped(f"declare {name!r}"):
+            async with _io(f"declare {name!r}", RPC_TIMEOUT):
                 try:
                     ok = await ch.queue_declare(name, durable=True, arguments=arguments)
                 except mqexc.ChannelPreconditionFailed as exc:
@@ -268,9 +388,14 @@ class AmqpBroker:
                         f"(rabbitmqctl delete_queue {name}) or set queue_type= to match it "
                         f"({_text(exc.args[0] if exc.args else exc)})"
                     ) from None
+                except mqexc.ChannelNotFoundEntity as exc:
+                    raise ConfigError(
+                        f"amqp: declaring queue {name!r}: RabbitMQ found no entity it needs "
+                        f"({_text(exc.args[0] if exc.args else exc)})"
+                    ) from None
         finally:
             if ch.is_closed:
-                self._pub = None
+                self._ctl = None
         self.known_queues.add(name)
         return ok
 
@@ -302,11 +427,9 @@ class AmqpBroker:
     async def _count(self, name: str) -> tuple[int, int]:
         """(ready messages, consumers) of a queue; (0, 0) if it does not exist."""
         if not self._alive(self._probe):
-            conn = await self._connection()
-            async with _mapped("open channel"):
-                self._probe = await conn.channel(publisher_confirms=False)
+            self._probe = await self._channel(await self._connection())
         assert self._probe is not None
-        async with _mapped(f"declare {name!r}"):
+        async with _io(f"count {name!r}", RPC_TIMEOUT):
             try:
                 ok = await self._probe.queue_declare(name, passive=True)
             except mqexc.ChannelNotFoundEntity:
@@ -316,10 +439,21 @@ class AmqpBroker:
 
     # -- producer ---------------------------------------------------------------------------
 
-    async def _send(self, routing_key: str, messages: Sequence[tuple[bytes, Any]]) -> None:
-        """Publish persistent messages and wait for every confirm."""
-        ch = await self._publisher()
-        async with _mapped(f"publish to {routing_key!r}"):
+    async def _send(
+        self,
+        routing_key: str,
+        messages: Sequence[tuple[bytes, Any]],
+        *,
+        within: float | None = None,
+    ) -> None:
+        """Publish persistent messages and wait for every confirm, ``within`` seconds
+        (``publish_timeout`` by default). One that timed out may still be enqueued."""
+        seconds = self.publish_timeout if within is None else within
+        async with _io(f"publish to {routing_key!r}", seconds):
+            ch = await self._publisher()
+            # Blocked by a resource alarm: wait here, not with frames queued behind the
+            # block (those would still be enqueued long after this call gave up).
+            await ch.connection.ready()
             for start in range(0, len(messages), _CHUNK):
                 chunk = messages[start : start + _CHUNK]
                 try:
@@ -358,7 +492,9 @@ class AmqpBroker:
         messages = [self._new(b) for b in bodies]
         try:
             await self._send(await self._route(queue, delay), messages)
-        except BrokerUnavailable:
+        except BrokerUnavailable as exc:
+            if isinstance(exc.__cause__, TimeoutError):
+                raise  # a slow or blocked RabbitMQ: trying again would double the wait
             # Once more on a fresh channel (and connection, if that is what died): a
             # connection RabbitMQ dropped is often only noticed on first use.
             self._pub = None
@@ -401,7 +537,7 @@ class AmqpBroker:
         ch = await self._consuming()
         c = _Consumer(queue, self._gen)
         prefetch = self.prefetch or self._prefetches.setdefault(queue, max(1, max_messages))
-        async with _mapped(f"consume {queue!r}"):
+        async with _io(f"consume {queue!r}", RPC_TIMEOUT):
             await ch.basic_qos(prefetch_count=prefetch)
             ok = await ch.basic_consume(queue, self._on_message(c))
         c.tag = str(ok.consumer_tag)
@@ -499,21 +635,29 @@ class AmqpBroker:
         await self._settle_raw(message, gen, requeue=None)
 
     async def _settle_raw(
-        self, message: DeliveredMessage, gen: int, *, requeue: bool | None, wait: bool = True
+        self,
+        message: DeliveredMessage,
+        gen: int,
+        *,
+        requeue: bool | None,
+        wait: bool = True,
+        within: float | None = SETTLE_TIMEOUT,
     ) -> bool:
         """Ack (``requeue=None``) or nack a message, only on the channel it came from;
-        ``wait=False`` queues the frame without waiting for it to be written. False if
-        the channel is gone (RabbitMQ requeues what it held)."""
+        ``wait=False`` queues the frame without waiting for it to be written; ``within``
+        None when the caller bounds the time. False if the channel is gone (RabbitMQ requeues
+        what it held) or the frame was not written in time."""
         ch = self._con
         if gen != self._gen or ch is None or ch.is_closed:
             return False  # RabbitMQ requeued it with its channel: never settle it on another
         try:
-            if requeue is None:
-                await ch.basic_ack(_tag(message), wait=wait)
-            else:
-                await ch.basic_nack(_tag(message), requeue=requeue, wait=wait)
+            async with asyncio.timeout(within):
+                if requeue is None:
+                    await ch.basic_ack(_tag(message), wait=wait)
+                else:
+                    await ch.basic_nack(_tag(message), requeue=requeue, wait=wait)
         except (mqexc.AMQPError, mqexc.ChannelInvalidStateError, OSError, RuntimeError):
-            return False
+            return False  # TimeoutError included (an OSError)
         return True
 
     async def _hand_back(
@@ -521,23 +665,27 @@ class AmqpBroker:
     ) -> None:
         """Make messages visible again at once without counting this delivery: publish a
         copy carrying the count so far, then ack the original."""
-        by_queue: dict[str, list[tuple[bytes, Any]]] = {}
+        by_queue: dict[str, list[DeliveredMessage]] = {}
         for message, count, queue in items:
             props = message.header.properties
             headers = _headers(message)
             headers.pop("x-delivery-count", None)
             headers[COUNT] = count - 1
             props.headers = headers
-            by_queue.setdefault(queue, []).append((message.body, props))
-        try:
-            for queue, copies in by_queue.items():
-                await self._send(queue, copies)
-        except BrokerUnavailable:
-            for message, _, _ in items:
-                await self._settle_raw(message, gen, requeue=True)
-            return
-        for message, _, _ in items:
-            await self._settle_raw(message, gen, requeue=None)
+            by_queue.setdefault(queue, []).append(message)
+        # Bounded tighter than a publish: this runs at shutdown, and nacking them back
+        # instead (counted as a delivery on classic queues) is as safe.
+        within = min(self.publish_timeout, HAND_BACK_TIMEOUT)
+        for queue, messages in by_queue.items():
+            try:
+                copies = [(m.body, m.header.properties) for m in messages]
+                await self._send(queue, copies, within=within)
+            except (BrokerUnavailable, ConfigError):
+                requeue: bool | None = True
+            else:
+                requeue = None
+            for message in messages:
+                await self._settle_raw(message, gen, requeue=requeue)
 
     async def fetch(self, queue: str, *, max_messages: int, wait: float) -> list[Delivery]:
         c = await self._consumer(queue, max_messages)
@@ -590,8 +738,10 @@ class AmqpBroker:
         c.arrived.set()
         ch = self._con
         if c.gen == self._gen and ch is not None and not ch.is_closed:
-            with contextlib.suppress(mqexc.AMQPError, mqexc.ChannelInvalidStateError, OSError):
-                await ch.basic_cancel(c.tag)
+            # If the cancel fails, what still arrives is handed back by `on_message`.
+            with contextlib.suppress(BrokerUnavailable):
+                async with _io(f"cancel the consumer of {queue!r}", RPC_TIMEOUT):
+                    await ch.basic_cancel(c.tag)
         items = [(m, count, queue) for m, count in c.buffer]
         c.buffer.clear()
         if items:
@@ -607,14 +757,18 @@ class AmqpBroker:
             elif not (isinstance(d.token, _Held) and d.token.acked):
                 lost.append(d)
         written = True
-        for i, (_, h) in enumerate(owned):
-            self._held.discard(h)
-            h.acked = True
-            # One basic.ack per delivery (never multiple=True: an earlier tag on this
-            # channel may still be running); only the batch's last waits for the write.
-            written = await self._settle_raw(
-                h.message, h.gen, requeue=None, wait=i == len(owned) - 1
-            )
+        try:
+            async with asyncio.timeout(SETTLE_TIMEOUT):  # one deadline for the batch
+                for i, (_, h) in enumerate(owned):
+                    self._held.discard(h)
+                    h.acked = True
+                    # One basic.ack per delivery (never multiple=True: an earlier tag on
+                    # this channel may still be running); only the last waits for the write.
+                    written = await self._settle_raw(
+                        h.message, h.gen, requeue=None, wait=i == len(owned) - 1, within=None
+                    )
+        except TimeoutError:
+            written = False
         if not written:
             # Frames go out in order: the last one written means all were. If it was not,
             # the channel closed under the batch and RabbitMQ requeues what it held.
@@ -687,28 +841,27 @@ class AmqpBroker:
     @asynccontextmanager
     async def _reader(self) -> AsyncIterator[AbstractChannel]:
         """A channel of its own: closing it hands back, in place, whatever it got."""
-        conn = await self._connection()
-        async with _mapped("open channel"):
-            ch = await conn.channel(publisher_confirms=False)
+        ch = await self._channel(await self._connection())
         try:
             yield ch
         finally:
-            with contextlib.suppress(mqexc.AMQPError, mqexc.ChannelInvalidStateError, OSError):
-                await ch.close()
+            with contextlib.suppress(BrokerUnavailable):
+                async with _io("close a channel", CLOSE_TIMEOUT):
+                    await ch.close()
 
     async def _get_dead(
         self, ch: AbstractChannel, queue: str, limit: int | None
     ) -> list[DeliveredMessage]:
         got: list[DeliveredMessage] = []
-        async with _mapped("read the DLQ"):
-            while limit is None or len(got) < limit:
+        while limit is None or len(got) < limit:
+            async with _io("read the DLQ", RPC_TIMEOUT):  # each get: the DLQ may be long
                 try:
                     message = await ch.basic_get(f"{queue}.dead")
                 except mqexc.ChannelNotFoundEntity:
                     break
-                if not isinstance(message.delivery, spec.Basic.GetOk):
-                    break
-                got.append(message)
+            if not isinstance(message.delivery, spec.Basic.GetOk):
+                break
+            got.append(message)
         return got
 
     async def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetter]:
@@ -718,7 +871,7 @@ class AmqpBroker:
 
     async def remove_dead_letters(self, queue: str, entry_ids: Collection[str] | None) -> int:
         if entry_ids is None:
-            async with self._reader() as ch, _mapped("purge the DLQ"):
+            async with self._reader() as ch, _io("purge the DLQ", RPC_TIMEOUT):
                 try:
                     ok = await ch.queue_purge(f"{queue}.dead")
                 except mqexc.ChannelNotFoundEntity:
@@ -729,7 +882,7 @@ class AmqpBroker:
         async with self._reader() as ch:
             for message in await self._get_dead(ch, queue, None):
                 if _text(_headers(message).get(ENTRY)) in wanted:
-                    async with _mapped("ack a DLQ entry"):
+                    async with _io("ack a DLQ entry", SETTLE_TIMEOUT):
                         await ch.basic_ack(_tag(message))
                     removed += 1
         return removed
@@ -743,11 +896,19 @@ class AmqpBroker:
             if self._tasks:
                 await asyncio.wait(set(self._tasks), timeout=5.0)
         finally:
-            conn, self._conn = self._conn, None
-            self._con = self._pub = self._probe = None
-            if conn is not None and not conn.is_closed:
-                with contextlib.suppress(mqexc.AMQPError, OSError, RuntimeError):
-                    await conn.close()
+            conns, self._conn, self._pconn = (self._conn, self._pconn), None, None
+            self._con = self._ctl = self._probe = self._pub = None
+            await asyncio.gather(*(_close(c) for c in conns if c is not None))
+
+
+async def _close(conn: AbstractConnection) -> None:
+    if conn.is_closed:
+        return
+    # Bounded: a connection blocked by a resource alarm is not read, so its close is not
+    # answered; the client then drops the socket on its own.
+    with contextlib.suppress(BrokerUnavailable):
+        async with _io("close the connection", CLOSE_TIMEOUT):
+            await conn.close()
 
 
 def _dead_letter(queue: str, message: DeliveredMessage) -> DeadLetter:

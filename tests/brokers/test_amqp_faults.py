@@ -5,16 +5,26 @@ mapping of client errors."""
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
+import socket
+import ssl
+import subprocess
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiormq
 import pytest
 
-from aioworkers import QueueDepth
+import aioworkers
+from aioworkers import BrokerUnavailable, ConfigError, QueueDepth
 from aioworkers.brokers.amqp import COUNT, AmqpBroker
 
 from ..services import AMQP_URL, RABBITMQ, delete_amqp_queues, ensure
@@ -171,3 +181,187 @@ async def test_a_dlq_entry_with_bad_numbers_from_another_client_is_still_listed(
     (letter,) = await broker.dead_letters(queue)  # raised ValueError before
     assert (letter.reason, letter.attempts, letter.body) == ("rejected", 1, b"body")
     assert await broker.remove_dead_letters(queue, None) == 1
+
+
+# -- resource alarms ------------------------------------------------------------------------
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+
+def lift_alarm() -> None:
+    rabbitmqctl("set_vm_memory_high_watermark", "0.4")  # this server's configured value
+
+
+@contextmanager
+def memory_alarm() -> Iterator[None]:
+    """RabbitMQ's memory alarm, set at once: every connection that publishes is blocked
+    (RabbitMQ stops reading it) until the alarm is lifted. The server is shared with other
+    tests: keep it short, and lift it whatever happens (a blocking call in ``finally``
+    and at exit, so it runs even if the event loop is torn down by a timeout)."""
+    atexit.register(lift_alarm)
+    rabbitmqctl("set_vm_memory_high_watermark", "0.0000001")
+    try:
+        yield
+    finally:
+        lift_alarm()
+
+
+async def ready_messages(queue: str) -> int:
+    """Ready messages, asked on a fresh connection that never publishes (so an alarm
+    does not block it)."""
+    conn = await aiormq.connect(AMQP_URL)
+    try:
+        ok = await (await conn.channel()).queue_declare(queue, passive=True)
+        return int(ok.message_count or 0)
+    finally:
+        await conn.close()
+
+
+async def test_under_a_memory_alarm_acks_land_publish_times_out_and_close_is_bounded(
+    make: Make, queue: str
+) -> None:
+    broker = make("prefetch=10&publish_timeout=1")
+    await broker.publish(queue, [b"a", b"b", b"c"])
+    got = await fetch_n(broker, queue, 3, within=3)
+    with memory_alarm():
+        start = time.monotonic()
+        # Before: one connection for everything, publishes without a deadline: hung here.
+        with pytest.raises(BrokerUnavailable, match="timed out"):
+            async with asyncio.timeout(10):
+                await broker.publish(queue, [b"blocked"])
+        assert time.monotonic() - start < 1.5  # its own timeout, not once per retry
+        # Acks and nacks go on a connection that never publishes: not blocked.
+        assert await broker.ack(got[:2]) == []
+        async with asyncio.timeout(3):
+            await broker.release(got[2:])  # the copy can't be published: nacked back
+        async with asyncio.timeout(8):
+            await broker.aclose()
+        # Seen while publishers are still blocked: the acks were taken, the release too.
+        assert await ready_messages(queue) == 1
+
+
+async def test_a_worker_under_a_memory_alarm_acks_and_stops_within_grace(queue: str) -> None:
+    ensure(RABBITMQ)
+    app = aioworkers.App(f"{AMQP_URL}?prefetch=4&publish_timeout=1", queue=queue, grace=5)
+    broker = app.broker
+    assert isinstance(broker, AmqpBroker)
+    running, finish = asyncio.Event(), asyncio.Event()
+    runs: list[int] = []
+
+    @app.task
+    async def hold(n: int) -> None:
+        runs.append(n)
+        running.set()
+        await finish.wait()
+
+    try:
+        for n in range(4):
+            await hold.enqueue(n)
+        worker = app.worker(concurrency=1, poll=0.2)
+        run = asyncio.create_task(worker.run())
+        async with asyncio.timeout(10):
+            await running.wait()  # one runs, three wait in the consumer's prefetch
+        with memory_alarm():
+            worker.stop()  # hands the prefetch back: its publish is blocked
+            await asyncio.sleep(0.2)
+            finish.set()  # the running job ends and is acked while publishers are blocked
+            start = time.monotonic()
+            async with asyncio.timeout(15):  # before: hung (the hand-back never returned)
+                await run
+            assert time.monotonic() - start < 5 + 3  # grace + a bound
+            async with asyncio.timeout(8):
+                await app.aclose()
+            assert runs == [0]
+            assert await ready_messages(queue) == 3  # job 0 acked, the rest handed back
+    finally:
+        await app.aclose()
+        await delete_amqp_queues(broker.known_queues)
+
+
+# -- client errors mapped at the I/O boundary -----------------------------------------------
+
+
+async def test_a_refused_login_is_a_config_error_that_names_no_password(make: Make) -> None:
+    broker = AmqpBroker("amqp://guest:not-the-secret@127.0.0.1:5672/")
+    try:
+        # Before: BrokerUnavailable, retried forever with a warning.
+        with pytest.raises(ConfigError, match="check the user and password") as info:
+            await broker.publish(f"amqp-faults-{uuid.uuid4().hex}", [b"x"])
+        assert "not-the-secret" not in str(info.value)
+    finally:
+        await broker.aclose()
+
+
+async def test_a_user_without_permissions_gets_a_config_error_at_declaration(
+    make: Make, queue: str
+) -> None:
+    user = f"aw-test-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_user", user, "pw")
+    try:
+        rabbitmqctl("set_permissions", "-p", "/", user, "^$", "^$", "^$")
+        broker = AmqpBroker(f"amqp://{user}:pw@127.0.0.1:5672/")
+        try:
+            with pytest.raises(ConfigError, match="set_permissions"):
+                await broker.fetch(queue, max_messages=1, wait=0)
+            with pytest.raises(ConfigError, match="ACCESS_REFUSED"):
+                await broker.publish(queue, [b"x"])
+        finally:
+            await broker.aclose()
+    finally:
+        rabbitmqctl("delete_user", user)
+
+
+async def test_an_unknown_vhost_is_transient_and_says_what_to_check(make: Make) -> None:
+    broker = AmqpBroker("amqp://guest:guest@127.0.0.1:5672/no-such-vhost")
+    try:
+        # Transient: the same refusal comes from a connection limit.
+        with pytest.raises(BrokerUnavailable, match="refused to open the vhost"):
+            await broker.depth("anything")
+    finally:
+        await broker.aclose()
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[int]:
+    """A TLS listener with a self-signed certificate (no AMQP behind it); its port."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    subprocess.run(
+        [*openssl, "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        stop = threading.Event()
+
+        def serve() -> None:
+            listener.settimeout(0.1)
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True):
+                    pass  # the client refuses the certificate during the handshake
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            yield listener.getsockname()[1]
+        finally:
+            stop.set()
+            thread.join(5)
+
+
+async def test_an_untrusted_tls_certificate_is_a_config_error(tls_server: int) -> None:
+    broker = AmqpBroker(f"amqps://guest:guest@127.0.0.1:{tls_server}/")
+    try:
+        with pytest.raises(ConfigError, match="TLS certificate is not trusted"):
+            await broker.publish("anything", [b"x"])
+    finally:
+        await broker.aclose()
