@@ -41,8 +41,9 @@ class App:
     """Registry of tasks bound to one broker.
 
     ``broker`` is a URL (``sqlite://``, ``redis://``, ``amqp://``, ``sqs://``, ``memory://``)
-    or a `Broker`; ``None`` reads ``AIOWORKERS_BROKER_URL`` and falls back to the embedded
-    default, ``sqlite:///aioworkers.db`` (a file in the working directory).
+    or a `Broker`; ``None`` reads ``AIOWORKERS_BROKER_URL`` (set but empty: a `ConfigError`)
+    and falls back to the embedded default, ``sqlite:///aioworkers.db`` (a file in the
+    working directory, created on first use with a WARNING that names it).
 
     ``idempotency`` is where the keys of ``@app.task(idempotent=True)`` tasks live: an
     `IdempotencyStore` or a URL (``memory://``, ``redis://...``, ``sqlite:///...``);
