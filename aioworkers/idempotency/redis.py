@@ -8,17 +8,15 @@ A key holds ``c:<owner>`` while claimed (expiring with the lease) and ``d`` once
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
-import redis.asyncio as aioredis
-from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from ..errors import redact
+from ..brokers.redis import connect, redis_io
 from .base import ClaimResult, StoreUnavailable, check_times
 
 DEFAULT_PREFIX = "aioworkers:idempotency"
@@ -55,18 +53,6 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
-# Errors after which the same call may well succeed: the runtime retries the job later.
-_TRANSIENT = (rexc.ConnectionError, rexc.TimeoutError, rexc.ReadOnlyError)
-
-
-@asynccontextmanager
-async def _mapped() -> AsyncIterator[None]:
-    try:
-        yield
-    except _TRANSIENT as exc:
-        raise StoreUnavailable(f"redis: {type(exc).__name__}: {redact(str(exc))}") from exc
-
-
 _RESULTS: dict[bytes, ClaimResult] = {b"claimed": "claimed", b"done": "done", b"busy": "busy"}
 
 
@@ -77,8 +63,12 @@ def _ms(seconds: float) -> int:
 class RedisStore:
     """``redis://[:password@]host[:port][/db][?prefix=aioworkers:idempotency]``
 
-    Keys are ``<prefix>:<key>``. Other query parameters go to redis-py
-    (``socket_timeout``, ...); ``rediss://`` uses TLS with certificate verification on.
+    Keys are ``<prefix>:<key>``. ``socket_timeout`` (default 5 s) bounds each call.
+    Other query parameters go to redis-py; ``rediss://`` uses TLS with certificate
+    verification on. Client errors are mapped as the broker's are (`redis_io`): a server
+    that is unreachable, loading, busy or read-only is `StoreUnavailable` (the job is
+    deferred, not counted as a delivery); a refused permission or credential is a
+    `ConfigError` that says what to fix.
     """
 
     def __init__(self, url: str, *, prefix: str | None = None) -> None:
@@ -89,9 +79,7 @@ class RedisStore:
         # Few, quick client-side retries: the runtime retries the job itself, and a call
         # that hangs on a dead server would hold a worker slot.
         retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=2)
-        self._redis: aioredis.Redis = aioredis.from_url(
-            urlunsplit(parts._replace(query=urlencode(query))), retry=retry
-        )
+        self._redis, self._reply_timeout = connect(url, query, retry=retry)
         register = self._redis.register_script
         self._claim = register(_CLAIM)
         self._extend = register(_EXTEND)
@@ -101,12 +89,15 @@ class RedisStore:
     def __repr__(self) -> str:
         return f"<RedisStore {self._host} prefix={self.prefix}>"
 
+    def _io(self) -> AbstractAsyncContextManager[None]:
+        return redis_io(self._reply_timeout, StoreUnavailable)
+
     def _key(self, key: str) -> str:
         return f"{self.prefix}:{key}"
 
     async def claim(self, key: str, owner: str, *, lease: float) -> ClaimResult:
         check_times(lease=lease)
-        async with _mapped():
+        async with self._io():
             got = await self._claim(keys=[self._key(key)], args=[owner, _ms(lease)])
         return _RESULTS[got]
 
@@ -117,7 +108,7 @@ class RedisStore:
         if not claims:
             return []
         ms = _ms(lease)
-        async with _mapped(), self._redis.pipeline(transaction=False) as pipe:
+        async with self._io(), self._redis.pipeline(transaction=False) as pipe:
             for key, owner in claims:
                 await self._extend(keys=[self._key(key)], args=[owner, ms], client=pipe)
             results: list[Any] = await pipe.execute()
@@ -125,12 +116,12 @@ class RedisStore:
 
     async def complete(self, key: str, owner: str, *, ttl: float) -> bool:
         check_times(ttl=ttl)
-        async with _mapped():
+        async with self._io():
             done = await self._complete(keys=[self._key(key)], args=[owner, _ms(ttl)])
         return bool(done == 1)
 
     async def release(self, key: str, owner: str) -> bool:
-        async with _mapped():
+        async with self._io():
             freed = await self._release(keys=[self._key(key)], args=[owner])
         return bool(freed == 1)
 

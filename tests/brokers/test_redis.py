@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlencode
 
 import pytest
 import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis._parsers.base import BaseParser
 
-from aioworkers import LeaseLost, QueueDepth
+from aioworkers import AioworkersError, BrokerUnavailable, ConfigError, LeaseLost, QueueDepth
 from aioworkers.brokers import redis as redis_broker
 from aioworkers.brokers.redis import RedisBroker
+from aioworkers.idempotency.base import StoreUnavailable
 
+from ..proxy import Proxy
 from ..services import REDIS, ensure
 from .conftest import REDIS_URL, delete_prefix
 
@@ -120,3 +126,205 @@ async def test_aclose_removes_its_consumer_only_when_it_holds_nothing(
     await holding.aclose()
     names = {c["name"].decode() for c in await client.xinfo_consumers(stream, "workers")}
     assert names == {"holding"}  # its pending entry keeps it, for others to reclaim
+
+
+# -- network faults: a proxy between the broker and Redis ------------------------------------
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[Proxy]:
+    ensure(REDIS)
+    async with Proxy(REDIS.host, REDIS.port) as p:
+        yield p
+
+
+Through = Callable[..., RedisBroker]
+
+
+@pytest.fixture
+async def through(proxy: Proxy, prefix: str) -> AsyncIterator[Through]:
+    """Makes brokers that reach Redis through ``proxy`` (closed after the test)."""
+    made: list[RedisBroker] = []
+
+    def make(consumer: str = "c1", **params: str) -> RedisBroker:
+        query = urlencode({"prefix": prefix, **params})
+        made.append(RedisBroker(f"redis://127.0.0.1:{proxy.port}/0?{query}", consumer=consumer))
+        return made[-1]
+
+    yield make
+    for broker in made:
+        await broker.aclose()
+
+
+@pytest.mark.parametrize("delay", [0.0, 30.0])
+async def test_a_publish_whose_reply_is_lost_adds_the_job_once(
+    client: aioredis.Redis, proxy: Proxy, through: Through, delay: float
+) -> None:
+    broker = through()
+    await broker.publish("warm", [b"w"], delay=delay)  # connected, scripts loaded
+    proxy.drop_next_reply()
+    # The client does not know whether the first send was applied and sends it again.
+    await broker.publish("q", [b"one", b"two"], delay=delay)
+    assert proxy.dropped_replies == 1
+    keys = broker.keys("q")
+    if delay:
+        assert await client.zcard(keys.delayed) == 2
+        assert sorted(await client.hvals(keys.payloads)) == [b"one", b"two"]
+    else:
+        entries = await client.xrange(keys.stream)
+        assert sorted(fields[b"b"] for _, fields in entries) == [b"one", b"two"]
+
+
+async def test_an_idle_fetch_blocks_past_the_socket_timeout_without_failing(
+    through: Through,
+) -> None:
+    # socket_timeout bounds the wait for a reply beyond a blocking read's own wait: an idle
+    # fetch with a poll longer than it returns empty, it does not time out (and warn).
+    broker = through(socket_timeout="0.3")
+    start = time.monotonic()
+    assert await broker.fetch("q", max_messages=1, wait=1.0) == []
+    assert time.monotonic() - start >= 0.9  # it did block for the whole wait
+
+
+async def test_every_call_on_a_black_holed_connection_fails_within_its_deadline(
+    proxy: Proxy, through: Through
+) -> None:
+    broker = through(socket_timeout="0.5")
+    await broker.publish("q", [b"held", b"later"])
+    (held,) = await broker.fetch("q", max_messages=1, wait=0)
+    proxy.pause()  # sockets stay open, nothing gets through: no error, no reply
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "fetch": lambda: broker.fetch("q", max_messages=1, wait=0.5),
+        "publish": lambda: broker.publish("q", [b"lost"]),
+        "ack": lambda: broker.ack([held]),
+        "extend": lambda: broker.extend([held], visibility=30),
+        "depth": lambda: broker.depth("q"),
+    }
+    for name, call in calls.items():
+        start = time.monotonic()
+        with pytest.raises(BrokerUnavailable):
+            # wait_for only so that a regression fails here instead of hanging the run
+            await asyncio.wait_for(call(), 10)
+        took = time.monotonic() - start
+        allowed = 0.5 + (0.5 if name == "fetch" else 0.0)  # the reply timeout, plus the wait
+        assert took < allowed + 0.5, f"{name} took {took:.2f}s"
+
+    proxy.resume()  # the timed-out connections were dropped; fresh ones work
+    (later,) = await broker.fetch("q", max_messages=1, wait=1.0)
+    assert later.body == b"later"
+    assert await broker.ack([held, later]) == []
+    # "lost" was sent into the black hole: never applied, so never a phantom entry either.
+    assert await broker.depth("q") == QueueDepth()
+
+
+async def test_a_black_holed_fetch_fails_by_default_within_the_wait_and_5_seconds(
+    proxy: Proxy, through: Through
+) -> None:
+    # The default, with no socket_timeout in the URL. This one waits for the real 5 s
+    # reply timeout: the default is what is under test.
+    broker = through()
+    assert await broker.fetch("q", max_messages=1, wait=0) == []
+    proxy.pause()
+    start = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        await asyncio.wait_for(broker.fetch("q", max_messages=1, wait=0.5), 30)
+    assert time.monotonic() - start < 5.0 + 0.5 + 1.0  # the default reply timeout, the wait
+
+
+async def test_wrong_type_and_wrong_password_are_config_errors_naming_the_fix(
+    prefix: str, client: aioredis.Redis
+) -> None:
+    broker = make(prefix, "c1")
+    await client.set(broker.keys("q").stream, "not a stream")
+    with pytest.raises(ConfigError, match=r"WRONGTYPE.*choose another prefix"):
+        await broker.fetch("q", max_messages=1, wait=0)
+    await broker.aclose()
+
+    denied = RedisBroker(f"redis://nobody:wrong@{REDIS.host}:{REDIS.port}/0?prefix={prefix}")
+    with pytest.raises(ConfigError, match="check the user name and password") as info:
+        await denied.publish("q", [b"x"])
+    assert "wrong" not in str(info.value)
+    await denied.aclose()
+
+
+def _reply(text: str) -> rexc.ResponseError:
+    """The exception redis-py raises for an error reply ``text`` (as the server sends it)."""
+    error = BaseParser.parse_error(text)
+    assert isinstance(error, rexc.RedisError)
+    return error  # type: ignore[return-value]
+
+
+TRANSIENT = [
+    "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.",
+    "LOADING Redis is loading the dataset in memory",
+    "READONLY You can't write against a read only replica.",
+    "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+    "NOREPLICAS Not enough good replicas to write.",
+    "TRYAGAIN Multiple keys request during rehashing of slot",
+    "CLUSTERDOWN The cluster is down",
+    "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist "
+    "to disk. Commands that may modify the data set are disabled",
+    "OOM command not allowed when used memory > 'maxmemory'.",
+    "NOSCRIPT No matching script. Please use EVAL.",
+    "ERR Script killed by user with SCRIPT KILL...",
+    "ERR max number of clients reached",
+    "SOMENEWCODE a reply no table knows",
+    # A script's error on Redis 6, the code quoted inside an ERR:
+    "ERR Error running script (call to f_1): @user_script:3: -BUSY Redis is busy",
+]
+PERMANENT = [
+    "NOPERM this user has no permissions to run the 'xack' command",
+    "ERR The user executing the script can't run this command or subcommand script: 9d7, "
+    "on @user_script:1.",
+    "NOPERM this user has no permissions to access one of the keys used as arguments",
+    "WRONGTYPE Operation against a key holding the wrong kind of value",
+    "WRONGPASS invalid username-password pair or user is disabled.",
+    "NOAUTH Authentication required.",
+    "ERR unknown command 'XAUTOCLAIM', with args beginning with: ",
+    "ERR Unknown Redis command called from script script: 80c, on @user_script:1.",
+    "MOVED 3999 127.0.0.1:6381",
+    "ERR Error running script (call to f_1): @user_script:2: -WRONGTYPE Operation against a key",
+]
+
+
+@pytest.mark.parametrize("reply", TRANSIENT)
+@pytest.mark.parametrize("unavailable", [BrokerUnavailable, StoreUnavailable])
+def test_transient_replies_become_unavailable(
+    reply: str, unavailable: type[AioworkersError]
+) -> None:
+    mapped = redis_broker.map_error(_reply(reply), unavailable)
+    assert type(mapped) is unavailable
+    assert reply.split(" ", 1)[1][:20] in str(mapped)  # the reply is in the warning
+
+
+@pytest.mark.parametrize("reply", PERMANENT)
+@pytest.mark.parametrize("unavailable", [BrokerUnavailable, StoreUnavailable])
+def test_permanent_replies_become_config_errors(
+    reply: str, unavailable: type[AioworkersError]
+) -> None:
+    mapped = redis_broker.map_error(_reply(reply), unavailable)
+    assert type(mapped) is ConfigError
+    assert reply.split(" ", 1)[1][:20] in str(mapped)
+    assert any(fix in str(mapped) for fix in redis_broker.PERMANENT_CODES.values())
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        rexc.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused."),
+        rexc.TimeoutError("Timeout reading from socket"),
+        rexc.InvalidResponse("Protocol Error: b'x'"),
+        rexc.MaxConnectionsError("Too many connections"),
+    ],
+)
+def test_connection_failures_become_unavailable(error: rexc.RedisError) -> None:
+    assert type(redis_broker.map_error(error, BrokerUnavailable)) is BrokerUnavailable
+
+
+def test_a_lost_group_is_told_apart_and_a_bad_argument_is_not_the_servers_doing() -> None:
+    lost = redis_broker.map_error(_reply("NOGROUP No such key 's' or group 'g'"), BrokerUnavailable)
+    assert isinstance(lost, BrokerUnavailable)
+    assert type(lost) is not BrokerUnavailable  # the broker re-creates the group on it
+    assert (
+        redis_broker.map_error(rexc.DataError("Invalid input of type"), BrokerUnavailable) is None
+    )
