@@ -916,11 +916,15 @@ class SqsBroker:
                 ],
             ),
         )
-        failed = {int(f["Id"]) for f in reply.get("Failed") or []}
+        failed = reply.get("Failed") or []
+        # A sender fault means the handle is no longer valid: lost. A server-side failure
+        # extends nothing this time, and the local deadline still says when it runs out.
+        lost = {int(f["Id"]) for f in failed if f.get("SenderFault", True)}
+        unchanged = {int(f["Id"]) for f in failed}
         for i, d in enumerate(chunk):
-            if i not in failed:
+            if i not in unchanged:
                 _lease(d).deadline = sent + seconds
-        return [chunk[i] for i in sorted(failed)]
+        return [chunk[i] for i in sorted(lost)]
 
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> None:
         lease = self._claim(delivery, "retry")

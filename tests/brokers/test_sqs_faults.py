@@ -332,6 +332,27 @@ async def test_a_copy_left_beside_its_original_is_logged(
     assert "may run twice" in caplog.text
 
 
+async def test_a_server_side_failure_in_an_extend_is_not_a_lost_lease(sqs: SqsBroker) -> None:
+    # SenderFault false: SQS failed to change the visibility this time; the receipt handle
+    # is fine. Before, it was reported lost, and the runtime cancelled the running job.
+    queue = name()
+    d = await _one(sqs, queue)
+    client = await sqs.client()
+
+    def server_fault(parsed: dict[str, Any], **_: Any) -> None:
+        parsed["Successful"] = []
+        fault = {"Id": "0", "SenderFault": False, "Code": "InternalError", "Message": "m"}
+        parsed["Failed"] = [fault]
+
+    event = "after-call.sqs.ChangeMessageVisibilityBatch"
+    client.meta.events.register(event, server_fault)
+    try:
+        assert await sqs.extend([d], visibility=10) == []
+    finally:
+        client.meta.events.unregister(event, server_fault)
+    assert await sqs.ack([d]) == []  # still ours: its lease had not run out
+
+
 # -- bad message attributes ----------------------------------------------------------------------
 
 
