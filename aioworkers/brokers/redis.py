@@ -327,6 +327,19 @@ TRANSIENT_CODES = frozenset(
         "NOSCRIPT",  # a SCRIPT FLUSH raced a pipeline's script check: loaded again next call
     }
 )
+# What a Redis ACL user needs, besides its keys (~<prefix>:*), for everything the broker
+# and the idempotency store do.
+ACL_RULES = (
+    "+@stream",
+    "+@sortedset",
+    "+@hash",
+    "+@scripting",
+    "+get",
+    "+set",
+    "+pexpire",
+    "+del",
+    "+time",
+)
 # Permanent: the same call fails until the configuration changes. What to fix:
 _AUTH = (
     "Redis refused the credentials, or needs some: check the user name and password in "
@@ -335,8 +348,7 @@ _AUTH = (
 _CLUSTER = "this is a Redis Cluster node: aioworkers' redis:// broker needs a single server"
 PERMANENT_CODES = {
     "NOPERM": "the Redis user may not run a command or reach a key aioworkers needs: grant it "
-    "(ACL SETUSER <user> +@stream +@sortedset +@hash +@scripting +del +time ~<prefix>:*) "
-    "or use another user",
+    f"(ACL SETUSER <user> {' '.join(ACL_RULES)} ~<prefix>:*) or use another user",
     "WRONGPASS": _AUTH,
     "NOAUTH": _AUTH,
     "WRONGTYPE": "a key under aioworkers' prefix holds a value aioworkers did not write: "

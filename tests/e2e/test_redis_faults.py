@@ -23,6 +23,8 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
 from aioworkers import App, Call, ConfigError, QueueDepth, current_job
+from aioworkers.brokers import redis as redis_broker
+from aioworkers.brokers.base import DeadLetter
 from aioworkers.brokers.redis import RedisBroker
 from aioworkers.idempotency.redis import RedisStore
 
@@ -355,6 +357,41 @@ async def test_a_user_missing_a_permission_stops_the_worker_at_start_saying_what
     assert await admin.keys("perm:*probe*") == []  # the permission check left nothing behind
     await admin.aclose()
     await app.aclose()
+
+
+async def test_the_acl_rules_the_error_names_are_enough_for_everything(
+    start_server: Callable[..., Awaitable[Server]],
+) -> None:
+    server = await start_server()
+    admin = server.client()
+    await admin.execute_command(
+        "ACL", "SETUSER", "worker", "on", ">secret", "~acl:*", *redis_broker.ACL_RULES
+    )
+    url = f"redis://worker:secret@127.0.0.1:{server.port}/0"
+    broker = RedisBroker(f"{url}?prefix=acl", visibility_timeout=30)
+    store = RedisStore(f"{url}?prefix=acl:keys")
+    await broker.publish("q", [b"a", b"b", b"c"])
+    await broker.publish("q", [b"later"], delay=60)
+    a, b, c = await broker.fetch("q", max_messages=3, wait=0)
+    assert await broker.extend([a, b, c], visibility=30) == []
+    assert await broker.ack([a]) == []
+    await broker.retry(b, body=b"b2", delay=0)
+    await broker.dead_letter(
+        c, DeadLetter(id="c", task="job", reason="rejected", error=None, attempts=1)
+    )
+    await broker.release(await broker.fetch("q", max_messages=1, wait=0))
+    assert await broker.depth("q") == QueueDepth(ready=1, delayed=1, dead=1)
+    assert await broker.totals("q") == {"added": 5, "left": 4, "dead": 1}
+    (letter,) = await broker.dead_letters("q")
+    assert await broker.remove_dead_letters("q", [letter.entry_id]) == 1
+    assert await store.claim("k", "me", lease=5) == "claimed"
+    assert await store.extend([("k", "me")], lease=5) == []
+    assert await store.complete("k", "me", ttl=5)
+    assert await store.claim("k2", "me", lease=5) == "claimed"
+    assert await store.release("k2", "me")
+    await broker.aclose()
+    await store.aclose()
+    await admin.aclose()
 
 
 def leaves(error: BaseException) -> list[BaseException]:
