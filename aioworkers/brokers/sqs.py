@@ -960,7 +960,18 @@ class SqsBroker:
                     self._settled(d)
             for d in todo:
                 _lease(d).copied = d not in back
-            await self._remove(queue, q.url, [d for d in mine if _lease(d).copied], "release")
+            copied = [d for d in mine if _lease(d).copied]
+            try:
+                await self._remove(queue, q.url, copied, "release")
+            except BrokerUnavailable:
+                # A worker at shutdown may not call again: say what that leaves behind.
+                log.warning(
+                    "release: the copies of %d jobs are out but their originals are not "
+                    "deleted yet; unless released again before their leases run out, these "
+                    "jobs may run twice",
+                    len(copied),
+                )
+                raise
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         lease = self._claim(delivery, "dead letter")
