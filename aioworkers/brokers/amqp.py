@@ -11,9 +11,12 @@ and a shutdown never wait behind a blocked publish. Every call has a deadline by
 
 Queues, all durable and declared on first use: ``<queue>`` (the jobs; classic, or quorum
 with ``queue_type=quorum``), ``<queue>.dead`` (the DLQ, same type) and, lazily, one
-classic ``<queue>.delay.<ms>`` per delay (delays rounded to two significant digits):
-its messages expire after ``<ms>`` and dead-letter back into ``<queue>``, and the queue
-itself expires ten minutes after its last use.
+``<queue>.delay.<ms>.quorum`` per delay (delays rounded to two significant digits): its
+messages expire after ``<ms>`` and dead-letter back into ``<queue>`` at least once (kept
+until ``<queue>`` confirms them), and the queue itself expires ten minutes after its last
+use. With ``delay_queues=classic``, or on RabbitMQ before 3.10, they are classic
+``<queue>.delay.<ms>`` queues, which dead-letter at most once (a refused message is
+dropped).
 
 A worker consumes each queue with one consumer whose prefetch is ``prefetch``, or by
 default the worker's capacity (the first `fetch`'s ``max_messages``), so RabbitMQ never
@@ -52,7 +55,9 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import logging
 import math
+import re
 import reprlib
 import ssl
 import time
@@ -83,11 +88,18 @@ PUBLISH_TIMEOUT = 10.0  # default ``publish_timeout``: one publish call, confirm
 HAND_BACK_TIMEOUT = 2.0  # a shutdown's republish of unstarted jobs (else: nacked back)
 SETTLE_TIMEOUT = 5.0  # acks and nacks written to the socket
 CLOSE_TIMEOUT = 5.0  # a connection's close handshake
-_OWN_PARAMS = ("queue_type", "prefetch", "publish_timeout")
+_OWN_PARAMS = ("queue_type", "prefetch", "publish_timeout", "delay_queues")
 _CHUNK = 1000  # publishes awaiting their confirms at once
 _PERSISTENT = 2
 MAX_COUNT = 1_000_000  # far above any poison limit: a larger count was not written by us
 _NUMERIC_FACTS = ("attempts", "dead_at")
+QUORUM_DELAYS_SINCE = (3, 10)  # message TTL and at-least-once dead-lettering on quorum queues
+_QUORUM_DELAY = {
+    "x-queue-type": "quorum",
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",  # required by at-least-once; there is no length limit
+}
+log = logging.getLogger("aioworkers")
 _SHOWN = reprlib.Repr()  # a header's value shown in an error: short, one line
 _SHOWN.maxstring = _SHOWN.maxother = 40
 
@@ -193,6 +205,19 @@ async def _io(what: str, seconds: float) -> AsyncIterator[None]:
         raise mapped from exc
 
 
+def _refused(name: str, arguments: dict[str, Any], text: str) -> str:
+    """What to fix when RabbitMQ refuses to declare queue ``name`` (PRECONDITION_FAILED)."""
+    if "inequivalent arg" not in text:
+        return f"amqp: RabbitMQ refused queue {name!r} with arguments {arguments}: {text}"
+    # A delay queue is declared again on its next use; the others hold jobs.
+    fix = "" if "x-message-ttl" in arguments else " or set queue_type= to match it"
+    return (
+        f"amqp: queue {name!r} already exists with other arguments than "
+        f"{arguments or 'none (a classic queue)'}: delete it "
+        f"(rabbitmqctl delete_queue {name}){fix} ({text})"
+    )
+
+
 def _headers(message: DeliveredMessage) -> dict[str, Any]:
     return dict(message.header.properties.headers or {})
 
@@ -258,6 +283,12 @@ class AmqpBroker:
             raise ConfigError("amqp URL: publish_timeout must be a number of seconds") from None
         if not 0 < self.publish_timeout < math.inf:
             raise ConfigError("amqp URL: publish_timeout must be > 0 seconds")
+        self._delay_option = query.get("delay_queues")
+        if self._delay_option not in (None, "quorum", "classic"):
+            raise ConfigError(
+                f"amqp URL: delay_queues must be 'quorum' or 'classic', got {self._delay_option!r}"
+            )
+        self._delay_type = self._delay_option if self._delay_option == "classic" else None
         client_query = urlencode({k: v for k, v in query.items() if k not in _OWN_PARAMS})
         self._url = urlunsplit(parts._replace(query=client_query))
         self._host = f"{parts.hostname}:{parts.port or 5672}{parts.path or '/'}"
@@ -382,12 +413,8 @@ class AmqpBroker:
                 try:
                     ok = await ch.queue_declare(name, durable=True, arguments=arguments)
                 except mqexc.ChannelPreconditionFailed as exc:
-                    raise ConfigError(
-                        f"amqp: queue {name!r} already exists with other arguments than "
-                        f"{arguments or 'none (a classic queue)'}: delete it "
-                        f"(rabbitmqctl delete_queue {name}) or set queue_type= to match it "
-                        f"({_text(exc.args[0] if exc.args else exc)})"
-                    ) from None
+                    text = _text(exc.args[0] if exc.args else exc) or ""
+                    raise ConfigError(_refused(name, arguments, text)) from None
                 except mqexc.ChannelNotFoundEntity as exc:
                     raise ConfigError(
                         f"amqp: declaring queue {name!r}: RabbitMQ found no entity it needs "
@@ -408,21 +435,46 @@ class AmqpBroker:
 
     async def _delay_queue(self, queue: str, delay: float) -> str:
         ms = _bucket(delay)
-        name = f"{queue}.delay.{ms}"
+        quorum = await self._delays_type() == "quorum"
+        # Named apart: an existing queue's arguments can't change, and a classic delay
+        # queue of an older version may still be there (it drains and expires on its own).
+        name = f"{queue}.delay.{ms}.quorum" if quorum else f"{queue}.delay.{ms}"
         known = self._delays.setdefault(queue, {})
         # Redeclared now and then: a declare restarts the x-expires clock, a publish doesn't.
         if time.monotonic() - known.get(name, -REDECLARE_AFTER) >= REDECLARE_AFTER:
-            await self._declare(
-                name,
-                {
-                    "x-message-ttl": ms,
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": queue,
-                    "x-expires": ms + DELAY_EXPIRES_MS,
-                },
-            )
+            arguments: dict[str, Any] = {
+                "x-message-ttl": ms,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": queue,
+                "x-expires": ms + DELAY_EXPIRES_MS,
+            }
+            await self._declare(name, arguments | _QUORUM_DELAY if quorum else arguments)
             known[name] = time.monotonic()
         return name
+
+    async def _delays_type(self) -> str:
+        """``quorum`` where RabbitMQ can (3.10+): an expired message is dead-lettered back
+        at least once, kept until its queue confirms it; a classic queue drops it if the
+        queue refuses it then (full, or unavailable)."""
+        if self._delay_type is None:
+            conn = await self._connection()
+            text = str(conn.server_properties.get("version") or "")
+            found = re.match(r"(\d+)\.(\d+)", text)
+            if found is None or (int(found[1]), int(found[2])) >= QUORUM_DELAYS_SINCE:
+                self._delay_type = "quorum"
+            elif self._delay_option == "quorum":
+                raise ConfigError(
+                    f"amqp: delay_queues=quorum needs RabbitMQ 3.10 or later, this is "
+                    f"{text}: upgrade it, or set delay_queues=classic"
+                )
+            else:
+                log.warning(
+                    "RabbitMQ %s is older than 3.10: delayed jobs and retries go through "
+                    "classic queues, which dead-letter them back at most once",
+                    text[:40],
+                )
+                self._delay_type = "classic"
+        return self._delay_type
 
     async def _count(self, name: str) -> tuple[int, int]:
         """(ready messages, consumers) of a queue; (0, 0) if it does not exist."""

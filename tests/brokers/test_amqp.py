@@ -187,5 +187,5 @@ async def test_a_delay_is_honoured_within_ten_percent(make: Make, queue: str) ->
     (d,) = await fetch_n(broker, queue, 1, within=delay * 2)
     took = time.monotonic() - start
     assert delay * 0.95 <= took <= delay * 1.1, took
-    assert f"{queue}.delay.1500" in broker.known_queues
+    assert f"{queue}.delay.1500.quorum" in broker.known_queues
     await broker.ack([d])

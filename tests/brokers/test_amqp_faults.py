@@ -183,6 +183,94 @@ async def test_a_dlq_entry_with_bad_numbers_from_another_client_is_still_listed(
     assert await broker.remove_dead_letters(queue, None) == 1
 
 
+# -- delays ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def rabbit_env(name: str, value: str, default: str) -> Iterator[None]:
+    """A RabbitMQ application setting for the test, back to ``default`` whatever happens."""
+
+    def restore() -> None:
+        rabbitmqctl("eval", f"application:set_env(rabbit, {name}, {default}).")
+
+    atexit.register(restore)
+    rabbitmqctl("eval", f"application:set_env(rabbit, {name}, {value}).")
+    try:
+        yield
+    finally:
+        restore()
+
+
+@contextmanager
+def policy(queue: str, definition: str) -> Iterator[None]:
+    """A policy on ``queue`` alone (as an operator would set a length limit)."""
+    name = f"aw-test-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("set_policy", name, f"^{queue}$", definition, "--apply-to", "queues")
+    try:
+        yield
+    finally:
+        rabbitmqctl("clear_policy", name)
+
+
+async def test_a_delayed_job_is_kept_while_its_queue_refuses_it_and_arrives_later(
+    make: Make, queue: str
+) -> None:
+    broker = make()
+    await broker._ensure(queue)
+    # At-least-once dead-lettering retries a refused message after this long (3 minutes
+    # by default): 1 s keeps the test short. Read when the delay queue is created.
+    with (
+        rabbit_env("dead_letter_worker_publisher_confirm_timeout", "1000", "180000"),
+        policy(queue, '{"max-length": 1, "overflow": "reject-publish"}'),
+    ):
+        await broker.publish(queue, [b"filler"])  # the queue is full
+        await broker.publish(queue, [b"later"], delay=0.2)
+        await asyncio.sleep(0.6)  # the delay ends while the queue refuses it
+        (filler,) = await fetch_n(broker, queue, 1, within=2)
+        await broker.ack([filler])
+        # Before: a classic delay queue dead-lettered it at most once: it was dropped.
+        got = await fetch_n(broker, queue, 1, within=5)
+        assert [d.body for d in got] == [b"later"]
+        await broker.ack(got)
+
+
+async def test_older_classic_delay_queues_are_left_alone_and_still_deliver(
+    make: Make, queue: str
+) -> None:
+    broker = make()
+    await broker._ensure(queue)
+    old = f"{queue}.delay.300"  # as an older version declared it
+    conn = await aiormq.connect(AMQP_URL)
+    try:
+        channel = await conn.channel()
+        arguments = {
+            "x-message-ttl": 300,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": queue,
+            "x-expires": 600_300,
+        }
+        await channel.queue_declare(old, durable=True, arguments=arguments)
+        await channel.basic_publish(b"old", routing_key=old)
+    finally:
+        await conn.close()
+    broker.known_queues.add(old)
+    await broker.publish(queue, [b"new"], delay=0.3)  # no PRECONDITION_FAILED
+    assert f"{queue}.delay.300.quorum" in broker.known_queues
+    got = await fetch_n(broker, queue, 2, within=3)
+    assert sorted(d.body for d in got) == [b"new", b"old"]
+    await broker.ack(got)
+
+
+async def test_delay_queues_classic_keeps_the_classic_delay_queues(make: Make, queue: str) -> None:
+    broker = make("delay_queues=classic")
+    await broker.publish(queue, [b"x"], delay=0.3)
+    assert f"{queue}.delay.300" in broker.known_queues
+    (d,) = await fetch_n(broker, queue, 1, within=3)
+    await broker.ack([d])
+    with pytest.raises(ConfigError, match="delay_queues"):
+        AmqpBroker(f"{AMQP_URL}?delay_queues=lazy")
+
+
 # -- resource alarms ------------------------------------------------------------------------
 
 

@@ -121,6 +121,6 @@ async def test_a_garbage_body_is_dead_lettered_with_a_reason(e2e: AmqpE2E) -> No
 
 async def test_a_delayed_retry_is_honoured_within_ten_percent(e2e: AmqpE2E) -> None:
     delay = 2.0
-    e2e.queues.add(f"{e2e.queue}.delay.2000")
+    e2e.queues.add(f"{e2e.queue}.delay.2000.quorum")
     took = await delayed_retry_took(e2e.client(), delay)
     assert delay * 0.95 <= took <= delay * 1.1, took
