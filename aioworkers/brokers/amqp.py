@@ -415,11 +415,6 @@ class AmqpBroker:
                 except mqexc.ChannelPreconditionFailed as exc:
                     text = _text(exc.args[0] if exc.args else exc) or ""
                     raise ConfigError(_refused(name, arguments, text)) from None
-                except mqexc.ChannelNotFoundEntity as exc:
-                    raise ConfigError(
-                        f"amqp: declaring queue {name!r}: RabbitMQ found no entity it needs "
-                        f"({_text(exc.args[0] if exc.args else exc)})"
-                    ) from None
         finally:
             if ch.is_closed:
                 self._ctl = None

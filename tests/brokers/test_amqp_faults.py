@@ -271,6 +271,22 @@ async def test_delay_queues_classic_keeps_the_classic_delay_queues(make: Make, q
         AmqpBroker(f"{AMQP_URL}?delay_queues=lazy")
 
 
+async def test_before_rabbitmq_3_10_delays_fall_back_to_classic_with_a_warning(
+    make: Make, queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker, explicit = make(), make("delay_queues=quorum")
+    for b in (broker, explicit):
+        # As an older server reports itself (quorum queues then have no message TTL).
+        (await b._connection()).server_properties["version"] = "3.9.29"
+    await broker.publish(queue, [b"x"], delay=0.3)
+    assert f"{queue}.delay.300" in broker.known_queues
+    assert "older than 3.10" in caplog.text
+    (d,) = await fetch_n(broker, queue, 1, within=3)
+    await broker.ack([d])
+    with pytest.raises(ConfigError, match=r"delay_queues=quorum needs RabbitMQ 3\.10"):
+        await explicit.publish(queue, [b"y"], delay=0.3)
+
+
 # -- resource alarms ------------------------------------------------------------------------
 
 
