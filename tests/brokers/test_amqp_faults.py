@@ -92,6 +92,12 @@ async def dead_within(broker: AmqpBroker, queue: str, within: float = 5.0) -> li
     return []
 
 
+async def settled_everything(broker: AmqpBroker, queue: str) -> None:
+    """Nothing was left unacked: closing the broker's connections requeues nothing."""
+    await broker.aclose()
+    assert await ready_messages(queue) == 0
+
+
 # -- bad headers ----------------------------------------------------------------------------
 
 BAD_COUNTS = [
@@ -134,6 +140,7 @@ async def test_a_bad_delivery_count_header_is_dead_lettered_never_raised_from_fe
     assert COUNT in letter.error
     assert len(letter.error) < 300
     await wait_depth(broker, queue, QueueDepth(dead=1))
+    await settled_everything(broker, queue)
 
 
 async def test_a_bad_count_on_a_redelivered_message_is_dead_lettered(
@@ -147,6 +154,7 @@ async def test_a_bad_count_on_a_redelivered_message_is_dead_lettered(
     (letter,) = await dead_within(broker, queue)
     assert (letter.id, letter.reason) == (bad_id, "schema_error")
     await wait_depth(broker, queue, QueueDepth(dead=1))
+    await settled_everything(broker, queue)
 
 
 async def test_a_bad_x_delivery_count_on_a_quorum_queue_is_dead_lettered(
@@ -159,6 +167,7 @@ async def test_a_bad_x_delivery_count_on_a_quorum_queue_is_dead_lettered(
     (letter,) = await dead_within(broker, queue)
     assert (letter.id, letter.reason) == (bad_id, "schema_error")
     await wait_depth(broker, queue, QueueDepth(dead=1))
+    await settled_everything(broker, queue)
 
 
 async def test_a_good_count_header_from_another_client_is_counted(make: Make, queue: str) -> None:
