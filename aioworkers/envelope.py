@@ -21,6 +21,17 @@ from .errors import DecodeError
 
 VERSION = 1
 DEFAULT_MAX_SIZE = 1024 * 1024
+# Times are epoch ms from 1970 up to 9999-12-31T23:59:59.999Z, the last a datetime holds.
+MAX_EPOCH_MS = 253_402_300_799_999
+# Far beyond any retry budget, and within what every consumer of the number (JSON in other
+# languages, OpenTelemetry attributes, 32-bit counters) holds.
+MAX_ATTEMPT = 2**31 - 1
+# (field, lowest, highest) of every number in the envelope but ``v`` (checked for equality).
+_RANGES = (
+    ("attempt", 1, MAX_ATTEMPT),
+    ("enqueued_at", 0, MAX_EPOCH_MS),
+    ("eta", 0, MAX_EPOCH_MS),
+)
 
 
 @dataclass(slots=True)
@@ -53,7 +64,11 @@ def now_ms() -> int:
 
 def encode(env: Envelope) -> bytes:
     """Serialize; raises ``TypeError`` if an argument is not JSON-serializable and
-    ``ValueError`` if it holds a NaN or infinite float (JSON has neither)."""
+    ``ValueError`` if it holds a NaN or infinite float (JSON has neither), or if a number
+    of the envelope is out of the range `decode` accepts (e.g. a delay past year 9999)."""
+    out_of_range = _out_of_range(env.attempt, env.enqueued_at, env.eta)
+    if out_of_range is not None:
+        raise ValueError(out_of_range)
     doc: dict[str, Any] = {
         "v": VERSION,
         "id": env.id,
@@ -132,13 +147,16 @@ def _from_doc(doc: dict[str, Any]) -> Envelope:
         raise DecodeError("schema_error", f"unsupported envelope version {doc['v']!r}")
     if not doc["id"] or not doc["task"]:
         raise DecodeError("schema_error", "empty 'id' or 'task'")
-    if doc["attempt"] < 1:
-        raise DecodeError("schema_error", "'attempt' must be >= 1")
     eta = doc.get("eta")
     key = doc.get("key")
     headers = doc.get("headers")
     if eta is not None and type(eta) is not int:
         raise DecodeError("schema_error", "field 'eta' is not int")
+    # Checked here, so a number the runtime cannot use (a time no datetime holds) is a
+    # final error on the first delivery, not an exception later on every one.
+    out_of_range = _out_of_range(doc["attempt"], doc["enqueued_at"], eta)
+    if out_of_range is not None:
+        raise DecodeError("schema_error", out_of_range)
     if key is not None and type(key) is not str:
         raise DecodeError("schema_error", "field 'key' is not str")
     if headers is None:
@@ -156,6 +174,14 @@ def _from_doc(doc: dict[str, Any]) -> Envelope:
         key,
         headers,
     )
+
+
+def _out_of_range(attempt: int, enqueued_at: int, eta: int | None) -> str | None:
+    """Which number is out of its range (see `_RANGES`), or None."""
+    for (name, low, high), value in zip(_RANGES, (attempt, enqueued_at, eta), strict=True):
+        if value is not None and not low <= value <= high:
+            return f"field {name!r} out of range [{low}, {high}]: {value}"
+    return None
 
 
 def fingerprint(body: bytes) -> str:

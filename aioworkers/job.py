@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from .errors import AioworkersError
 
@@ -37,5 +37,10 @@ def current_job() -> Job:
         raise AioworkersError("current_job() called outside a job run by a worker") from None
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def from_epoch_ms(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+    """The UTC time of epoch milliseconds, exact to the millisecond; `decode` checks that
+    ``ms`` is in range (``0`` to `aioworkers.envelope.MAX_EPOCH_MS`)."""
+    return _EPOCH + timedelta(milliseconds=ms)
