@@ -15,7 +15,7 @@ from urllib.parse import quote
 from ._sqlite import absolute_url
 from .brokers import Broker, DeadLetter, QueueDepth, check_url, open_broker
 from .envelope import DEFAULT_MAX_SIZE, Envelope, encode, new_id, now_ms, reset_attempt
-from .errors import ConfigError, redact
+from .errors import ConfigError, redact_url
 from .idempotency import IdempotencyStore, MemoryStore, default_url_for, open_store
 from .idempotency import check_url as check_store_url
 from .task import Call, Policy, Task
@@ -133,9 +133,11 @@ class App:
 
     @property
     def broker_name(self) -> str:
-        """The broker URL with secrets redacted, or the instance's class name."""
+        """The broker URL with its credentials hidden (a password in the user info, and
+        query parameters such as ``password=``, see `redact_url`), or the instance's
+        class name."""
         if self._broker_url:
-            return redact(self._broker_url)
+            return redact_url(self._broker_url)
         return type(self._broker).__name__
 
     @property

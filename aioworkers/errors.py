@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
+from urllib.parse import unquote_plus
 
 __all__ = [
     "AioworkersError",
@@ -12,7 +14,10 @@ __all__ = [
     "LeaseLost",
     "Reject",
     "Retry",
+    "clip",
+    "printable",
     "redact",
+    "redact_url",
 ]
 
 
@@ -62,11 +67,139 @@ class Reject(AioworkersError):
         self.reason = reason
 
 
-# Like urlsplit, the user info runs to the *last* "@" before the host's "/", "?" or "#", so
-# a password with a raw "@" (which redis-py and yarl accept) is hidden whole.
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/?#@\s]*):[^/?#\s]*@")
+# -- text taken from messages, errors and URLs ------------------------------------------------
+#
+# Everything here is linear in the length of its input: a message can carry megabytes, and
+# a pattern that backtracks on it freezes the event loop (and with it every lease). Each
+# pattern starts only at the first character of a run (a lookbehind refuses the rest) and
+# consumes runs possessively, so no character is scanned more than a few times.
+
+MAX_FIELD_CHARS = 200  # an id, task name or key from a message, in a log line or a DLQ record
+
+# User info, as urlsplit (and so redis-py and yarl) reads it: up to the *last* "@" before
+# the host's "/", "?" or "#", so a password with a raw "@" is hidden whole.
+_USERINFO = re.compile(r"(?<![a-zA-Z0-9+.-])([a-zA-Z0-9+.-]++://)([^:/?#@\s]*+):(?:[^/?#@\s]*+@)++")
+# The same, with its "@" cut off at the end of a cut text: hide what follows the colon.
+_DANGLING_USERINFO = re.compile(
+    r"(?<![a-zA-Z0-9+.-])([a-zA-Z0-9+.-]++://[^:/?#@\s]*+):[^/?#@\s]*+\Z"
+)
+# ``name=`` in a query string, a DSN or a log line, if the name holds a hint of a secret
+# (the lookahead reads only the name); whether it names one is decided in Python
+# (`_secret_name`), after percent-decoding as the clients do.
+_PARAM = re.compile(
+    r"(?<![\w%.+-])(?=[\w%.+-]*?(?i:pass|pwd|secret|token|credential|sig|key|%))([\w%.+-]++)="
+)
+_VALUE_END = re.compile(r"[&\s]")
+_SPACE = re.compile(r"\s")
+_NOT_ALNUM = re.compile(r"[\W_]+")
+_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*+")
+_NETLOC_END = re.compile(r"[/?#]")
+
+# Parameter names, lowercased with punctuation removed, that hold a secret: redis-py's
+# password and ssl_password (it passes any query parameter to the connection), AWS keys
+# and session tokens, presigned-URL credentials and signatures, API keys.
+_SECRET_WORDS = (
+    "password",
+    "passwd",
+    "passphrase",
+    "pwd",
+    "secret",
+    "token",
+    "credential",
+    "signature",
+    "accesskey",
+    "apikey",
+    "privatekey",
+)
+_SECRET_NAMES = frozenset({"pass", "key", "sig"})
+# (`_PARAM` matches only names with a part of one of these in them, or a percent sign.)
 
 
-def redact(text: str) -> str:
-    """Hide passwords in URLs (``redis://u:secret@h`` -> ``redis://u:***@h``)."""
-    return _USERINFO.sub(r"\g<scheme>\g<user>:***@", text)
+@functools.lru_cache(maxsize=256)  # names repeat (in a text, and from line to line)
+def _secret_name(name: str) -> bool:
+    plain = _NOT_ALNUM.sub("", unquote_plus(name).lower())
+    return plain in _SECRET_NAMES or any(word in plain for word in _SECRET_WORDS)
+
+
+def _hide_params(text: str) -> str:
+    out: list[str] = []
+    done = 0  # text[:done] is copied or hidden already
+    for m in _PARAM.finditer(text):
+        if m.start() < done or not _secret_name(m.group(1)):
+            continue
+        end = _VALUE_END.search(text, m.end())
+        stop = end.start() if end is not None else len(text)
+        if stop > m.end():
+            out += (text[done : m.end()], "***")
+            done = stop
+    out.append(text[done:])
+    return "".join(out)
+
+
+def _redact(text: str) -> str:
+    return _hide_params(_USERINFO.sub(r"\1\2:***@", text))
+
+
+def clip(text: str, limit: int) -> str:
+    """At most ``limit`` characters of ``text``, and a note of how many more there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[+{len(text) - limit} chars]"
+
+
+def printable(text: str, limit: int | None = MAX_FIELD_CHARS) -> str:
+    """A field taken from a message, fit for one log line or a DLQ record: cut to
+    ``limit`` characters (``None``: not cut), then every non-printable character escaped
+    as in a repr (``\\n``, ``\\x1b``, ``\\u2028``), so it can neither forge a line nor
+    drive a terminal."""
+    if limit is not None:
+        text = clip(text, limit)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def redact(text: str, limit: int | None = None, *, keep_end: bool = False) -> str:
+    """Hide credentials: URL passwords (``redis://u:secret@h`` -> ``redis://u:***@h``) and
+    the values of parameters named like one (``?password=``, ``pass=``, ``pass%77ord=``,
+    ``aws_secret_access_key=``, ``aws_session_token=``, ``token=``, ``key=``, ...).
+
+    Linear-time. With ``limit``, ``text`` is cut to its first (or, with ``keep_end``, its
+    last) ``limit`` characters *before* anything else reads it, and a credential the cut
+    split is hidden or dropped whole, never shown in part.
+    """
+    if limit is None or len(text) <= limit:
+        return _redact(text)
+    cut = len(text) - limit
+    if not keep_end:
+        head = _DANGLING_USERINFO.sub(r"\1:***", _redact(text[:limit]))
+        return f"{head}...[+{cut} chars]"
+    tail = text[cut:]
+    if not text[cut - 1].isspace():
+        # The cut fell inside a word, maybe a URL or "name=value": drop the rest of it.
+        space = _SPACE.search(tail)
+        tail = tail[space.start() :] if space is not None else ""
+    return f"[+{cut} chars]...{_redact(tail)}"
+
+
+def redact_url(url: str) -> str:
+    """A URL fit to show (`App.broker_name`): read as the clients read it (the user info
+    up to the last "@" of the network location, query parameters split on "&" and their
+    names percent-decoded), with the password and every secret parameter hidden."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        return redact(url)
+    found = _NETLOC_END.search(rest)
+    end = found.start() if found is not None else len(rest)
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    tail, hash_, fragment = tail.partition("#")
+    path, question, query = tail.partition("?")
+    if question:
+        params = (p.partition("=") for p in query.split("&"))
+        query = "&".join(
+            f"{k}=***" if eq and v and _secret_name(k) else f"{k}{eq}{v}" for k, eq, v in params
+        )
+    return redact(f"{scheme}://{netloc}{path}{question}{query}{hash_}{fragment}")

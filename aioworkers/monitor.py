@@ -26,7 +26,7 @@ import orjson
 
 from ._endpoint import MetricsEndpoint
 from .brokers.base import QueueDepth
-from .errors import ConfigError, redact
+from .errors import ConfigError, printable, redact
 
 if TYPE_CHECKING:
     from .app import App
@@ -42,8 +42,19 @@ TEXT_FORMAT_PID = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 LOG_FORMATS = ("text", "json")
 
 
+def _ours(record: logging.LogRecord) -> bool:
+    return record.name == "aioworkers" or record.name.startswith("aioworkers.")
+
+
 class RedactingFormatter(logging.Formatter):
-    """The usual text line, with passwords in URLs hidden (exceptions included)."""
+    """The usual text line, with credentials hidden (exceptions included). A message of
+    aioworkers' own is one line: a non-printable character in it (a newline in a field
+    taken from a message) is escaped, so it cannot forge a line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if _ours(record):
+            record.message = printable(record.message, None)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))

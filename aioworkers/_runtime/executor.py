@@ -19,7 +19,7 @@ import anyio
 
 from ..brokers.base import Delivery
 from ..envelope import Envelope, decode
-from ..errors import DecodeError
+from ..errors import MAX_FIELD_CHARS, DecodeError, clip
 from ..idempotency.base import IdempotencyStore, StoreUnavailable
 from ..job import Job, _current, from_epoch_ms
 from ..task import Task
@@ -31,6 +31,8 @@ log = logging.getLogger("aioworkers")
 # A job whose key is busy, or whose store is unreachable, comes back after a pause of
 # about a third of the lease (how often a claim is extended), and never more than this.
 MAX_DEFER = 5.0
+# How much of a `bad_arguments` error is kept (it may quote an argument name of any size).
+MAX_BAD_ARGUMENTS = 500
 
 
 @dataclass(slots=True)
@@ -80,11 +82,14 @@ class Executor:
         task = self._registry.get(env.task)
         if task is None:
             # Never import or getattr a name from a message: the registry is the allow-list.
-            return env, None, DecodeError("unknown_task", f"no task named {env.task!r}")
+            # The name is cut before it is quoted: whatever reads the error reads little.
+            name = clip(env.task, MAX_FIELD_CHARS)
+            return env, None, DecodeError("unknown_task", f"no task named {name!r}")
         try:
             task.check_arguments(env.args, env.kwargs)
         except TypeError as exc:
-            return env, task, DecodeError("bad_arguments", str(exc))
+            # It may quote an argument name from the message.
+            return env, task, DecodeError("bad_arguments", clip(str(exc), MAX_BAD_ARGUMENTS))
         return env, task, None
 
     async def execute(

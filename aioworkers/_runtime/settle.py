@@ -15,7 +15,7 @@ import anyio
 
 from ..brokers.base import Broker, DeadLetter, Delivery
 from ..envelope import Envelope, encode, fingerprint
-from ..errors import BrokerUnavailable, LeaseLost, redact
+from ..errors import BrokerUnavailable, LeaseLost, printable, redact
 from ..task import Policy
 from ..telemetry import WorkerTelemetry
 from . import classify as c
@@ -116,7 +116,8 @@ class Settler:
                 # The body unchanged: same attempt, so waiting on a key uses no retry.
                 env = outcome.envelope
                 job_id = env.id if env is not None else delivery.message_id
-                log.info("job deferred id=%s for %.2fs: %s", job_id, delay, outcome.error)
+                why = printable(str(outcome.error), MAX_ERROR_CHARS)
+                log.info("job deferred id=%s for %.2fs: %s", printable(job_id), delay, why)
                 await with_backoff(
                     lambda: broker.retry(delivery, body=delivery.body, delay=delay), "retry"
                 )
@@ -161,11 +162,13 @@ class Settler:
 
 
 def dead_letter_for(delivery: Delivery, outcome: Outcome, reason: str) -> DeadLetter:
+    """The record of a dead job: every text in it taken from the message or the error is
+    cut and escaped (the body itself is kept whole beside it, for replay)."""
     env = outcome.envelope
     error = outcome.error
     return DeadLetter(
-        id=env.id if env else delivery.message_id,
-        task=env.task if env else None,
+        id=printable(env.id if env else delivery.message_id),
+        task=printable(env.task) if env else None,
         reason=reason,
         error=_describe(error),
         error_type=type(error).__name__ if error is not None else None,
@@ -177,17 +180,28 @@ def dead_letter_for(delivery: Delivery, outcome: Outcome, reason: str) -> DeadLe
 
 
 def _describe(error: BaseException | None) -> str | None:
+    """``"Type: message"`` on one line: cut (an error may quote a whole message) before
+    it is redacted, then escaped."""
     if error is None:
         return None
-    text = redact(f"{type(error).__name__}: {error}")
-    return text[:MAX_ERROR_CHARS]
+    return printable(redact(f"{type(error).__name__}: {error}", MAX_ERROR_CHARS), None)
 
 
 def _traceback(error: BaseException | None) -> str | None:
+    """The traceback's last lines, redacted. Each part (a frame, an exception's message)
+    is cut on its own first, so a huge message cannot push the frames out."""
     if error is None or error.__traceback__ is None:
         return None
-    text = "".join(traceback.format_exception(error))
-    return redact(text)[-MAX_TRACEBACK_CHARS:]
+    parts = traceback.TracebackException.from_exception(error).format()
+    text = "".join(_cut_part(part) for part in parts)
+    lines = redact(text, MAX_TRACEBACK_CHARS, keep_end=True).split("\n")
+    return "\n".join(printable(line, None) for line in lines)
+
+
+def _cut_part(part: str) -> str:
+    if len(part) <= MAX_ERROR_CHARS:
+        return part
+    return redact(part, MAX_ERROR_CHARS) + "\n"
 
 
 def _log_failure(
@@ -195,10 +209,13 @@ def _log_failure(
 ) -> None:
     env: Envelope | None = outcome.envelope
     error = _describe(outcome.error)
+    # Taken from the message: cut and escaped, so a log line can be neither forged nor flooded.
+    job_id = printable(env.id if env is not None else delivery.message_id)
+    task = printable(env.task) if env is not None else None
     # The same facts as fields, for `--log-format json` (see aioworkers.monitor).
     job = {
-        "job_id": env.id if env is not None else delivery.message_id,
-        "task": env.task if env is not None else None,
+        "job_id": job_id,
+        "task": task,
         "attempt": env.attempt if env is not None else None,
         "queue": delivery.queue,
         "duration": round(outcome.duration, 6),
@@ -212,7 +229,7 @@ def _log_failure(
         log.log(
             level,
             "job failed id=%s size=%d hash=%s error=%r outcome=%s",
-            delivery.message_id,
+            job_id,
             len(delivery.body),
             fingerprint(delivery.body),
             error,
@@ -223,8 +240,8 @@ def _log_failure(
     log.log(
         level,
         "job failed id=%s task=%s attempt=%d queue=%s duration=%.3fs error=%r outcome=%s",
-        env.id,
-        env.task,
+        job_id,
+        task,
         env.attempt,
         delivery.queue,
         outcome.duration,
