@@ -470,13 +470,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.broker is not None:
             app.set_broker(args.broker)  # an empty one is an error, not the default
         with _runner() as runner:
+            code = 1
             try:
-                return runner.run(_main(app, args))
+                code = runner.run(_main(app, args))
+                return code
             except BaseExceptionGroup as group:
                 # The worker's task groups wrap what one of its tasks raised: a bad
                 # configuration found at run time (a file that is not a database) is
                 # reported as one line, like one found at start-up.
                 raise _single(group) from None
+            finally:
+                _exit_if_stuck(runner.get_loop(), code)
     except (UsageError, ConfigError) as exc:
         if isinstance(exc, ImportFailed):
             print(redact(exc.user_traceback), end="", file=sys.stderr)
@@ -487,6 +491,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _exit_if_stuck(loop: asyncio.AbstractEventLoop, code: int) -> None:
+    """Exit at once if a task ignores cancellation (a handler that swallows it, left running
+    by the worker's second stop, its job left to its lease): closing the runner would wait
+    for it forever."""
+    left = asyncio.all_tasks(loop)
+    if not left:
+        return
+    for task in left:
+        task.cancel()
+    _, stuck = loop.run_until_complete(asyncio.wait(left, timeout=1.0))
+    if stuck:
+        log.error("exiting with %d tasks that ignore cancellation", len(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:

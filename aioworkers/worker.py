@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.abc
 
-from ._runtime.executor import Executor, Prepared, uncancel
+from ._runtime import shutdown
+from ._runtime.executor import Executor, Prepared, take_back
 from ._runtime.fetcher import Fetcher
 from ._runtime.inflight import InFlight, Run
 from ._runtime.lease import keep_leases
 from ._runtime.scheduler import Scheduler
 from ._runtime.settle import Settler
 from .brokers.base import Delivery
-from .errors import BrokerUnavailable, ConfigError
+from .errors import AioworkersError, BrokerUnavailable, ConfigError
 from .telemetry import messaging_system
 
 if TYPE_CHECKING:
@@ -25,8 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aioworkers")
 
-# After the grace period, cancelled runs still need to hand their jobs back.
-SETTLE_GRACE = 5.0
 BURST_POLL = 0.2
 OUTCOMES = ("ok", "retried", "dead", "released", "lease_lost", "duplicate", "deferred")
 
@@ -37,6 +38,10 @@ class Worker:
     ``await worker.run()`` until `stop()`; ``async with app.worker():`` runs it in the
     background on the current loop and drains it on exit. The worker installs no signal
     handlers: `stop()` is what a SIGTERM handler calls (a second call cancels now).
+
+    If fetching, or a service task (lease loop, acker), fails with an error no broker
+    should let out (not `BrokerUnavailable`), the worker logs it at once and stops as on
+    `stop()`; `run()` then raises it.
 
     ``max_jobs`` recycles the worker (see `recycle`) once it has started that many jobs;
     ``job_timeout`` bounds each attempt of a task registered without a ``timeout``.
@@ -91,6 +96,9 @@ class Worker:
         self._quiet = False
         self._stops = 0
         self._grace_scope: anyio.CancelScope | None = None
+        self._fetchers: anyio.abc.TaskGroup | None = None
+        self._deadlines = shutdown.Deadlines()
+        self._failure: Exception | None = None
         self._started = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -128,14 +136,19 @@ class Worker:
                 )
 
     def stop(self) -> None:
-        """Quiet, drain within ``grace``, release the rest. A second call cancels now."""
+        """Quiet, drain within ``grace``, release the rest. A second call cancels now: the
+        runs get a second to release their jobs, the rest is left to its lease."""
         self._stops += 1
         self.quiet()
         self._stopping.set()
         if self._stops > 1:
             log.warning("stopping now: cancelling %d jobs in flight", len(self._inflight))
+            # Every wait left on the way out ends within a second (a third stop: now).
+            self._deadlines.hurry(shutdown.STOP_NOW_GRACE if self._stops == 2 else 0.0)
             if self._grace_scope is not None:
                 self._grace_scope.cancel()
+            if self._fetchers is not None:
+                self._fetchers.cancel_scope.cancel()  # a fetch that hangs is not waited for
             self._inflight.cancel_all()
 
     async def wait_started(self) -> None:
@@ -160,6 +173,8 @@ class Worker:
             log.info("worker started %r", self)
             self._started.set()
             await self._run(burst)
+            if self._failure is not None:
+                raise self._failure
         finally:
             self.state = "STOPPED"
             await self.app._run_hooks("shutdown")
@@ -169,34 +184,35 @@ class Worker:
 
     async def _run(self, burst: bool) -> None:
         broker = self.app.broker
-        visibility = self.app.visibility_timeout
+        lease = partial(
+            keep_leases,
+            broker,
+            self._inflight,
+            visibility=self.app.visibility_timeout,
+            store=self._store,
+            telemetry=self._telemetry,
+        )
         async with anyio.create_task_group() as service:
-            service.start_soon(
-                partial(
-                    keep_leases,
-                    broker,
-                    self._inflight,
-                    visibility=visibility,
-                    store=self._store,
-                    telemetry=self._telemetry,
-                )
-            )
-            service.start_soon(self._settler.run_acks)
+            service.start_soon(self._service, "keeping leases", lease)
+            service.start_soon(self._service, "acking", self._settler.run_acks)
             if self._telemetry is not None:
-                service.start_soon(self._telemetry.poll_depth, broker.depth, self.queues)
-            async with anyio.create_task_group() as fetchers:
-                for queue in self.queues:
-                    fetcher = Fetcher(
-                        broker,
-                        queue,
-                        self._scheduler,
-                        wait=min(self.poll, BURST_POLL) if burst else self.poll,
-                        quiet=lambda: self._quiet,
-                        drained=self._drained if burst else None,
-                        telemetry=self._telemetry,
-                    )
-                    fetchers.start_soon(fetcher.run)
+                depths = partial(self._telemetry.poll_depth, broker.depth, self.queues)
+                service.start_soon(self._service, "polling queue depths", depths)
             try:
+                async with anyio.create_task_group() as self._fetchers:
+                    for queue in self.queues:
+                        fetcher = Fetcher(
+                            broker,
+                            queue,
+                            self._scheduler,
+                            wait=min(self.poll, BURST_POLL) if burst else self.poll,
+                            quiet=lambda: self._quiet,
+                            drained=self._drained if burst else None,
+                            telemetry=self._telemetry,
+                            queues=len(self.queues),
+                        )
+                        what = f"fetching from {queue!r}"
+                        self._fetchers.start_soon(self._service, what, fetcher.run, False)
                 self.quiet()
                 if not burst:
                     await self._stopping.wait()
@@ -204,10 +220,40 @@ class Worker:
             finally:
                 if len(self._inflight):
                     await self._abandon()  # cancelled from outside: still hand jobs back
-            with anyio.move_on_after(SETTLE_GRACE):
-                await self._settler.flush_acks()
+            with self._deadlines.window(shutdown.SETTLE_GRACE):
+                await self._service("acking", self._settler.flush_acks, False)
             # Leases are kept until every job is settled; only then stop the lease loop.
             service.cancel_scope.cancel()
+
+    async def _service(
+        self, what: str, fn: Callable[[], Awaitable[None]], again: bool = True
+    ) -> None:
+        """Run ``fn``; if it fails, log it and stop the worker (`run()` raises the error).
+        With ``again``, ``fn`` runs again after a pause: the drain still needs leases kept
+        and acks sent."""
+        while True:
+            try:
+                return await fn()
+            except Exception as exc:
+                self._fail(what, exc)
+                if not again:
+                    return
+            await anyio.sleep(0.1)
+
+    def _fail(self, what: str, exc: Exception) -> None:
+        while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]  # raised inside a task group of the service
+        if self._failure is not None:
+            log.error("%s failed again: %s: %s", what, type(exc).__name__, exc)
+            return
+        self._failure = exc
+        # Logged now: an embedding service may not look at the worker until it exits.
+        if isinstance(exc, AioworkersError):  # says what to fix: no traceback needed
+            log.error("%s failed, stopping the worker: %s", what, exc)
+        else:
+            log.error("%s failed, stopping the worker", what, exc_info=exc)
+        self.quiet()
+        self._stopping.set()
 
     def _start(self, delivery: Delivery, run: Run) -> None:
         # One plain asyncio task per job: the hot path pays for nothing more.
@@ -219,8 +265,10 @@ class Worker:
     async def _release(self, deliveries: list[Delivery]) -> None:
         try:
             await self.app.broker.release(deliveries)
-        except BrokerUnavailable:
-            log.warning("could not release %d jobs; their leases will expire", len(deliveries))
+        except Exception as exc:
+            log.warning(
+                "could not release %d jobs; their leases will expire: %s", len(deliveries), exc
+            )
         else:
             for delivery in deliveries:
                 self._settler.count("released", delivery)
@@ -230,6 +278,8 @@ class Worker:
 
     async def _drain(self) -> None:
         with anyio.move_on_after(self.grace) as self._grace_scope:
+            if self._stops > 1:
+                self._grace_scope.cancel()  # a second stop came before the drain began
             await self._inflight.wait_empty()
         if len(self._inflight):
             if self._stops < 2:  # else a second stop() cut the grace period short
@@ -237,21 +287,8 @@ class Worker:
             await self._abandon()
 
     async def _abandon(self) -> None:
-        """Last resort: release what can be released in a few seconds, then cancel the rest.
-
-        Settles stuck on an unreachable broker are cancelled: their leases run out and the
-        broker redelivers them, so abandoning them loses nothing.
-        """
-        with anyio.CancelScope(shield=True):
-            self._inflight.cancel_all()
-            with anyio.move_on_after(SETTLE_GRACE):
-                await self._inflight.wait_empty()
-            tasks = self._inflight.tasks()
-            if tasks:
-                log.error("abandoning %d unsettled jobs to lease expiry", len(tasks))
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+        others = [self._release_task] if self._release_task is not None else []
+        await shutdown.abandon(self._inflight, self._deadlines, *others)
 
     async def _traced_job(self, delivery: Delivery, run: Run) -> None:
         assert self._telemetry is not None
@@ -284,13 +321,14 @@ class Worker:
                 # Another worker may hold it now: settling anything would act over it.
                 self._settler.count("lease_lost", delivery, outcome)
             else:
+                # From here the settle's own broker call says whether the lease is still
+                # ours: a heartbeat answered "not held" (it crossed the ack) cancels nothing.
+                run.settling = True
                 await self._settler.settle(delivery, outcome)
         except asyncio.CancelledError:
-            if not run.lost:
+            # The lease was found lost before the handler could see the cancel.
+            if not (run.lost and take_back(run)):
                 raise
-            # The lease loop found the lease lost while this run was settling: the broker
-            # refuses whatever the settle sent (it checks ownership), so it counts as lost.
-            uncancel()
             self._settler.count("lease_lost", delivery)
         except Exception:
             log.exception("internal error while running %r; the broker will redeliver it", delivery)

@@ -125,9 +125,8 @@ class Executor:
             # Fail closed: without the store nothing says the key is free.
             return Outcome(env, task, self._deferred(f"idempotency store unavailable: {exc}"))
         except asyncio.CancelledError:
-            if not run.cancel_requested:
+            if not take_back(run):
                 raise
-            uncancel()
             await self._release(claim, run)  # the claim may have been made before the cancel
             return Outcome(env, task, JobCancelled())
         if state == "done":
@@ -173,9 +172,8 @@ class Executor:
                     log.warning("key %r lapsed before its job completed it", claim[0])
                 return None
         except asyncio.CancelledError:
-            if not run.cancel_requested:
+            if not take_back(run):
                 raise
-            uncancel()
             # Whether the key was committed is unknown: hand the job back, and its next
             # delivery finds the key done, or claims it once this claim has lapsed.
             return JobCancelled()
@@ -187,9 +185,8 @@ class Executor:
         except StoreUnavailable as exc:
             log.warning("could not release key %r; it lapses with its lease: %s", claim[0], exc)
         except asyncio.CancelledError:
-            if not run.cancel_requested:
-                raise
-            uncancel()  # the claim lapses with its lease
+            if not take_back(run):
+                raise  # the claim lapses with its lease
 
     def _deferred(self, why: str) -> Deferred:
         pause = min(self._lease / 3, MAX_DEFER)
@@ -228,14 +225,29 @@ class Executor:
                         raise  # the handler's own timeout, not the task's
                     raise TimeoutError(f"task {task.name!r} timed out after {timeout}s") from exc
         except asyncio.CancelledError:
-            if not run.cancel_requested:
-                raise  # not ours: let whoever cancelled the task see it
             # Ours (shutdown past grace, or lease lost): swallow it so the job is released.
-            uncancel()
+            # Anyone else's, or a second one on top of ours, propagates.
+            if not take_back(run):
+                raise
             error = JobCancelled()
         except Exception as exc:
             error = exc
         return Outcome(env, task, error, time.perf_counter() - start, started_at)
+
+
+def take_back(run: Run) -> bool:
+    """Take back the cancellation of the current task if it is the runtime's own single
+    request (`Run.cancel`); False if it must propagate: a cancel from outside, or a second
+    one on top of ours (shutdown cancelling again, e.g. a handler still unwinding the first
+    one, or a settle that cannot finish), which nothing may swallow."""
+    current = asyncio.current_task()
+    if not run.cancel_requested or run.cancel_taken or current is None:
+        return False
+    if current.cancelling() > 1:
+        return False
+    run.cancel_taken = True
+    current.uncancel()
+    return True
 
 
 def uncancel() -> None:

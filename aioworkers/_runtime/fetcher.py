@@ -1,4 +1,4 @@
-"""The fetch loop: ask the broker for no more deliveries than there are free slots."""
+"""The fetch loop: ask the broker for no more deliveries than the slots reserved for them."""
 
 from __future__ import annotations
 
@@ -18,7 +18,19 @@ log = logging.getLogger("aioworkers")
 
 
 class Fetcher:
-    """One per queue. Stops when ``quiet()``, or in burst mode once ``drained()``."""
+    """One per queue. Stops when ``quiet()``, or in burst mode once ``drained()``.
+
+    Slots are reserved before each fetch (see `Scheduler`). With one queue, a fetch
+    reserves every free slot and long-polls for up to ``wait``, as nothing else needs the
+    slots. With several, a long poll on an empty queue must not hold the slots another
+    queue could fill meanwhile, so a fetcher reserves wide only while its queue has shown
+    work, and then asks without waiting (``wait=0``); once its queue came back empty it
+    long-polls for one message, holding one slot. When the free slots are too few for every
+    other queue to have one (fewer slots than queues), that long poll is cut to
+    ``wait / queues``: the queues take turns, a round over all of them takes about one
+    ``wait`` (as many fetches a second as ``queues`` long polls would make), and a queue
+    with work waits at most about one ``wait`` for a slot, never forever.
+    """
 
     def __init__(
         self,
@@ -30,6 +42,7 @@ class Fetcher:
         quiet: Callable[[], bool],
         drained: Callable[[], Awaitable[bool]] | None,
         telemetry: WorkerTelemetry | None = None,
+        queues: int = 1,
     ) -> None:
         self.broker = broker
         self.queue = queue
@@ -38,13 +51,28 @@ class Fetcher:
         self.quiet = quiet
         self.drained = drained
         self.telemetry = telemetry
+        self.queues = queues
+        self._hungry = True  # the last fetch brought work: the queue may hold more
 
     async def run(self) -> None:
-        await self._fetch_until_done()
-        # Deliveries a push-based broker already holds for us go to other workers now,
-        # not when this process exits.
-        with contextlib.suppress(BrokerUnavailable):
-            await self.broker.stop_fetching(self.queue)
+        try:
+            await self._fetch_until_done()
+        finally:
+            # Deliveries a push-based broker already holds for us go to other workers now,
+            # not when this process exits.
+            with contextlib.suppress(BrokerUnavailable):
+                await self.broker.stop_fetching(self.queue)
+
+    async def _reserve(self) -> tuple[int, float]:
+        """Reserve slots for the next fetch; returns how many, and how long it may wait."""
+        if self.queues == 1:
+            return await self.scheduler.reserve(self.scheduler.capacity), self.wait
+        if self._hungry:
+            return await self.scheduler.reserve(self.scheduler.capacity), 0.0
+        reserved = await self.scheduler.reserve(1)
+        if self.scheduler.room < self.queues - 1:
+            return reserved, self.wait / self.queues
+        return reserved, self.wait
 
     async def _fetch_until_done(self) -> None:
         failures = 0
@@ -52,22 +80,27 @@ class Fetcher:
         while not self.quiet():
             if idle and self.drained is not None and await self.drained():
                 return
-            room = await self.scheduler.wait_for_room()
-            if room == 0:
+            reserved, wait = await self._reserve()
+            if reserved == 0:
                 continue
             try:
-                got = await self.broker.fetch(self.queue, max_messages=room, wait=self.wait)
+                got = await self.broker.fetch(self.queue, max_messages=reserved, wait=wait)
             except BrokerUnavailable as exc:
+                self.scheduler.unreserve(reserved)
                 failures += 1
                 delay = next_delay(failures, base=0.2, cap=10.0)
                 log.warning("fetch from %r failed, retrying in %.1fs: %s", self.queue, delay, exc)
                 await anyio.sleep(delay)
                 continue
+            except BaseException:
+                self.scheduler.unreserve(reserved)
+                raise
             failures = 0
             idle = not got
+            self._hungry = bool(got)
             if got and self.telemetry is not None:
                 self.telemetry.fetched(self.queue, len(got))
-            if got and not self.scheduler.submit(got):
+            if not self.scheduler.submit(got, reserved) and got:
                 # Went quiet while waiting: hand them to another worker at once. If the
                 # broker is down, their leases run out and it redelivers them.
                 with contextlib.suppress(BrokerUnavailable):

@@ -10,19 +10,23 @@ from ..brokers.base import Delivery
 class Run:
     """The task running one delivery, and whether the runtime asked to cancel it."""
 
-    __slots__ = ("cancel_requested", "claim", "lost", "started", "task")
+    __slots__ = ("cancel_requested", "cancel_taken", "claim", "lost", "settling", "started", "task")
 
     def __init__(self) -> None:
         self.task: asyncio.Task[None] | None = None
         self.started = False  # set by the task's first step
         self.cancel_requested = False
+        self.cancel_taken = False  # its one cancellation was taken back (see take_back)
         self.lost = False  # the lease is gone: settle nothing
+        # The run has its outcome and is settling it: the settle's own broker call says
+        # whether the lease is still ours, and there is no handler left to stop.
+        self.settling = False
         # (key, owner) of the idempotency claim held while the handler runs; the lease
         # loop extends it with the delivery's lease.
         self.claim: tuple[str, str] | None = None
 
     def cancel(self) -> None:
-        if self.cancel_requested:
+        if self.cancel_requested or self.settling:
             return  # once: a second cancel could interrupt the settle that follows
         # The flag tells the executor this cancellation is ours (release the job), not one
         # from outside; set before the task has started, it stops the handler from starting.
@@ -65,23 +69,36 @@ class InFlight:
         """The idempotency claims held now, ``(key, owner) -> delivery``."""
         return {run.claim: d for d, run in self._runs.items() if run.claim is not None}
 
-    def lose(self, delivery: Delivery, claim: tuple[str, str] | None = None) -> None:
-        """The lease of ``delivery`` was lost: cancel its run and settle nothing.
+    def lose(self, delivery: Delivery, claim: tuple[str, str] | None = None) -> bool:
+        """The lease of ``delivery`` was reported lost: cancel its run and settle nothing.
+        Returns whether that is news: False for a delivery settled meanwhile (a heartbeat
+        crossing its ack), or settling (its settle asks the broker itself).
 
         With ``claim``, it is that idempotency claim that was lost, and only a run that
         still holds it is cancelled: one that has just completed or released it is fine.
         """
         run = self._runs.get(delivery)
-        if run is not None and (claim is None or run.claim == claim):
-            run.lost = True
-            run.cancel()
+        if run is None or run.settling or (claim is not None and run.claim != claim):
+            return False
+        run.lost = True
+        run.cancel()
+        return True
 
     def cancel_all(self) -> None:
         for run in self._runs.values():
             run.cancel()
 
     def tasks(self) -> list[asyncio.Task[None]]:
-        return [run.task for run in self._runs.values() if run.task is not None]
+        """The tasks of the runs that have started (a task cancelled before its first step
+        would never release its delivery; `Run.cancel` stops those before they start)."""
+        return [run.task for run in self._runs.values() if run.task is not None and run.started]
+
+    def forget(self) -> list[Delivery]:
+        """Drop every delivery still held (left to its lease) and return them."""
+        left = list(self._runs)
+        self._runs.clear()
+        self._empty.set()
+        return left
 
     async def wait_empty(self) -> None:
         await self._empty.wait()

@@ -47,11 +47,14 @@ async def _keep_deliveries(
             # Two more tries fit in the lease before it runs out.
             log.warning("could not extend %d leases: %s", len(held), exc)
             continue
+        # A delivery acked while the heartbeat was on its way, or still settling, is "not
+        # held" for the broker: no lost lease. A settling run's own broker call tells.
+        really = [delivery for delivery in lost if inflight.lose(delivery)]
         if telemetry is not None:
-            telemetry.extended(held, lost)
-        for delivery in lost:
+            settled = {id(d) for d in lost}.difference(id(d) for d in really)
+            telemetry.extended([d for d in held if id(d) not in settled], really)
+        for delivery in really:
             log.warning("lease lost for %r: cancelling its run", delivery)
-            inflight.lose(delivery)
 
 
 async def _keep_claims(store: IdempotencyStore, inflight: InFlight, lease: float) -> None:
@@ -70,6 +73,9 @@ async def _keep_claims(store: IdempotencyStore, inflight: InFlight, lease: float
             log.exception("could not extend %d idempotency claims", len(held))
             continue
         for claim in lost:
-            # Another run may hold the key now: never run it twice at once.
-            log.warning("idempotency key %r lost by %r: cancelling its run", claim[0], held[claim])
-            inflight.lose(held[claim], claim)
+            # Another run may hold the key now: never run it twice at once. (A claim
+            # completed or released while the beat was on its way is no loss.)
+            if inflight.lose(held[claim], claim):
+                log.warning(
+                    "idempotency key %r lost by %r: cancelling its run", claim[0], held[claim]
+                )

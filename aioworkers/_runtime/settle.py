@@ -28,20 +28,38 @@ MAX_ERROR_CHARS = 2000
 MAX_TRACEBACK_CHARS = 8000
 
 
+class OutcomeUnknown(Exception):
+    """A settle call failed with `BrokerUnavailable`, whose result is unknown (the broker
+    may have applied it and the reply been lost), and the broker refused the re-send as
+    `LeaseLost`: either the first call was applied, or the lease was lost meanwhile.
+
+    A broker that recognises the re-send of a call it applied answers it as done (the
+    memory broker, by the delivery's lease token), so this is raised only where the broker
+    cannot tell (Redis); it is then counted as neither outcome.
+    """
+
+
 async def with_backoff(call: Callable[[], Awaitable[Any]], what: str) -> Any:
     """Retry ``call`` on `BrokerUnavailable` with capped exponential backoff, forever.
 
-    Callers bound it with a cancel scope; a settlement abandoned that way is redelivered
-    by the broker later (at-least-once), never lost.
+    Callers bound it with a cancel scope (shutdown cancels it); a settlement abandoned that
+    way is redelivered by the broker later (at-least-once), never lost. Raises
+    `OutcomeUnknown` for a `LeaseLost` that follows a failed call (see there).
     """
     delay = 0.05
+    unsure = False
     while True:
         try:
             return await call()
         except BrokerUnavailable as exc:
+            unsure = True
             log.warning("broker unavailable during %s, retrying in %.2fs: %s", what, delay, exc)
             await anyio.sleep(delay)
             delay = min(delay * 2, 5.0)
+        except LeaseLost as exc:
+            if unsure:
+                raise OutcomeUnknown(f"{what}: {exc}") from exc
+            raise
 
 
 class Settler:
@@ -78,6 +96,14 @@ class Settler:
         decision = c.classify(outcome.error, env.attempt if env else 1, policy)
         try:
             await self._apply(delivery, outcome, decision)
+        except OutcomeUnknown as exc:
+            # Counted as neither: "lease_lost" would be false if the first call was applied.
+            log.warning(
+                "outcome of %r unknown: applied with its reply lost, or its lease was lost "
+                "meanwhile (counted as neither): %s",
+                delivery,
+                exc,
+            )
         except LeaseLost:
             self.count("lease_lost", delivery, outcome)
             log.warning("lease lost, not settling %r (another worker owns it now)", delivery)
@@ -126,7 +152,8 @@ class Settler:
     async def run_acks(self) -> None:
         """Flush acks as they come, until cancelled."""
         while True:
-            await self._wake.wait()
+            if not self._acks:  # started again after a failed batch: flush what is left
+                await self._wake.wait()
             self._wake.clear()
             await self.flush_acks()
 

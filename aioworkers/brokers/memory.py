@@ -7,12 +7,16 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..errors import LeaseLost
 from .base import DeadLetter, Delivery, QueueDepth
+
+# How many lease tokens of applied retries and dead letters are remembered, so that one
+# re-sent after a lost reply is answered as done (see `MemoryBroker._not_held`).
+APPLIED_KEPT = 10_000
 
 
 @dataclass(slots=True)
@@ -69,6 +73,7 @@ class MemoryBroker:
         self._queues: dict[str, _Queue] = {}
         self._ids = itertools.count(1)
         self._tokens = itertools.count(1)
+        self._applied: OrderedDict[object, None] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"<MemoryBroker queues={sorted(self._queues)}>"
@@ -164,11 +169,27 @@ class MemoryBroker:
             or any(m.id == d.message_id for _, _, m in q.delayed)
         )
 
+    def _not_held(self, delivery: Delivery) -> bool:
+        """True if ``delivery`` was settled by a retry or dead letter applied already (the
+        call is re-sent after its reply was lost: done); raises `LeaseLost` if it is not
+        held for another reason; False if it is held."""
+        if self._owned(delivery) is not None:
+            return False
+        if delivery.token in self._applied:
+            return True
+        raise LeaseLost(f"{delivery!r} is no longer leased by this worker")
+
+    def _applied_now(self, delivery: Delivery) -> None:
+        self._applied[delivery.token] = None
+        if len(self._applied) > APPLIED_KEPT:
+            self._applied.popitem(last=False)
+
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> None:
-        if self._owned(delivery) is None:
-            raise LeaseLost(f"{delivery!r} is no longer leased by this worker")
+        if self._not_held(delivery):
+            return
         q = self._q(delivery.queue)
         del q.leases[delivery.message_id]
+        self._applied_now(delivery)
         self._add(q, _Message(str(next(self._ids)), bytes(body)), delay)
         q.notify()
 
@@ -197,9 +218,10 @@ class MemoryBroker:
         return lost
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
-        if self._owned(delivery) is None:
-            raise LeaseLost(f"{delivery!r} is no longer leased by this worker")
+        if self._not_held(delivery):
+            return
         q = self._q(delivery.queue)
+        self._applied_now(delivery)
         entry_id = str(next(self._ids))
         q.dead[entry_id] = replace(
             letter,

@@ -62,7 +62,12 @@ class FaultyBroker:
     - ``fail_while("fetch")`` / ``heal("fetch")``: every call raises until healed;
     - ``lose_leases = True``: ``extend`` reports every delivery as lost (and extends none);
     - ``hold("fetch")``: an `asyncio.Event`; calls reach the wrapped broker at once but
-      return only once the event is set (a slow reply).
+      return only once the event is set (a slow reply);
+    - ``raise_next("fetch", RuntimeError("..."))``: the next call raises that exception
+      (an error no broker should let out, e.g. an unmapped client error) without reaching
+      the wrapped broker;
+    - ``lose_reply("retry", 1)``: the next call reaches the wrapped broker and takes
+      effect, then raises `BrokerUnavailable`, as if its reply was lost (recorded not ok).
     """
 
     def __init__(self, inner: Broker) -> None:
@@ -72,6 +77,8 @@ class FaultyBroker:
         self._fail_next: Counter[str] = Counter()
         self._failing: set[str] = set()
         self._holds: dict[str, asyncio.Event] = {}
+        self._raise_next: dict[str, list[BaseException]] = {}
+        self._lose_reply: Counter[str] = Counter()
 
     def __repr__(self) -> str:
         return f"<FaultyBroker {self.inner!r}>"
@@ -91,6 +98,12 @@ class FaultyBroker:
     def hold(self, method: str) -> asyncio.Event:
         gate = self._holds[_checked(method)] = asyncio.Event()
         return gate
+
+    def raise_next(self, method: str, error: BaseException) -> None:
+        self._raise_next.setdefault(_checked(method), []).append(error)
+
+    def lose_reply(self, method: str, times: int = 1) -> None:
+        self._lose_reply[_checked(method)] += times
 
     # -- inspection -----------------------------------------------------------------------
 
@@ -122,11 +135,18 @@ class FaultyBroker:
                 self._fail_next[method] -= 1
             call.error = BrokerUnavailable(f"injected fault in {method}")
             raise call.error
+        if self._raise_next.get(method):
+            call.error = self._raise_next[method].pop(0)
+            raise call.error
         try:
             call.result = await fn(*args, **kwargs)
         except BaseException as exc:
             call.error = exc
             raise
+        if self._lose_reply[method] > 0:
+            self._lose_reply[method] -= 1
+            call.error = BrokerUnavailable(f"injected lost reply of {method}")
+            raise call.error
         gate = self._holds.get(method)
         if gate is not None:
             await gate.wait()

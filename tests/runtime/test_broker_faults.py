@@ -236,7 +236,8 @@ async def test_an_ack_that_fails_for_good_counts_nothing_and_stops_the_worker() 
     for _ in range(3):
         await noop.enqueue()
     worker = app.worker(poll=POLL)
-    with pytest.RaisesGroup(ConfigError, flatten_subgroups=True):
+    # Raised as itself, not wrapped in the task groups' exception groups.
+    with pytest.raises(ConfigError, match="read-only"):
         async with asyncio.timeout(5):
             await worker.run(burst=True)
     # Not acked: not "ok"; the broker hands the jobs out again once their leases lapse.

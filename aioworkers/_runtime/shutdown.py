@@ -1,0 +1,80 @@
+"""The end of a worker: every wait on the way out is bounded, and a second stop cuts them.
+
+Order: quiet -> drain within grace -> cancel the runs, which release their jobs (at most
+`SETTLE_GRACE`) -> cancel again what is still going (a release retrying against a broker
+that is down, a handler that ignores cancellation) and wait at most `ABANDON_WAIT` ->
+leave the rest to their leases: the broker hands them out again once the leases lapse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import anyio
+
+from .inflight import InFlight
+
+log = logging.getLogger("aioworkers")
+
+# After the grace period, cancelled runs get this long to hand their jobs back.
+SETTLE_GRACE = 5.0
+# After a second stop: the same, cut short (the user asked for an exit now).
+STOP_NOW_GRACE = 1.0
+# How long a run cancelled a second time gets to end before its job is left to its lease.
+ABANDON_WAIT = 1.0
+
+
+class Deadlines:
+    """The waits of the shutdown path: each at most its own bound, and no later than the
+    cut that a second stop sets (`hurry`)."""
+
+    def __init__(self) -> None:
+        self._cut = math.inf
+        self._open: set[anyio.CancelScope] = set()
+
+    @contextmanager
+    def window(self, seconds: float) -> Iterator[anyio.CancelScope]:
+        """A cancel scope that ends the wait inside after ``seconds``, or at the cut."""
+        with anyio.move_on_after(seconds) as scope:
+            scope.deadline = min(scope.deadline, self._cut)
+            self._open.add(scope)
+            try:
+                yield scope
+            finally:
+                self._open.discard(scope)
+
+    def hurry(self, within: float) -> None:
+        """Every wait, open or to come, ends within ``within`` seconds from now."""
+        self._cut = min(self._cut, asyncio.get_running_loop().time() + within)
+        for scope in self._open:
+            scope.deadline = min(scope.deadline, self._cut)
+
+
+async def abandon(inflight: InFlight, deadlines: Deadlines, *others: asyncio.Task[None]) -> None:
+    """Cancel the runs still going, so they release their jobs; what does not end in time is
+    left to its lease. ``others`` are tasks holding deliveries without a run (a release
+    of unstarted ones) that are cancelled with the stragglers."""
+    with anyio.CancelScope(shield=True):
+        inflight.cancel_all()
+        with deadlines.window(SETTLE_GRACE):
+            await inflight.wait_empty()
+        if not len(inflight):
+            return
+        log.error(
+            "left %d jobs to their leases (not handed back in time): the broker hands them "
+            "out again once their leases lapse",
+            len(inflight),
+        )
+        # A settle retrying against a broker that is down, or a handler that swallowed the
+        # cancel: a second cancel is not taken back by the runtime (see `take_back`).
+        for task in [*inflight.tasks(), *others]:
+            task.cancel()
+        with anyio.move_on_after(ABANDON_WAIT):
+            await inflight.wait_empty()
+        left = inflight.forget()
+        if left:
+            log.error("%d runs did not end when cancelled twice: left running", len(left))
