@@ -159,3 +159,12 @@ class Broker(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class MessagingSystem(Protocol):
+    """A broker that names its OpenTelemetry ``messaging.system`` (``redis``,
+    ``rabbitmq``, ``aws_sqs``, ``sqlite``, ``memory``)."""
+
+    @property
+    def messaging_system(self) -> str: ...
