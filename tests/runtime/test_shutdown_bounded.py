@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from aioworkers import App, QueueDepth
-from aioworkers._runtime import shutdown
 
 from .conftest import POLL, FaultyBroker, MakeApp, wait_until
 
@@ -167,7 +166,7 @@ async def test_one_stop_is_bounded_too(
     make_app: MakeApp, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Short hand-back window, so the test is quick; the bound is what matters.
-    monkeypatch.setattr(shutdown, "SETTLE_GRACE", 0.3)
+    monkeypatch.setattr("aioworkers._runtime.shutdown.SETTLE_GRACE", 0.3)
     app, faulty = make_app(visibility_timeout=0.5)
     stubborn = Stubborn()
     app.task(name="stubborn")(stubborn.__call__)
