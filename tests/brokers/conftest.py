@@ -1,12 +1,12 @@
-"""The broker under test for the conformance suite, and helpers that talk only to the
-Broker protocol.
+"""The brokers under test for the conformance suite (`aioworkers.testing.conformance`,
+run on each of them by ``test_conformance.py``), and helpers for the broker-specific tests
+that talk only to the Broker protocol.
 
 Adding a broker: write an async context manager that yields a `BrokerCase` (skip with
-``pytest.skip`` when its server is not reachable) and add it to ``FACTORIES``. Every test
-in ``test_conformance.py`` then runs against it. Tests use a fresh uuid queue name each, so
-runs against a shared server don't interfere, and read ``case.visibility`` / ``case.delay``
-instead of hard-coding times, so a broker with coarser timers (SQS: whole seconds) sets
-larger values.
+``pytest.skip`` when its server is not reachable) and a few lines in
+``test_conformance.py``. Each check uses a fresh uuid queue name, so runs against a
+shared server don't interfere, and reads its timings from the case, so a broker with
+coarser timers (SQS: whole seconds) sets larger values.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import asyncio
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
-
-import pytest
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from aioworkers import Broker, Delivery, QueueDepth
+from aioworkers.brokers.base import DEFAULT_LEASE, ConfiguredLease
 from aioworkers.brokers.memory import MemoryBroker
+from aioworkers.testing import FakeClock
+from aioworkers.testing.conformance import BrokerCase, bodies
 
 from ..services import (
     AMQP_URL,
@@ -36,32 +36,26 @@ from ..services import (
     sqs_url,
 )
 
-
-@dataclass(frozen=True)
-class BrokerCase:
-    """A broker instance and the timings the suite may rely on with it.
-
-    ``visibility``: the lease a fetch grants (the broker's visibility timeout), seconds.
-    ``delay``: a short publish/retry delay the broker honours.
-    ``slack``: how late a broker may make a message visible (timers, polling, clock skew).
-    """
-
-    name: str
-    broker: Broker
-    visibility: float
-    delay: float
-    slack: float
-
-    def queue(self) -> str:
-        return f"conformance-{uuid.uuid4().hex}"
+__all__ = ["REDIS_URL", "BrokerCase", "bodies", "delete_prefix", "drain", "fetch_n", "wait_depth"]
 
 
 @asynccontextmanager
 async def memory_case() -> AsyncIterator[BrokerCase]:
-    # A real clock, not a fake one, so each test runs unchanged on a networked broker.
+    # A real clock, as a networked broker has: the suite's real-time path.
     broker = MemoryBroker(visibility_timeout=0.5)
     try:
-        yield BrokerCase("memory", broker, visibility=0.5, delay=0.3, slack=0.5)
+        yield BrokerCase(broker, lease=0.5, delay=0.3, slack=0.5, name="memory")
+    finally:
+        await broker.aclose()
+
+
+@asynccontextmanager
+async def memory_fake_clock_case() -> AsyncIterator[BrokerCase]:
+    # The suite's fake-clock path: long leases and delays cost no real time.
+    clock = FakeClock()
+    broker = MemoryBroker(visibility_timeout=30.0, clock=clock)
+    try:
+        yield BrokerCase(broker, lease=30.0, delay=5.0, slack=0.0, clock=clock, name="memory")
     finally:
         await broker.aclose()
 
@@ -74,7 +68,7 @@ async def redis_case() -> AsyncIterator[BrokerCase]:
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     broker = RedisBroker(f"{REDIS_URL}?prefix={prefix}", visibility_timeout=0.5)
     try:
-        yield BrokerCase("redis", broker, visibility=0.5, delay=0.3, slack=0.5)
+        yield BrokerCase(broker, lease=0.5, delay=0.3, slack=0.5, name="redis")
     finally:
         await broker.aclose()
         await delete_prefix(prefix)
@@ -89,7 +83,7 @@ async def sqs_case() -> AsyncIterator[BrokerCase]:
     # once-a-second recheck: a lease of 2 s and a slack of 1.5 s.
     broker = SqsBroker(sqs_url(endpoint), visibility_timeout=2.0)
     try:
-        yield BrokerCase("sqs", broker, visibility=2.0, delay=1.0, slack=1.5)
+        yield BrokerCase(broker, lease=2.0, delay=1.0, slack=1.5, name="sqs")
     finally:
         await broker.aclose()
 
@@ -102,7 +96,7 @@ async def amqp_case() -> AsyncIterator[BrokerCase]:
     # A prefetch above what any test holds: the suite keeps many deliveries unacked.
     broker = AmqpBroker(f"{AMQP_URL}?prefetch=100", visibility_timeout=0.5)
     try:
-        yield BrokerCase("amqp", broker, visibility=0.5, delay=0.3, slack=0.5)
+        yield BrokerCase(broker, lease=0.5, delay=0.3, slack=0.5, name="amqp")
     finally:
         await broker.aclose()
         await delete_amqp_queues(broker.known_queues)
@@ -115,44 +109,32 @@ async def sqlite_case() -> AsyncIterator[BrokerCase]:
     with tempfile.TemporaryDirectory(prefix="aioworkers-sqlite-") as directory:
         broker = SqliteBroker(f"sqlite:///{directory}/jobs.db", visibility_timeout=0.5)
         try:
-            yield BrokerCase("sqlite", broker, visibility=0.5, delay=0.3, slack=0.5)
+            yield BrokerCase(broker, lease=0.5, delay=0.3, slack=0.5, name="sqlite")
         finally:
             await broker.aclose()
-
-
-FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[BrokerCase]]] = {
-    "amqp": amqp_case,
-    "memory": memory_case,
-    "redis": redis_case,
-    "sqlite": sqlite_case,
-    "sqs": sqs_case,
-}
-
-
-@pytest.fixture(params=sorted(FACTORIES))
-async def case(request: pytest.FixtureRequest) -> AsyncIterator[BrokerCase]:
-    async with FACTORIES[request.param]() as broker_case:
-        yield broker_case
-
-
-@pytest.fixture
-def broker(case: BrokerCase) -> Broker:
-    return case.broker
-
-
-@pytest.fixture
-def queue(case: BrokerCase) -> str:
-    return case.queue()
 
 
 # -- helpers ----------------------------------------------------------------------------------
 
 
+def default_lease(broker: Broker) -> float:
+    """The lease these helpers ask for unless told: the one the broker was built with."""
+    lease = broker.visibility_timeout if isinstance(broker, ConfiguredLease) else None
+    return DEFAULT_LEASE if lease is None else float(lease)
+
+
 async def fetch_n(
-    broker: Broker, queue: str, n: int, *, within: float, max_messages: int = 10
+    broker: Broker,
+    queue: str,
+    n: int,
+    *,
+    within: float,
+    max_messages: int = 10,
+    lease: float | None = None,
 ) -> list[Delivery]:
     """Fetch until ``n`` deliveries arrived or ``within`` seconds passed (a broker may hand out
     fewer than are ready in one call); never asks for more than ``n`` in all."""
+    lease = default_lease(broker) if lease is None else lease
     got: list[Delivery] = []
     deadline = time.monotonic() + within
     while len(got) < n:
@@ -160,18 +142,21 @@ async def fetch_n(
         if remaining <= 0:
             break
         want = min(max_messages, n - len(got))
-        batch = await broker.fetch(queue, max_messages=want, wait=min(remaining, 1.0))
+        batch = await broker.fetch(queue, max_messages=want, wait=min(remaining, 1.0), lease=lease)
         assert len(batch) <= want, f"asked for {want}, got {len(batch)}"
         got.extend(batch)
     return got
 
 
-async def drain(broker: Broker, queue: str, *, duration: float) -> list[Delivery]:
+async def drain(
+    broker: Broker, queue: str, *, duration: float, lease: float | None = None
+) -> list[Delivery]:
     """Fetch and ack everything that becomes visible within ``duration`` seconds."""
+    lease = default_lease(broker) if lease is None else lease
     got: list[Delivery] = []
     deadline = time.monotonic() + duration
     while (remaining := deadline - time.monotonic()) > 0:
-        batch = await broker.fetch(queue, max_messages=10, wait=min(remaining, 0.5))
+        batch = await broker.fetch(queue, max_messages=10, wait=min(remaining, 0.5), lease=lease)
         if batch:
             await broker.ack(batch)
             got.extend(batch)
@@ -190,8 +175,3 @@ async def wait_depth(
             break
         await asyncio.sleep(0.05)
     assert depth == expected
-
-
-def bodies(deliveries: list[Delivery]) -> list[bytes]:
-    """The bodies, sorted: the protocol does not promise FIFO order."""
-    return sorted(d.body for d in deliveries)
