@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import sys
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
@@ -13,7 +12,16 @@ from typing import Any, ParamSpec, TypeVar, overload
 from urllib.parse import quote
 
 from ._sqlite import absolute_url
-from .brokers import Broker, DeadLetter, QueueDepth, check_url, open_broker
+from .brokers import (
+    Broker,
+    ConfiguredLease,
+    DeadLetter,
+    DeadLetterAdmin,
+    FileBacked,
+    QueueDepth,
+    check_url,
+    open_broker,
+)
 from .envelope import DEFAULT_MAX_SIZE, Envelope, encode, new_id, now_ms, reset_attempt
 from .errors import ConfigError, redact_url
 from .idempotency import IdempotencyStore, MemoryStore, default_url_for, open_store
@@ -121,8 +129,21 @@ class App:
             self._broker_url = broker
             self._broker = None
         else:
+            self._check_lease(broker)
             self._broker_url = ""
             self._broker = broker
+
+    def _check_lease(self, broker: Broker) -> None:
+        # One source of truth: the runtime passes visibility_timeout on every fetch and
+        # extend, so a broker built with another default would be silently overruled.
+        if isinstance(broker, ConfiguredLease):
+            given = broker.visibility_timeout
+            if given is not None and given != self.visibility_timeout:
+                raise ConfigError(
+                    f"the broker was built with visibility_timeout={given:g} but the App has "
+                    f"visibility_timeout={self.visibility_timeout:g}: set it on the App only "
+                    "(the App passes it to the broker on every call)"
+                )
 
     @property
     def broker(self) -> Broker:
@@ -145,10 +166,9 @@ class App:
         """The idempotency store, created from the URL (or in memory) on first use."""
         if self._store is None:
             url = self._store_url or default_url_for(self._broker_url)
-            # A SQLite broker given as an instance: its file too (its module is loaded then).
-            sqlite = sys.modules.get("aioworkers.brokers.sqlite")
-            if not url and sqlite is not None and isinstance(self._broker, sqlite.SqliteBroker):
-                url = f"sqlite:///{quote(self._broker.path)}"
+            # A broker instance that keeps its jobs in a file: its file too.
+            if not url and isinstance(self._broker, FileBacked):
+                url = f"sqlite:///{quote(str(self._broker.path))}"
             self._store = open_store(url) if url else MemoryStore()
         return self._store
 
@@ -346,7 +366,8 @@ class App:
         return await self.broker.depth(queue or self.queue)
 
     def dlq(self, queue: str | None = None) -> DeadLetterQueue:
-        """The dead-letter queue of ``queue`` (default: the app's)."""
+        """The dead-letter queue of ``queue`` (default: the app's); a `ConfigError` if the
+        broker cannot list dead letters."""
         return DeadLetterQueue(self.broker, queue or self.queue)
 
 
@@ -359,12 +380,15 @@ class DeadLetterQueue:
     BATCH = 1000
 
     def __init__(self, broker: Broker, queue: str) -> None:
+        if not isinstance(broker, DeadLetterAdmin):
+            raise ConfigError(f"{type(broker).__name__} cannot list or remove dead letters")
         self.broker = broker
+        self._admin: DeadLetterAdmin = broker
         self.queue = queue
 
     async def list(self, limit: int = 100) -> list[DeadLetter]:
         """The oldest ``limit`` dead letters."""
-        return await self.broker.dead_letters(self.queue, limit=limit)
+        return await self._admin.dead_letters(self.queue, limit=limit)
 
     async def replay(self, ids: Iterable[str] | None = None) -> int:
         """Enqueue dead jobs again as first attempts (all, or those whose ``id`` or
@@ -386,9 +410,9 @@ class DeadLetterQueue:
         for start in range(0, len(entries), self.BATCH):
             batch = entries[start : start + self.BATCH]
             await self.broker.publish(self.queue, [reset_attempt(e.body) for e in batch])
-            total += await self.broker.remove_dead_letters(self.queue, [e.entry_id for e in batch])
+            total += await self._admin.remove_dead_letters(self.queue, [e.entry_id for e in batch])
         return total
 
     async def purge(self) -> int:
         """Delete every dead letter of the queue; returns how many."""
-        return await self.broker.remove_dead_letters(self.queue, None)
+        return await self._admin.remove_dead_letters(self.queue, None)

@@ -258,7 +258,7 @@ class _RecordLeases:
         self._urls = urls
         self._off = broker is None
 
-    async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:
+    async def extend(self, deliveries: Sequence[Delivery], *, lease: float) -> list[Delivery]:
         by_arn: dict[str, list[Delivery]] = {}
         for d in deliveries:
             arn, receipt = d.token
@@ -266,7 +266,7 @@ class _RecordLeases:
                 by_arn.setdefault(arn, []).append(d)
         if self._off or not by_arn:
             return []
-        seconds = max(1, math.ceil(visibility - 1e-9))
+        seconds = max(1, math.ceil(lease - 1e-9))
         lost: list[Delivery] = []
         try:
             from .brokers.sqs import _mapped

@@ -42,7 +42,7 @@ async def _keep_deliveries(
         if not held:
             continue
         try:
-            lost = await broker.extend(held, visibility=visibility)
+            lost = await broker.extend(held, lease=visibility)
         except BrokerUnavailable as exc:
             # Two more tries fit in the lease before it runs out.
             log.warning("could not extend %d leases: %s", len(held), exc)

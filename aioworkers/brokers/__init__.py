@@ -6,9 +6,36 @@ import importlib
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError, redact
-from .base import Broker, DeadLetter, Delivery, QueueDepth
+from .base import (
+    Broker,
+    ConfiguredLease,
+    DeadLetter,
+    DeadLetterAdmin,
+    DeadLetterWriter,
+    Delivery,
+    FileBacked,
+    MessagingSystem,
+    QueueDepth,
+    QueueNaming,
+    Totals,
+)
 
-__all__ = ["SCHEMES", "Broker", "DeadLetter", "Delivery", "QueueDepth", "check_url", "open_broker"]
+__all__ = [
+    "SCHEMES",
+    "Broker",
+    "ConfiguredLease",
+    "DeadLetter",
+    "DeadLetterAdmin",
+    "DeadLetterWriter",
+    "Delivery",
+    "FileBacked",
+    "MessagingSystem",
+    "QueueDepth",
+    "QueueNaming",
+    "Totals",
+    "check_url",
+    "open_broker",
+]
 
 # scheme -> (module, class, the extra that installs its client). A static table: names
 # from configuration never reach import machinery beyond it.

@@ -75,7 +75,7 @@ from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pamqp import commands as spec
 
 from ..errors import AioworkersError, BrokerUnavailable, ConfigError, LeaseLost, redact
-from .base import DeadLetter, Delivery, QueueDepth
+from .base import DEFAULT_LEASE, DeadLetter, Delivery, QueueDepth
 
 COUNT = "x-aioworkers-deliveries"  # deliveries counted before this copy of the message
 ENTRY = "x-aioworkers-entry"  # a DLQ entry's id
@@ -263,7 +263,9 @@ def _bucket(delay: float) -> int:
 class AmqpBroker:
     """See the module docstring for the URL, the queues and the semantics."""
 
-    def __init__(self, url: str, *, visibility_timeout: float = 30.0) -> None:
+    messaging_system = "rabbitmq"
+
+    def __init__(self, url: str, *, visibility_timeout: float | None = None) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
         self.queue_type = query.get("queue_type", "classic")
@@ -293,6 +295,7 @@ class AmqpBroker:
         self._url = urlunsplit(parts._replace(query=client_query))
         self._host = f"{parts.hostname}:{parts.port or 5672}{parts.path or '/'}"
         self.visibility_timeout = visibility_timeout
+        self._lease = DEFAULT_LEASE if visibility_timeout is None else visibility_timeout
         # Two connections: RabbitMQ's resource alarms block a connection that publishes
         # (it stops reading it), so acks, consuming and declarations never share one with
         # publishes.
@@ -734,7 +737,10 @@ class AmqpBroker:
             for message in messages:
                 await self._settle_raw(message, gen, requeue=requeue)
 
-    async def fetch(self, queue: str, *, max_messages: int, wait: float) -> list[Delivery]:
+    async def fetch(
+        self, queue: str, *, max_messages: int, wait: float, lease: float | None = None
+    ) -> list[Delivery]:
+        lease = self._lease if lease is None else lease
         c = await self._consumer(queue, max_messages)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -743,7 +749,7 @@ class AmqpBroker:
                 raise BrokerUnavailable(f"amqp: the consumer of {queue!r} is gone")
             await self._expire()
             if c.buffer:
-                return self._take(c, max_messages)
+                return self._take(c, max_messages, lease)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
@@ -755,10 +761,10 @@ class AmqpBroker:
                 async with asyncio.timeout(remaining):
                     await c.arrived.wait()
 
-    def _take(self, c: _Consumer, max_messages: int) -> list[Delivery]:
+    def _take(self, c: _Consumer, max_messages: int, lease: float) -> list[Delivery]:
         # Synchronous: a cancelled fetch never loses a buffered message.
         out: list[Delivery] = []
-        deadline = time.monotonic() + self.visibility_timeout
+        deadline = time.monotonic() + lease
         while c.buffer and len(out) < max_messages:
             message, count = c.buffer.popleft()
             h = _Held(c.queue, c.gen, message, count, deadline)
@@ -822,10 +828,10 @@ class AmqpBroker:
             lost.extend(d for d, _ in owned)
         return lost
 
-    async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:
+    async def extend(self, deliveries: Sequence[Delivery], *, lease: float) -> list[Delivery]:
         await self._expire()
         lost = []
-        deadline = time.monotonic() + visibility
+        deadline = time.monotonic() + lease
         for d in deliveries:
             h = self._owned(d)
             if h is None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+# Seconds a delivery stays leased when a call passes no lease: App.visibility_timeout's default.
+DEFAULT_LEASE = 30.0
 
 
 @dataclass(eq=False, slots=True)
@@ -106,16 +110,26 @@ class DeadLetter:
 
 @runtime_checkable
 class Broker(Protocol):
-    """A queue backend. Client errors are mapped to `BrokerUnavailable` (transient) and
-    `LeaseLost` (the delivery is no longer ours); what a backend lacks it emulates itself.
+    """A queue backend: only what the runtime needs. Client errors are mapped to
+    `BrokerUnavailable` (transient) and `LeaseLost` (the delivery is no longer ours); what a
+    backend lacks it emulates itself. Optional parts are the capabilities below, each
+    checked with ``isinstance``.
+
+    A *lease* is how long a delivery stays this worker's without an `extend`: after it,
+    another worker may get the message. The runtime passes it on every `fetch` and `extend`
+    (``App.visibility_timeout``, the one source of truth); each broker's docstring says how
+    it keeps one.
     """
 
     async def publish(self, queue: str, bodies: Sequence[bytes], *, delay: float = 0.0) -> None:
         """Store a batch; returns once the broker has them. ``delay`` in seconds."""
         ...
 
-    async def fetch(self, queue: str, *, max_messages: int, wait: float) -> list[Delivery]:
-        """Up to ``max_messages`` deliveries, waiting at most ``wait`` seconds for the first."""
+    async def fetch(
+        self, queue: str, *, max_messages: int, wait: float, lease: float
+    ) -> list[Delivery]:
+        """Up to ``max_messages`` deliveries, waiting at most ``wait`` seconds for the first,
+        each leased for ``lease`` seconds."""
         ...
 
     async def stop_fetching(self, queue: str) -> None:
@@ -136,11 +150,13 @@ class Broker(Protocol):
         ...
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
-        """Hand back unfinished deliveries, visible again at once (shutdown)."""
+        """Hand back unfinished deliveries, visible again at once (shutdown). A release is
+        not a delivery: the next delivery of the message carries the count it had before
+        this one (see `handed_back`)."""
         ...
 
-    async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:
-        """Keep deliveries leased for ``visibility`` more seconds; returns those lost."""
+    async def extend(self, deliveries: Sequence[Delivery], *, lease: float) -> list[Delivery]:
+        """Keep deliveries leased for ``lease`` more seconds from now; returns those lost."""
         ...
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
@@ -150,6 +166,22 @@ class Broker(Protocol):
 
     async def depth(self, queue: str) -> QueueDepth: ...
 
+    async def aclose(self) -> None: ...
+
+
+def handed_back(delivery: Delivery) -> int:
+    """The delivery count a message handed back by `Broker.release` carries: the deliveries
+    before this one, which was no delivery (a shutdown never makes a job look poisonous)."""
+    return max(delivery.count - 1, 0)
+
+
+# -- capabilities: optional parts, each checked with isinstance -------------------------------
+
+
+@runtime_checkable
+class DeadLetterAdmin(Protocol):
+    """Lists and removes dead letters (``aioworkers dlq``, `App.dlq`)."""
+
     async def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetter]:
         """The oldest ``limit`` entries of the queue's DLQ."""
         ...
@@ -158,7 +190,32 @@ class Broker(Protocol):
         """Delete DLQ entries by ``entry_id`` (all of them for ``None``); returns how many."""
         ...
 
-    async def aclose(self) -> None: ...
+
+@runtime_checkable
+class Totals(Protocol):
+    """Counters for rates (``aioworkers stats --watch``)."""
+
+    async def totals(self, queue: str) -> dict[str, int]:
+        """``added``: messages ever added to the queue (new jobs, and retries); ``left``:
+        those that left it (acked, retried or dead-lettered); ``dead``: dead letters ever
+        written."""
+        ...
+
+
+@runtime_checkable
+class DeadLetterWriter(Protocol):
+    """Writes a dead letter for a message it never delivered (the Lambda adapter, where
+    Lambda itself received the record)."""
+
+    async def send_dead_letter(self, queue: str, body: bytes, letter: DeadLetter) -> None: ...
+
+
+@runtime_checkable
+class QueueNaming(Protocol):
+    """Maps a queue's native name (an SQS queue name in an event source ARN) back to the
+    aioworkers queue name."""
+
+    def queue_name(self, native_name: str) -> str: ...
 
 
 @runtime_checkable
@@ -168,3 +225,20 @@ class MessagingSystem(Protocol):
 
     @property
     def messaging_system(self) -> str: ...
+
+
+@runtime_checkable
+class FileBacked(Protocol):
+    """A broker whose jobs live in a local file (the CLI refuses to create a missing one)."""
+
+    @property
+    def path(self) -> Path: ...
+
+
+@runtime_checkable
+class ConfiguredLease(Protocol):
+    """A broker built with a default lease (``visibility_timeout``, None if it was not
+    given) for calls that pass none. An `App` refuses one that disagrees with its own."""
+
+    @property
+    def visibility_timeout(self) -> float | None: ...

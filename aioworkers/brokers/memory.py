@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..errors import LeaseLost
-from .base import DeadLetter, Delivery, QueueDepth
+from .base import DEFAULT_LEASE, DeadLetter, Delivery, QueueDepth
 
 # How many lease tokens of applied retries and dead letters are remembered, so that one
 # re-sent after a lost reply is answered as done (see `MemoryBroker._not_held`).
@@ -62,13 +62,16 @@ class MemoryBroker:
     ``clock`` returns monotonic seconds; tests pass a fake one to expire leases on demand.
     """
 
+    messaging_system = "memory"
+
     def __init__(
         self,
         *,
-        visibility_timeout: float = 30.0,
+        visibility_timeout: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.visibility_timeout = visibility_timeout
+        self._lease = DEFAULT_LEASE if visibility_timeout is None else visibility_timeout
         self._clock = clock
         self._queues: dict[str, _Queue] = {}
         self._ids = itertools.count(1)
@@ -115,14 +118,17 @@ class MemoryBroker:
             self._add(q, _Message(str(next(self._ids)), bytes(body)), delay)
         q.notify()
 
-    async def fetch(self, queue: str, *, max_messages: int, wait: float) -> list[Delivery]:
+    async def fetch(
+        self, queue: str, *, max_messages: int, wait: float, lease: float | None = None
+    ) -> list[Delivery]:
         q = self._q(queue)
+        lease = self._lease if lease is None else lease
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
             self._promote(q)
             if q.ready:
-                return self._take(q, queue, max_messages)
+                return self._take(q, queue, max_messages, lease)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
@@ -135,10 +141,10 @@ class MemoryBroker:
             except TimeoutError:
                 pass
 
-    def _take(self, q: _Queue, queue: str, max_messages: int) -> list[Delivery]:
+    def _take(self, q: _Queue, queue: str, max_messages: int, lease: float) -> list[Delivery]:
         # Synchronous from here on: a cancelled fetch never leaves a message leased.
         out = []
-        deadline = self._clock() + self.visibility_timeout
+        deadline = self._clock() + lease
         for _ in range(min(max_messages, len(q.ready))):
             message = q.ready.popleft()
             message.count += 1
@@ -205,16 +211,16 @@ class MemoryBroker:
             q.ready.appendleft(lease.message)
             q.notify()
 
-    async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:
+    async def extend(self, deliveries: Sequence[Delivery], *, lease: float) -> list[Delivery]:
         lost = []
-        deadline = self._clock() + visibility
+        deadline = self._clock() + lease
         for d in deliveries:
-            lease = self._owned(d)
-            if lease is None:
+            held = self._owned(d)
+            if held is None:
                 lost.append(d)
                 continue
-            lease.deadline = deadline
-            heapq.heappush(self._q(d.queue).expiries, (deadline, lease.token, d.message_id))
+            held.deadline = deadline
+            heapq.heappush(self._q(d.queue).expiries, (deadline, held.token, d.message_id))
         return lost
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:

@@ -30,7 +30,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from ..errors import AioworkersError, BrokerUnavailable, ConfigError, LeaseLost, redact
-from .base import DeadLetter, Delivery, QueueDepth
+from .base import DEFAULT_LEASE, DeadLetter, Delivery, QueueDepth
 
 # Owned = pending for this consumer with the delivery count this worker was handed.
 _OWNED = """
@@ -480,11 +480,13 @@ class RedisBroker:
     ``rediss://`` uses TLS with certificate verification on.
     """
 
+    messaging_system = "redis"
+
     def __init__(
         self,
         url: str,
         *,
-        visibility_timeout: float = 30.0,
+        visibility_timeout: float | None = None,
         consumer: str | None = None,
     ) -> None:
         parts = urlsplit(url)
@@ -495,6 +497,7 @@ class RedisBroker:
             raise ConfigError("redis URL: 'prefix' and 'group' must not be empty")
         client_query = {k: v for k, v in query.items() if k not in _OWN_PARAMS}
         self.visibility_timeout = visibility_timeout
+        self._lease = DEFAULT_LEASE if visibility_timeout is None else visibility_timeout
         # Unique per process and per broker: a restarted worker never inherits a PEL.
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         # A pooled connection that went stale (server restarted) fails once: redis-py sends
@@ -585,20 +588,25 @@ class RedisBroker:
 
     # -- consumer -------------------------------------------------------------------------
 
-    async def fetch(self, queue: str, *, max_messages: int, wait: float) -> list[Delivery]:
+    async def fetch(
+        self, queue: str, *, max_messages: int, wait: float, lease: float | None = None
+    ) -> list[Delivery]:
         try:
-            return await self._fetch(queue, max_messages, wait)
+            lease = self._lease if lease is None else lease
+            return await self._fetch(queue, max_messages, wait, lease)
         except _GroupLost:
             # The server lost the group (restarted without persistence): recreate it.
             self._groups.discard(queue)
             await self._ensure_group(queue)
             return []
 
-    async def _fetch(self, queue: str, max_messages: int, wait: float) -> list[Delivery]:
+    async def _fetch(
+        self, queue: str, max_messages: int, wait: float, lease: float
+    ) -> list[Delivery]:
         await self._ensure_group(queue)
         k = self.keys(queue)
         if time.monotonic() >= self._reclaim_at.get(queue, 0.0):
-            reclaimed = await self._reclaim_expired(queue, max_messages)
+            reclaimed = await self._reclaim_expired(queue, max_messages, lease)
             if reclaimed:
                 return reclaimed
         # One round trip when jobs are waiting: move due delayed jobs, then read without
@@ -631,12 +639,12 @@ class RedisBroker:
             for entry_id, fields in entries
         ]
 
-    async def _reclaim_expired(self, queue: str, count: int) -> list[Delivery]:
-        """Take over entries idle longer than the visibility timeout (their worker died)."""
+    async def _reclaim_expired(self, queue: str, count: int, lease: float) -> list[Delivery]:
+        """Take over entries idle longer than ``lease`` (their worker died)."""
         args: list[Any] = [
             self.group,
             self.consumer,
-            int(self.visibility_timeout * 1000),
+            int(lease * 1000),
             self._cursor.get(queue, "0-0"),
             count,
         ]
@@ -645,11 +653,11 @@ class RedisBroker:
         cursor = _s(cursor)
         self._cursor[queue] = cursor
         # Follow the cursor at once while it has more; rescan from the start later.
-        pause = 0.0 if cursor != "0-0" else min(self.visibility_timeout / 2, 5.0)
+        pause = 0.0 if cursor != "0-0" else min(lease / 2, 5.0)
         self._reclaim_at[queue] = time.monotonic() + pause
         if cursor == "0-0" and time.monotonic() >= self._prune_at.get(queue, 0.0):
             self._prune_at[queue] = time.monotonic() + PRUNE_EVERY
-            idle_ms = int(max(PRUNE_IDLE, 10 * self.visibility_timeout) * 1000)
+            idle_ms = int(max(PRUNE_IDLE, 10 * lease) * 1000)
             async with self._io():
                 await self._prune(
                     keys=[self.keys(queue).stream], args=[self.group, idle_ms, self.consumer]
@@ -676,7 +684,7 @@ class RedisBroker:
                 lost.extend(chunk[int(i)] for i in positions)
         return lost
 
-    async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:
+    async def extend(self, deliveries: Sequence[Delivery], *, lease: float) -> list[Delivery]:
         # XCLAIM resets the idle time to 0 and reclaimers take entries idle longer than
         # visibility_timeout, so a lease here always lasts that long from the last extend
         # (Redis clamps a delivery time in the future); ``visibility`` is that same value

@@ -25,13 +25,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from .._sqlite import SqliteFile, parse_url, seconds_option, transaction
 from ..errors import BrokerUnavailable, ConfigError, LeaseLost
-from .base import DeadLetter, Delivery, QueueDepth
+from .base import DEFAULT_LEASE, DeadLetter, Delivery, QueueDepth
 
 log = logging.getLogger("aioworkers")
 
@@ -112,7 +113,9 @@ class SqliteBroker:
     worker's jobs that much longer.
     """
 
-    def __init__(self, url: str, *, visibility_timeout: float = 30.0) -> None:
+    messaging_system = "sqlite"
+
+    def __init__(self, url: str, *, visibility_timeout: float | None = None) -> None:
         path, query = parse_url(url, "the broker URL")
         self.poll = seconds_option(query, "poll", 0.05, low=0.001)
         busy_timeout = seconds_option(query, "timeout", 5.0, low=0.001)
@@ -120,8 +123,9 @@ class SqliteBroker:
             raise ConfigError(
                 f"sqlite:// has no option {sorted(query)[0]!r} (known: poll, timeout)"
             )
-        self.path = path
+        self.path = Path(path)
         self.visibility_timeout = visibility_timeout
+        self._lease = DEFAULT_LEASE if visibility_timeout is None else visibility_timeout
         self._file = SqliteFile(
             path, schema=_SCHEMA, busy_timeout=busy_timeout, unavailable=BrokerUnavailable
         )
@@ -163,12 +167,15 @@ class SqliteBroker:
         await self._call(insert)
         self._notify(queue)
 
-    async def fetch(self, queue: str, *, max_messages: int, wait: float) -> list[Delivery]:
+    async def fetch(
+        self, queue: str, *, max_messages: int, wait: float, lease: float | None = None
+    ) -> list[Delivery]:
+        lease = self._lease if lease is None else lease
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
             wake = self._waiter(queue)
-            got = await self._take(queue, max_messages)
+            got = await self._take(queue, max_messages, lease)
             remaining = deadline - loop.time()
             if got or remaining <= 0:
                 return got
@@ -179,7 +186,7 @@ class SqliteBroker:
             except TimeoutError:
                 pass
 
-    async def _take(self, queue: str, max_messages: int) -> list[Delivery]:
+    async def _take(self, queue: str, max_messages: int, lease: float) -> list[Delivery]:
         if max_messages <= 0:
             return []
         token = os.urandom(8).hex()
@@ -195,7 +202,7 @@ class SqliteBroker:
             with transaction(db) as now:
                 # The lease starts once the lock is held: a wait for it must not shorten
                 # the lease (or hand out one that is already over).
-                args = (token, now + self.visibility_timeout, queue, now, max_messages)
+                args = (token, now + lease, queue, now, max_messages)
                 return sorted(db.execute(_TAKE, args).fetchall())
 
         future = self._file.submit(take)
@@ -263,7 +270,7 @@ class SqliteBroker:
         for queue in {d.queue for d in deliveries}:
             self._notify(queue)
 
-    async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:
+    async def extend(self, deliveries: Sequence[Delivery], *, lease: float) -> list[Delivery]:
         if not deliveries:
             return []
         pairs = [(int(d.message_id), d.token) for d in deliveries]
@@ -273,7 +280,7 @@ class SqliteBroker:
                 return [
                     i
                     for i, (mid, token) in enumerate(pairs)
-                    if db.execute(_EXTEND, (now + visibility, mid, token)).rowcount == 0
+                    if db.execute(_EXTEND, (now + lease, mid, token)).rowcount == 0
                 ]
 
         lost = await self._call(extend)

@@ -94,7 +94,7 @@ from ._sqs_wire import (
     read_eta,
     sqs_text,
 )
-from .base import DeadLetter, Delivery, QueueDepth
+from .base import DEFAULT_LEASE, DeadLetter, Delivery, QueueDepth
 
 log = logging.getLogger("aioworkers")
 
@@ -320,7 +320,9 @@ def _fifo_id(value: str | None) -> bool:
 class SqsBroker:
     """``sqs://?region=...&endpoint_url=...&create=1&prefix=...&group=...`` (see module doc)."""
 
-    def __init__(self, url: str, *, visibility_timeout: float = 30.0) -> None:
+    messaging_system = "aws_sqs"
+
+    def __init__(self, url: str, *, visibility_timeout: float | None = None) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
         unknown = set(query) - {"region", "endpoint_url", "create", "prefix", "group", "profile"}
@@ -328,11 +330,7 @@ class SqsBroker:
             raise ConfigError(f"sqs URL: unknown parameters {sorted(unknown)}")
         if parts.username or parts.password:
             raise ConfigError("sqs URL: credentials come from the AWS chain, not the URL")
-        if visibility_timeout > MAX_VISIBILITY:
-            raise ConfigError(
-                f"sqs: visibility_timeout is at most 12 hours ({MAX_VISIBILITY} s) on SQS, "
-                f"got {visibility_timeout}"
-            )
+        _check_lease(visibility_timeout)
         self.region = query.get("region") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         self.endpoint_url = query.get("endpoint_url") or None
         self.profile = query.get("profile") or None
@@ -340,7 +338,10 @@ class SqsBroker:
         self.prefix = query.get("prefix", "")
         self.group = query.get("group") or None
         self.visibility_timeout = visibility_timeout
-        self._visibility = max(1, math.ceil(visibility_timeout - 1e-9))
+        self._lease = DEFAULT_LEASE if visibility_timeout is None else visibility_timeout
+        # A queue this broker creates gets it as its own visibility timeout (what Lambda,
+        # or a consumer that passes none, gets).
+        self._visibility = _seconds(self._lease)
         self._client: Any = None
         self._stack: AsyncExitStack | None = None
         self._client_lock = asyncio.Lock()
@@ -594,9 +595,12 @@ class SqsBroker:
 
     # -- consumer -------------------------------------------------------------------------
 
-    async def fetch(self, queue: str, *, max_messages: int, wait: float) -> list[Delivery]:
+    async def fetch(
+        self, queue: str, *, max_messages: int, wait: float, lease: float | None = None
+    ) -> list[Delivery]:
         if max_messages <= 0:
             return []
+        lease = self._lease if lease is None else _check_lease(lease)
         q = await self._need(queue)
         if q.owed:
             await self._pay_owed(queue, q)
@@ -609,7 +613,8 @@ class SqsBroker:
         # a message that arrives is handed on at once instead of waiting for idle polls
         # to time out; a busy one gets enough to fill every free slot.
         polls = min(len(sizes), 1 + self._last_fetched.get(queue, 0) // MAX_BATCH)
-        replies = await asyncio.gather(*(self._receive(queue, q, n, wait_s) for n in sizes[:polls]))
+        receives = (self._receive(queue, q, n, wait_s, lease) for n in sizes[:polls])
+        replies = await asyncio.gather(*receives)
         # A message moto hands to two of these receives is kept once (see `_receive`).
         out = list(itertools.chain.from_iterable(replies))
         self._last_fetched[queue] = len(out)
@@ -618,7 +623,9 @@ class SqsBroker:
             await self._redelay(queue, q, [d for d in out if self._early(d)])
         return due
 
-    async def _receive(self, queue: str, q: _Queue, n: int, wait_s: int) -> list[Delivery]:
+    async def _receive(
+        self, queue: str, q: _Queue, n: int, wait_s: int, lease: float
+    ) -> list[Delivery]:
         sent = time.monotonic()
         reply = await self._call(
             queue,
@@ -627,13 +634,13 @@ class SqsBroker:
                 QueueUrl=q.url,
                 MaxNumberOfMessages=n,
                 WaitTimeSeconds=wait_s,
-                VisibilityTimeout=self._visibility,
+                VisibilityTimeout=_seconds(lease),
                 AttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
                 MessageAttributeNames=["All"],
             ),
         )
         out = []
-        deadline = sent + self.visibility_timeout
+        deadline = sent + lease
         for m in reply.get("Messages") or []:
             try:
                 delivery = self._delivery(queue, q, m, deadline)
@@ -887,9 +894,9 @@ class SqsBroker:
                     lost.append(d)
         return lost
 
-    async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:
+    async def extend(self, deliveries: Sequence[Delivery], *, lease: float) -> list[Delivery]:
         lost: list[Delivery] = []
-        seconds = max(1, math.ceil(visibility - 1e-9))
+        seconds = _seconds(_check_lease(lease))
         for queue, group in _by_queue(deliveries).items():
             mine: list[Delivery] = []
             for d in group:
@@ -1123,6 +1130,19 @@ class SqsBroker:
         if stack is not None:
             with contextlib.suppress(Exception):
                 await stack.aclose()
+
+
+def _check_lease(lease: float | None) -> float:
+    if lease is not None and lease > MAX_VISIBILITY:
+        raise ConfigError(
+            f"sqs: visibility_timeout is at most 12 hours ({MAX_VISIBILITY} s) on SQS, got {lease}"
+        )
+    return DEFAULT_LEASE if lease is None else lease
+
+
+def _seconds(lease: float) -> int:
+    """A lease in the whole seconds SQS counts in, rounded up, at least 1."""
+    return max(1, math.ceil(lease - 1e-9))
 
 
 def _live(lease: Lease) -> bool:

@@ -96,7 +96,7 @@ async def test_deliveries_of_a_closed_channel_are_dropped_not_acked_on_the_new_o
     # or closes it): ack and release do nothing, extend reports it, retry refuses.
     assert await broker.ack([old]) == [old]
     await broker.release([old])
-    assert await broker.extend([old, new], visibility=30) == [old]
+    assert await broker.extend([old, new], lease=30) == [old]
     with pytest.raises(LeaseLost):
         await broker.retry(old, body=b"again", delay=0)
     assert broker._con is not None
@@ -151,7 +151,7 @@ async def test_stop_fetching_hands_the_prefetch_to_another_worker_at_once(
     assert time.monotonic() - start < 1.5
     assert sorted(d.body for d in got) == [b"%d" % i for i in range(5) if b"%d" % i != held.body]
     assert all(d.count == 1 for d in got)  # handed back, not counted as a delivery
-    assert await first.extend([held], visibility=30) == []
+    assert await first.extend([held], lease=30) == []
     await first.ack([held])
     await second.ack(got)
     await wait_depth(second, queue, QueueDepth())

@@ -74,7 +74,7 @@ async def test_a_lost_group_is_recreated_and_old_deliveries_settle_nothing(
     await client.delete(broker.keys("q").stream)
     assert await broker.fetch("q", max_messages=1, wait=0) == []
     await broker.ack([old])  # no error, nothing acked
-    assert await broker.extend([old], visibility=30) == [old]
+    assert await broker.extend([old], lease=30) == [old]
     with pytest.raises(LeaseLost):
         await broker.retry(old, body=b"again", delay=0)
     await broker.publish("q", [b"after"])
@@ -97,7 +97,7 @@ async def test_idle_consumers_of_dead_workers_are_pruned_but_busy_ones_kept(
     await dead.ack([a])
     (b,) = await busy.fetch("q", max_messages=1, wait=0.5)
     await asyncio.sleep(2.2)  # every consumer idle longer than 10 x visibility
-    assert await busy.extend([b], visibility=0.2) == []  # b stays busy's, not reclaimable
+    assert await busy.extend([b], lease=0.2) == []  # b stays busy's, not reclaimable
     assert await live.fetch("q", max_messages=1, wait=0) == []  # reclaim finds nothing, sweeps
     stream = live.keys("q").stream
     names = {c["name"].decode() for c in await client.xinfo_consumers(stream, "workers")}
@@ -197,7 +197,7 @@ async def test_every_call_on_a_black_holed_connection_fails_within_its_deadline(
         "fetch": lambda: broker.fetch("q", max_messages=1, wait=0.5),
         "publish": lambda: broker.publish("q", [b"lost"]),
         "ack": lambda: broker.ack([held]),
-        "extend": lambda: broker.extend([held], visibility=30),
+        "extend": lambda: broker.extend([held], lease=30),
         "depth": lambda: broker.depth("q"),
     }
     for name, call in calls.items():

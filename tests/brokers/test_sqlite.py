@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
 import sqlite3
 import threading
 import time
@@ -45,15 +44,15 @@ def test_paths_are_absolute_from_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert SqliteBroker("sqlite:///jobs.db").path == str(tmp_path / "jobs.db")
-    assert SqliteBroker("sqlite:///sub/my%20jobs.db").path == str(tmp_path / "sub/my jobs.db")
-    assert SqliteBroker("sqlite:////var/tmp/x.db").path == "/var/tmp/x.db"
+    assert SqliteBroker("sqlite:///jobs.db").path == tmp_path / "jobs.db"
+    assert SqliteBroker("sqlite:///sub/my%20jobs.db").path == tmp_path / "sub/my jobs.db"
+    assert SqliteBroker("sqlite:////var/tmp/x.db").path == Path("/var/tmp/x.db")
     # The default: a file where the app was created, even if the process moves later.
     app = App()
     monkeypatch.chdir("/")
     broker = app.broker
     assert isinstance(broker, SqliteBroker)
-    assert broker.path == str(tmp_path / "aioworkers.db")
+    assert broker.path == tmp_path / "aioworkers.db"
 
 
 async def test_a_path_that_is_no_database_file_is_a_config_error(tmp_path: Path) -> None:
@@ -164,7 +163,7 @@ async def test_reads_do_not_hold_up_fetches(tmp_path: Path) -> None:
 
 
 def test_the_default_broker_is_a_file_shared_by_processes(tmp_path: Path) -> None:
-    assert os.path.basename(SqliteBroker("sqlite:///aioworkers.db").path) == "aioworkers.db"
+    assert SqliteBroker("sqlite:///aioworkers.db").path.name == "aioworkers.db"
 
 
 async def test_totals_count_what_entered_and_left_each_queue(tmp_path: Path) -> None:

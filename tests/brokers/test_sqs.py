@@ -132,9 +132,9 @@ async def test_a_lapsed_lease_is_fenced_across_processes(sqs: SqsBroker) -> None
         (stale,) = await fetch_n(sqs, queue, 1, within=3)
         (owner,) = await fetch_n(other, queue, 1, within=4)
         assert (owner.message_id, owner.count) == (stale.message_id, 2)
-        assert await other.extend([owner], visibility=10) == []
+        assert await other.extend([owner], lease=10) == []
 
-        assert await sqs.extend([stale], visibility=10) == [stale]
+        assert await sqs.extend([stale], lease=10) == [stale]
         assert await sqs.ack([stale]) == [stale]
         await sqs.release([stale])
         with pytest.raises(LeaseLost):

@@ -355,7 +355,7 @@ async def test_a_server_side_failure_in_an_extend_is_not_a_lost_lease(sqs: SqsBr
     event = "after-call.sqs.ChangeMessageVisibilityBatch"
     client.meta.events.register(event, server_fault)
     try:
-        assert await sqs.extend([d], visibility=10) == []
+        assert await sqs.extend([d], lease=10) == []
     finally:
         client.meta.events.unregister(event, server_fault)
     assert await sqs.ack([d]) == []  # still ours: its lease had not run out

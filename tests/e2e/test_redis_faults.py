@@ -373,7 +373,7 @@ async def test_the_acl_rules_the_error_names_are_enough_for_everything(
     await broker.publish("q", [b"a", b"b", b"c"])
     await broker.publish("q", [b"later"], delay=60)
     a, b, c = await broker.fetch("q", max_messages=3, wait=0)
-    assert await broker.extend([a, b, c], visibility=30) == []
+    assert await broker.extend([a, b, c], lease=30) == []
     assert await broker.ack([a]) == []
     await broker.retry(b, body=b"b2", delay=0)
     await broker.dead_letter(
@@ -411,7 +411,7 @@ async def test_scripts_flushed_under_a_running_broker_are_loaded_again(
     (a,) = await broker.fetch("q", max_messages=1, wait=0)
     assert await store.claim("k", "me", lease=5) == "claimed"
     await admin.script_flush()  # a SCRIPT FLUSH, or a failover to a replica without them
-    assert await broker.extend([a], visibility=30) == []
+    assert await broker.extend([a], lease=30) == []
     assert await broker.ack([a]) == []
     (b,) = await broker.fetch("q", max_messages=1, wait=0)  # a pipeline with a script
     await broker.retry(b, body=b"b2", delay=0)

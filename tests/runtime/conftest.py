@@ -174,18 +174,16 @@ class FaultyBroker:
     async def release(self, deliveries: Sequence[Delivery]) -> None:
         await self._call("release", self.inner.release, list(deliveries))
 
-    async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:
+    async def extend(self, deliveries: Sequence[Delivery], *, lease: float) -> list[Delivery]:
         if self.lose_leases:
 
-            async def lose_all(ds: list[Delivery], *, visibility: float) -> list[Delivery]:
+            async def lose_all(ds: list[Delivery], *, lease: float) -> list[Delivery]:
                 return list(ds)
 
             fn: Callable[..., Awaitable[Any]] = lose_all
         else:
             fn = self.inner.extend
-        lost: list[Delivery] = await self._call(
-            "extend", fn, list(deliveries), visibility=visibility
-        )
+        lost: list[Delivery] = await self._call("extend", fn, list(deliveries), lease=lease)
         return lost
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:

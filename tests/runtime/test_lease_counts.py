@@ -57,9 +57,9 @@ class SlowExtend(FaultyBroker):
         super().__init__(inner)
         self.go = asyncio.Event()
 
-    async def extend(self, deliveries: Sequence[Delivery], *, visibility: float) -> list[Delivery]:
+    async def extend(self, deliveries: Sequence[Delivery], *, lease: float) -> list[Delivery]:
         await self.go.wait()
-        return await super().extend(deliveries, visibility=visibility)
+        return await super().extend(deliveries, lease=lease)
 
 
 async def test_a_heartbeat_answered_after_the_job_settled_is_not_a_lost_lease(
