@@ -282,7 +282,7 @@ class App:
         groups: dict[tuple[str, float], list[bytes]] = defaultdict(list)
         ids = []
         now = now_ms()
-        producer = self.telemetry.producer(messaging_system(self.broker_name))
+        producer = self.telemetry.producer(lambda: messaging_system(self.broker))
         try:
             for call in calls:
                 queue, body, job_id = self._encode(call, now, producer)

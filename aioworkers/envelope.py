@@ -184,6 +184,25 @@ def _out_of_range(attempt: int, enqueued_at: int, eta: int | None) -> str | None
     return None
 
 
+# Only bodies this small are parsed again for their headers when they failed decoding.
+SALVAGE_LIMIT = 64 * 1024
+
+
+def salvage_headers(body: bytes) -> dict[str, str] | None:
+    """The string headers of a body that failed `decode` but is still a JSON object (a
+    newer envelope, a bad field), or None: its trace context outlives the bad field."""
+    if len(body) > SALVAGE_LIMIT:
+        return None
+    try:
+        doc = orjson.loads(body)
+    except (orjson.JSONDecodeError, RecursionError):
+        return None
+    headers = doc.get("headers") if isinstance(doc, dict) else None
+    if not isinstance(headers, dict):
+        return None
+    return {k: v for k, v in headers.items() if isinstance(k, str) and isinstance(v, str)}
+
+
 def fingerprint(body: bytes) -> str:
     """A short hash of a body, for logs that must not carry the body itself."""
     return hashlib.blake2b(body, digest_size=8).hexdigest()

@@ -75,7 +75,7 @@ class Worker:
         # Checked once: with no OpenTelemetry provider configured this is None and the
         # hot path makes no telemetry call at all.
         self._telemetry = app.telemetry.for_worker(
-            messaging_system(app.broker_name), self._inflight.snapshot
+            messaging_system(app.broker), self._inflight.snapshot
         )
         self._settler = Settler(app.broker, telemetry=self._telemetry)
         traced = self._telemetry is not None and self._telemetry.tracer is not None

@@ -11,7 +11,7 @@ import anyio
 from ..brokers.base import Broker
 from ..errors import BrokerUnavailable
 from ..retry import next_delay
-from ..telemetry import WorkerTelemetry
+from ..telemetry.worker import WorkerTelemetry
 from .scheduler import Scheduler
 
 log = logging.getLogger("aioworkers")

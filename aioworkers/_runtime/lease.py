@@ -9,7 +9,7 @@ import anyio
 from ..brokers.base import Broker
 from ..errors import BrokerUnavailable
 from ..idempotency.base import IdempotencyStore, StoreUnavailable
-from ..telemetry import WorkerTelemetry
+from ..telemetry.worker import WorkerTelemetry
 from .inflight import InFlight
 
 log = logging.getLogger("aioworkers")

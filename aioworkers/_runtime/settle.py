@@ -17,7 +17,7 @@ from ..brokers.base import Broker, DeadLetter, Delivery
 from ..envelope import Envelope, encode, fingerprint
 from ..errors import BrokerUnavailable, LeaseLost, printable, redact
 from ..task import Policy
-from ..telemetry import WorkerTelemetry
+from ..telemetry.worker import WorkerTelemetry
 from . import classify as c
 from .executor import Outcome
 

@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 from aioworkers.errors import ConfigError
-from aioworkers.monitor import JsonFormatter, RedactingFormatter, _otlp_exporters, threshold
+from aioworkers.monitor import JsonFormatter, RedactingFormatter, threshold
+from aioworkers.monitor.exporters import otlp_exporters
 
 URL = "redis://user:p4ss@redis.internal:6379/0"
 
@@ -53,8 +54,8 @@ def test_threshold_parsing() -> None:
 def test_otlp_protocol_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")
     with pytest.raises(ConfigError, match="use http/protobuf or grpc"):
-        _otlp_exporters()
+        otlp_exporters()
     monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc", None)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
     with pytest.raises(ConfigError, match="pip install opentelemetry-exporter-otlp-proto-grpc"):
-        _otlp_exporters()
+        otlp_exporters()

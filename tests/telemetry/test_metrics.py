@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 import aioworkers
-from aioworkers.telemetry import LAG_WINDOW, LagWindow, Telemetry
+from aioworkers.telemetry import Telemetry
+from aioworkers.telemetry.metrics import LAG_WINDOW, LagWindow
 
 from .conftest import Backend, Otel
 

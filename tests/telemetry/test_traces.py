@@ -4,12 +4,15 @@ span's context travels in the envelope headers; one consumer span per attempt.""
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
 
 import orjson
 from opentelemetry.propagate import inject
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.trace import SpanKind, StatusCode
 
 import aioworkers
+from aioworkers.idempotency import MemoryStore
 from aioworkers.telemetry import Telemetry
 
 from .conftest import Backend, Otel, make_app
@@ -134,3 +137,54 @@ async def test_no_headers_without_a_tracer(otel: Otel, redis_url: str) -> None:
         await app.worker(poll=0.1).run(burst=True)
     assert seen == [{}]
     assert otel.finished() == []
+
+
+class Ended(SpanProcessor):
+    """An event per job outcome, set when a span with that outcome ends."""
+
+    def __init__(self) -> None:
+        self.outcomes: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        outcome = (span.attributes or {}).get("aioworkers.job.outcome")
+        if outcome is not None:
+            self.outcomes[str(outcome)].set()
+
+
+async def test_deferred_and_duplicate_jobs_are_not_errors(otel: Otel) -> None:
+    # Short: a deferred job comes back after about a third of it.
+    app = aioworkers.App("memory://", visibility_timeout=0.3, idempotency=MemoryStore())
+    app.telemetry = otel.telemetry()
+    ended = Ended()
+    otel.tracer_provider.add_span_processor(ended)
+    started = asyncio.Event()
+    gate = asyncio.Event()
+    runs: list[str] = []
+
+    @app.task(idempotent=True, retries=0)
+    async def pay(who: str) -> None:
+        runs.append(who)
+        if who == "first":
+            started.set()
+            await gate.wait()
+
+    await pay.options(key="invoice-7").enqueue("first")
+    async with app, app.worker(poll=0.05), asyncio.timeout(10):
+        await started.wait()
+        await pay.options(key="invoice-7").enqueue("second")
+        # The key is busy: the second job waits for it (deferred), then finds it done.
+        await ended.outcomes["deferred"].wait()
+        gate.set()
+        await ended.outcomes["duplicate"].wait()
+
+    assert runs == ["first"]
+    consumers = [s for s in otel.finished() if s.kind is SpanKind.CONSUMER]
+    by_outcome: dict[str, list[ReadableSpan]] = defaultdict(list)
+    for span in consumers:
+        by_outcome[str(span.attributes["aioworkers.job.outcome"])].append(span)
+    assert sorted(by_outcome) == ["deferred", "duplicate", "ok"]
+    assert len(by_outcome["ok"]) == len(by_outcome["duplicate"]) == 1
+    for span in consumers:
+        # A decision of a healthy worker: no error status, no exception event.
+        assert span.status.status_code is StatusCode.UNSET, span.attributes
+        assert not span.events, span.attributes
