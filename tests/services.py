@@ -12,6 +12,8 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -58,6 +60,25 @@ RABBITMQ = Service(
     timeout=90.0,
 )
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def _pg_version() -> str:
+    """The installed PostgreSQL cluster version (Debian's /etc/postgresql/<version>)."""
+    try:
+        return sorted(os.listdir("/etc/postgresql"), key=lambda v: float(v))[-1]
+    except (OSError, ValueError, IndexError):
+        return "15"
+
+
+POSTGRES = Service(
+    "PostgreSQL",
+    "127.0.0.1",
+    5432,
+    "pg_ctlcluster",
+    ("pg_ctlcluster", "--skip-systemctl-redirect", _pg_version(), "main", "start"),
+)
+# Trust authentication on 127.0.0.1; each test creates a database of its own.
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def reachable(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -183,3 +204,30 @@ async def close_amqp_connections(reason: str = "test") -> None:
         stderr=asyncio.subprocess.DEVNULL,
     )
     assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+# -- PostgreSQL: a database per test ------------------------------------------------------------
+
+
+@asynccontextmanager
+async def postgres_database(prefix: str = "aw_test") -> AsyncIterator[str]:
+    """A new, empty database (its URL), dropped afterwards with every connection to it."""
+    import uuid
+
+    import asyncpg
+
+    ensure(POSTGRES)
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await admin.close()

@@ -47,6 +47,8 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "amqps": (".amqp", "AmqpBroker", "amqp"),
     "sqs": (".sqs", "SqsBroker", "sqs"),
     "sqlite": (".sqlite", "SqliteBroker", ""),
+    "postgresql": (".postgres", "PostgresBroker", "postgres"),
+    "postgres": (".postgres", "PostgresBroker", "postgres"),
 }
 SCHEMES = tuple(_BACKENDS)
 

@@ -175,3 +175,20 @@ async def wait_depth(
             break
         await asyncio.sleep(0.05)
     assert depth == expected
+
+
+@asynccontextmanager
+async def postgres_case() -> AsyncIterator[BrokerCase]:
+    from aioworkers.brokers.postgres import PostgresBroker
+
+    from ..services import postgres_database
+
+    async with postgres_database() as url:
+        # A short poll: the suite's leases and delays are short, and an idle fetch finds a
+        # lapsed lease or a due delay by polling.
+        broker = PostgresBroker(f"{url}?poll=0.1", visibility_timeout=0.5)
+        await broker.migrate()
+        try:
+            yield BrokerCase(broker, lease=0.5, delay=0.3, slack=0.5, name="postgres")
+        finally:
+            await broker.aclose()
