@@ -2,274 +2,73 @@
 
 Keys live under ``<prefix>:{<queue>}:`` so every key a script touches hashes to one
 Redis Cluster slot: ``stream`` (the jobs), ``delayed`` (a sorted set of ids by eta, in
-the server's clock) with ``payloads`` (their bodies), and ``dead`` (the DLQ stream).
+the server's clock) with ``payloads`` (their bodies), ``dead`` (the DLQ stream) and
+``leases`` (deadlines of leases extended past the horizon, below). The scripts are in
+`_redis_lua`, the I/O boundary (deadlines, the error table) in `_redis_io`.
 
 A delivery is ours while the stream's pending-entries list (PEL) says this consumer holds
 it with the delivery count we were given: every ack, retry, release and dead-letter
 checks that in the same script that acts, so a worker that stalled past its lease never
 settles an entry another consumer (or a later delivery) now holds.
+
+Leases: an entry a fetch hands out stays pending; any consumer's fetch takes over entries
+idle longer than the *horizon* (``XAUTOCLAIM`` min-idle): the broker's
+``visibility_timeout``, which an `App` sets to its own for every worker of the app (if
+none was given, the lease of the broker's first fetch). A fetch or `extend` with another
+lease writes it per entry: an idle time set (``XCLAIM IDLE``) so that the entry is taken
+over exactly ``lease`` seconds later, or, for a lease longer than the horizon (Redis
+clamps a delivery time in the future), a deadline in ``leases`` that every take-over
+honours. With the runtime's calls (lease = horizon) neither costs anything extra.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Collection, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
-import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from ..errors import AioworkersError, BrokerUnavailable, ConfigError, LeaseLost, redact
+from ..errors import BrokerUnavailable, ConfigError, LeaseLost
+from . import _redis_lua as lua
+from ._kit import by_queue, chunks
+from ._redis_io import (
+    ACL_RULES,
+    KEEPALIVE,
+    PERMANENT_CODES,
+    REPLY_TIMEOUT,
+    SEND_RATE,
+    TRANSIENT_CODES,
+    _GroupLost,
+    connect,
+    error_code,
+    map_error,
+    redis_io,
+)
 from .base import DEFAULT_LEASE, DeadLetter, Delivery, QueueDepth
 
-# Owned = pending for this consumer with the delivery count this worker was handed.
-_OWNED = """
-local function owned(stream, group, consumer, id, count)
-  local p = redis.call('XPENDING', stream, group, id, id, 1, consumer)
-  return #p > 0 and tonumber(p[1][4]) == tonumber(count)
-end
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-"""
-
-# KEYS: stream. ARGV: group, consumer, id1, count1, ...
-# -> 0-based positions of the pairs whose lease is lost: still in the stream, not ours. An
-# entry no longer in the stream is settled already, mostly by this same ack retried after
-# its reply was lost (else by the worker that took it over): not reported as lost.
-_ACK = (
-    _OWNED
-    + """
-local lost = {}
-for i = 3, #ARGV, 2 do
-  if owned(KEYS[1], ARGV[1], ARGV[2], ARGV[i], ARGV[i + 1]) then
-    redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-    redis.call('XDEL', KEYS[1], ARGV[i])
-  elseif #redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i]) > 0 then
-    table.insert(lost, (i - 3) / 2)
-  end
-end
-return lost
-"""
-)
-
-# KEYS: stream. ARGV: group, consumer, id1, count1, ...
-# -> 0-based positions of the pairs whose lease is lost
-_EXTEND = (
-    _OWNED
-    + """
-local lost, mine = {}, {}
-for i = 3, #ARGV, 2 do
-  if owned(KEYS[1], ARGV[1], ARGV[2], ARGV[i], ARGV[i + 1]) then
-    table.insert(mine, ARGV[i])
-  else
-    table.insert(lost, (i - 3) / 2)
-  end
-end
-if #mine > 0 then
-  -- min-idle 0 on ids we just checked are ours; JUSTID leaves the delivery count alone
-  table.insert(mine, 'JUSTID')
-  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(mine))
-end
-return lost
-"""
-)
-
-# KEYS: stream, delayed, payloads. ARGV: group, consumer, id, count, body, delay_ms, new_id
-_RETRY = (
-    _OWNED
-    + """
-if not owned(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]) then return 0 end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('XDEL', KEYS[1], ARGV[3])
-local delay = tonumber(ARGV[6])
-if delay > 0 then
-  redis.call('ZADD', KEYS[2], now_ms() + delay, ARGV[7])
-  redis.call('HSET', KEYS[3], ARGV[7], ARGV[5])
-else
-  redis.call('XADD', KEYS[1], '*', 'b', ARGV[5])
-end
-return 1
-"""
-)
-
-# KEYS: stream. ARGV: group, consumer, id1, count1, ... -> number released
-_RELEASE = (
-    _OWNED
-    + """
-local n = 0
-for i = 3, #ARGV, 2 do
-  if owned(KEYS[1], ARGV[1], ARGV[2], ARGV[i], ARGV[i + 1]) then
-    local e = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
-    redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-    redis.call('XDEL', KEYS[1], ARGV[i])
-    -- a fresh entry: visible at once, and the hand-back is not counted as a delivery
-    if #e > 0 then redis.call('XADD', KEYS[1], '*', unpack(e[1][2])) end
-    n = n + 1
-  end
-end
-return n
-"""
-)
-
-# KEYS: stream, dead. ARGV: group, consumer, id, count, field1, value1, ...
-_DEAD = (
-    _OWNED
-    + """
-if not owned(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]) then return 0 end
-redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('XDEL', KEYS[1], ARGV[3])
-return 1
-"""
-)
-
-# A publish is one script call that first sets a marker named by a token the call carries:
-# redis-py sends a call again on a fresh connection when the first one's reply was lost,
-# and that second send finds the marker and adds nothing. Marker and entries are written
-# together, so either both or neither exist.
-_MARKED = """
-if not redis.call('SET', KEYS[1], 1, 'NX', 'PX', ARGV[1]) then return 0 end
-"""
-
-# KEYS: marker, stream. ARGV: marker ttl ms, body1, ... -> 1, or 0 if sent before
-_PUBLISH = (
-    _MARKED
-    + """
-for i = 2, #ARGV do redis.call('XADD', KEYS[2], '*', 'b', ARGV[i]) end
-return 1
-"""
-)
-
-# KEYS: marker, delayed, payloads. ARGV: marker ttl ms, delay_ms, id1, body1, ...
-_PUBLISH_DELAYED = (
-    _OWNED
-    + _MARKED
-    + """
-local eta = now_ms() + tonumber(ARGV[2])
-for i = 3, #ARGV, 2 do
-  redis.call('ZADD', KEYS[2], eta, ARGV[i])
-  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
-end
-return 1
-"""
-)
-
-# KEYS: stream, delayed, payloads. ARGV: limit -> ms until the next eta, or -1 if none.
-# Any number of workers may run it at once: each due id moves exactly once.
-_PROMOTE = (
-    _OWNED
-    + """
-local now = now_ms()
-local ids = redis.call('ZRANGE', KEYS[2], '-inf', now, 'BYSCORE', 'LIMIT', 0, ARGV[1])
-for _, id in ipairs(ids) do
-  local body = redis.call('HGET', KEYS[3], id)
-  if body then redis.call('XADD', KEYS[1], '*', 'b', body) end
-end
-if #ids > 0 then
-  redis.call('ZREM', KEYS[2], unpack(ids))
-  redis.call('HDEL', KEYS[3], unpack(ids))
-end
-local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-if #nxt == 0 then return -1 end
-return math.max(0, tonumber(nxt[2]) - now)
-"""
-)
-
-# KEYS: stream. ARGV: group, consumer, min_idle_ms, cursor, count
-# -> {next cursor, {{id, fields, delivery count}, ...}}
-_RECLAIM = """
-local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
-local out = {}
-for _, e in ipairs(r[2]) do
-  if e and e[2] then
-    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
-    table.insert(out, {e[1], e[2], p[1][4]})
-  end
-end
-return {r[1], out}
-"""
-
-# KEYS: stream. ARGV: group, min_idle_ms, self -> number of consumers removed.
-# Consumers of crashed workers stay in the group forever; once they hold nothing and have
-# been idle long, drop them. Atomic, so a consumer that just got entries is never dropped.
-_PRUNE = """
-local n = 0
-for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-  local info = {}
-  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
-  if info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) and info['name'] ~= ARGV[3] then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
-    n = n + 1
-  end
-end
-return n
-"""
-
-# KEYS: stream, delayed, dead. ARGV: group -> {ready, in_flight, delayed, dead}
-_DEPTH = """
-local len = redis.call('XLEN', KEYS[1])
-local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1])
-local pending = 0
-if ok then pending = tonumber(p[1]) end
-return {len - pending, pending, redis.call('ZCARD', KEYS[2]), redis.call('XLEN', KEYS[3])}
-"""
-
-# KEYS: a key in the queue's slot that never exists. ARGV: group, consumer
-# -> the commands aioworkers uses that the ACL user may not run. Each is tried so that it
-# changes nothing (on a missing key, XX, NOMKSTREAM); any answer but a refusal means allowed.
-_PROBE = """
-local k, g, c = KEYS[1], ARGV[1], ARGV[2]
-local refused = {}
-local function try(...)
-  local args = {...}
-  local ok, err = pcall(redis.call, unpack(args))
-  if ok then return true end
-  local text = type(err) == 'table' and err.err or tostring(err)
-  if text:find('NOPERM', 1, true) or text:find("can't run", 1, true) then
-    local name = args[1]
-    if name == 'XGROUP' or name == 'XINFO' then name = name .. ' ' .. args[2] end
-    table.insert(refused, name)
-    return false
-  end
-  return true
-end
-try('XGROUP', 'CREATE', k, g, '0')
-try('XREADGROUP', 'GROUP', g, c, 'COUNT', 1, 'STREAMS', k, '>')
-try('XADD', k, 'NOMKSTREAM', '*', 'b', '')
-try('XACK', k, g, '0-1')
-try('XDEL', k, '0-1')
-try('XRANGE', k, '-', '+', 'COUNT', 1)
-try('XLEN', k)
-try('XPENDING', k, g)
-try('XCLAIM', k, g, c, 0, '0-1', 'JUSTID')
-try('XAUTOCLAIM', k, g, c, 0, '0-0')
-try('XINFO', 'CONSUMERS', k, g)
-try('XINFO', 'STREAM', k)
-try('XGROUP', 'DELCONSUMER', k, g, c)
-try('ZADD', k, 'XX', 0, 'm')
-try('ZRANGE', k, 0, 0)
-try('ZREM', k, 'm')
-try('ZCARD', k)
-try('HGET', k, 'f')
-try('SET', k, 1, 'XX')
-try('DEL', k)
-try('TIME')
--- HSET alone always writes: tried only where the HDEL that undoes it is allowed.
-if try('HDEL', k, 'f') and try('HSET', k, 'f', '') then redis.call('HDEL', k, 'f') end
-return refused
-"""
+__all__ = [
+    "ACL_RULES",
+    "KEEPALIVE",
+    "PERMANENT_CODES",
+    "REPLY_TIMEOUT",
+    "SEND_RATE",
+    "TRANSIENT_CODES",
+    "RedisBroker",
+    "connect",
+    "error_code",
+    "map_error",
+    "redis_io",
+]
 
 _OWN_PARAMS = ("prefix", "group")
 _STREAM_ID = re.compile(r"\d+-\d+")
@@ -285,191 +84,7 @@ class _Keys:
     delayed: str
     payloads: str
     dead: str
-
-
-# -- the I/O boundary: every round trip gets a deadline and its errors mapped -------------
-
-REPLY_TIMEOUT = 5.0  # seconds a reply may take beyond the command's own blocking wait
-SEND_RATE = 1 << 20  # bytes/s a deadline allows for what a call sends or reads, at worst
-# Keepalive finds a peer that vanished under an idle pooled connection (host gone, NAT entry
-# dropped) within about 90 s, and keeps middleboxes that drop idle flows (cloud load
-# balancers: 350 s) seeing traffic. A call in flight is bounded by its deadline instead.
-KEEPALIVE = {
-    opt: value
-    for name, value in (
-        ("TCP_KEEPIDLE", 60),  # Linux
-        ("TCP_KEEPALIVE", 60),  # macOS's name for the same
-        ("TCP_KEEPINTVL", 10),
-        ("TCP_KEEPCNT", 3),
-    )
-    if (opt := getattr(socket, name, None)) is not None
-}
-
-# What an error reply means here, by its code: the reply's first word (an error raised in
-# a script keeps it on Redis >= 7; Redis 6 quotes it inside an ERR).
-# Transient: the same call succeeds again once the server recovers by itself or an operator
-# fixes it, with nothing to change on the worker's side: back off and retry, keeping jobs.
-# (Any code not listed as permanent is treated so; these are listed to be found in an ERR.)
-TRANSIENT_CODES = frozenset(
-    {
-        "BUSY",  # another client's script ran past busy-reply-threshold: until it ends or is killed
-        "LOADING",  # a restarted server loading its data
-        "READONLY",  # a replica that was the primary before a failover
-        "MASTERDOWN",  # a replica that lost its primary
-        "NOREPLICAS",  # fewer replicas than min-replicas-to-write
-        "TRYAGAIN",  # a cluster moving slots
-        "CLUSTERDOWN",  # a cluster failing over
-        # Writes refused since an RDB save failed (disk full or unwritable): they resume as
-        # soon as a save succeeds, so workers wait (warning with the reply) instead of
-        # exiting and needing a restart once the disk is fixed.
-        "MISCONF",
-        "OOM",  # maxmemory reached with noeviction: acks and trims free memory
-        "NOSCRIPT",  # a SCRIPT FLUSH raced a pipeline's script check: loaded again next call
-    }
-)
-# What a Redis ACL user needs, besides its keys (~<prefix>:*), for everything the broker
-# and the idempotency store do.
-ACL_RULES = (
-    "+@stream",
-    "+@sortedset",
-    "+@hash",
-    "+@scripting",
-    "+get",
-    "+set",
-    "+pexpire",
-    "+del",
-    "+time",
-)
-# Permanent: the same call fails until the configuration changes. What to fix:
-_AUTH = (
-    "Redis refused the credentials, or needs some: check the user name and password in "
-    "the URL (redis://user:password@host)"
-)
-_CLUSTER = "this is a Redis Cluster node: aioworkers' redis:// broker needs a single server"
-PERMANENT_CODES = {
-    "NOPERM": "the Redis user may not run a command or reach a key aioworkers needs: grant it "
-    f"(ACL SETUSER <user> {' '.join(ACL_RULES)} ~<prefix>:*) or use another user",
-    "WRONGPASS": _AUTH,
-    "NOAUTH": _AUTH,
-    "WRONGTYPE": "a key under aioworkers' prefix holds a value aioworkers did not write: "
-    "delete the key, or choose another prefix (?prefix=...)",
-    "MOVED": _CLUSTER,
-    "ASK": _CLUSTER,
-    # Not a code Redis sends: what `error_code` makes of an unknown command.
-    "UNKNOWN": "aioworkers needs Redis >= 6.2 (XAUTOCLAIM, ZRANGE BYSCORE, XADD NOMKSTREAM)",
-}
-# Replies whose code is a plain ERR, by what their text says.
-_ERR_TEXT = (
-    ("can't run this command", "NOPERM"),  # an ACL refusal inside a script (Redis 7.0)
-    ("unknown command", "UNKNOWN"),
-    ("unknown redis command", "UNKNOWN"),  # inside a script
-    ("script killed by user", "BUSY"),  # ours, SCRIPT KILLed by an operator: nothing applied
-)
-# redis-py strips the code from the replies it has a class for.
-_CLASS_CODES: dict[type[rexc.ResponseError], str] = {
-    rexc.NoScriptError: "NOSCRIPT",
-    rexc.ReadOnlyError: "READONLY",
-    rexc.NoPermissionError: "NOPERM",
-    rexc.OutOfMemoryError: "OOM",
-    rexc.TryAgainError: "TRYAGAIN",
-    rexc.ClusterDownError: "CLUSTERDOWN",
-    rexc.MasterDownError: "MASTERDOWN",
-    rexc.MovedError: "MOVED",
-    rexc.AskError: "ASK",
-    rexc.AuthenticationWrongNumberOfArgsError: "WRONGPASS",
-}
-_CODES = sorted({*TRANSIENT_CODES, *PERMANENT_CODES, "NOGROUP"} - {"UNKNOWN"})
-_CODE = re.compile(rf"(?<![A-Za-z])-?({'|'.join(_CODES)}) ")
-
-
-def error_code(exc: rexc.ResponseError) -> str:
-    """The code of an error reply, as Redis sent it, or ``UNKNOWN`` for an unknown command."""
-    by_class = _CLASS_CODES.get(type(exc))
-    if by_class is not None:
-        return by_class
-    text = str(exc)
-    if match := _CODE.search(text):
-        return match.group(1)
-    lowered = text.lower()
-    for fragment, code in _ERR_TEXT:
-        if fragment in lowered:
-            return code
-    return text.split(" ", 1)[0]
-
-
-def map_error(exc: rexc.RedisError, unavailable: type[AioworkersError]) -> Exception | None:
-    """What a redis-py error becomes: ``unavailable`` (transient: back off and retry), a
-    `ConfigError` saying what to fix (permanent), or None for an error that is not the
-    server's (a bad argument: a bug, raised as it is)."""
-    text = f"redis: {type(exc).__name__}: {redact(str(exc))}"
-    if isinstance(exc, rexc.AuthenticationError | rexc.AuthorizationError):
-        return ConfigError(f"{text}: {_AUTH}")
-    if isinstance(exc, rexc.ConnectionError | rexc.TimeoutError | rexc.InvalidResponse):
-        # Unreachable, refused, reset, too many clients, LOADING (a ConnectionError), or a
-        # garbled reply (the connection is dropped): a fresh connection later may work.
-        return unavailable(text)
-    if not isinstance(exc, rexc.ResponseError):
-        return None
-    code = error_code(exc)
-    if code in PERMANENT_CODES:
-        return ConfigError(f"{text}: {PERMANENT_CODES[code]}")
-    if code == "NOGROUP" and issubclass(unavailable, BrokerUnavailable):
-        return _GroupLost(text)
-    # Listed transient codes, and replies no table knows (a newer server's): retrying
-    # loses nothing and shows the reply in every warning, where an exit would orphan the
-    # jobs in flight.
-    return unavailable(text)
-
-
-class _GroupLost(BrokerUnavailable):
-    """NOGROUP: the server lost the consumer group (restarted without persistence)."""
-
-
-@asynccontextmanager
-async def redis_io(
-    deadline: float, unavailable: type[AioworkersError] = BrokerUnavailable
-) -> AsyncIterator[None]:
-    """Around every Redis round trip (httpcore's ``map_exceptions``): no reply within
-    ``deadline`` seconds and transient errors become ``unavailable``, permanent ones a
-    `ConfigError` (see `map_error`)."""
-    try:
-        # Cancelling redis-py mid-command drops that connection (never reused half-read),
-        # so a black-holed link costs one connection and this deadline, not a hang.
-        async with asyncio.timeout(deadline):
-            yield
-    except TimeoutError as exc:
-        raise unavailable(f"redis: no reply within {deadline:.3g}s") from exc
-    except rexc.RedisError as exc:
-        mapped = map_error(exc, unavailable)
-        if mapped is None:
-            raise
-        raise mapped from exc
-
-
-def connect(url: str, query: dict[str, str], *, retry: Retry) -> tuple[aioredis.Redis, float]:
-    """A redis-py client with deliberate socket settings, and its reply timeout: the URL's
-    ``socket_timeout`` (default `REPLY_TIMEOUT`), applied by `redis_io` per call on top of
-    the call's own blocking wait rather than per socket read by redis-py, so that a
-    blocking read (XREADGROUP BLOCK) is never cut short by it."""
-    query = dict(query)
-    given = query.pop("socket_timeout", None)
-    try:
-        reply_timeout = REPLY_TIMEOUT if given is None else float(given)
-    except ValueError:
-        reply_timeout = 0.0
-    if not reply_timeout > 0:  # NaN too
-        raise ConfigError(f"redis URL: socket_timeout must be > 0 seconds, got {given!r}")
-    parts = urlsplit(url)
-    client: aioredis.Redis = aioredis.from_url(
-        urlunsplit(parts._replace(query=urlencode(query))),
-        retry=retry,
-        retry_on_error=[rexc.ConnectionError, rexc.TimeoutError],
-        socket_timeout=None,  # redis_io's deadlines instead
-        socket_connect_timeout=reply_timeout,  # the URL may set another
-        socket_keepalive=True,
-        socket_keepalive_options=KEEPALIVE,
-    )
-    return client, reply_timeout
+    leases: str
 
 
 class RedisBroker:
@@ -497,7 +112,9 @@ class RedisBroker:
             raise ConfigError("redis URL: 'prefix' and 'group' must not be empty")
         client_query = {k: v for k, v in query.items() if k not in _OWN_PARAMS}
         self.visibility_timeout = visibility_timeout
-        self._lease = DEFAULT_LEASE if visibility_timeout is None else visibility_timeout
+        # The lease reclaimers wait for (see the module): the one given, else the first a
+        # fetch passes (App.visibility_timeout, as every worker of the app passes it).
+        self._horizon: float | None = visibility_timeout
         # Unique per process and per broker: a restarted worker never inherits a PEL.
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         # A pooled connection that went stale (server restarted) fails once: redis-py sends
@@ -511,18 +128,18 @@ class RedisBroker:
         self._prune_at: dict[str, float] = {}
         self._host = f"{parts.hostname}:{parts.port or 6379}{parts.path}"
         register = self._redis.register_script
-        self._ack = register(_ACK)
-        self._extend = register(_EXTEND)
-        self._retry = register(_RETRY)
-        self._release = register(_RELEASE)
-        self._dead = register(_DEAD)
-        self._publish = register(_PUBLISH)
-        self._publish_delayed = register(_PUBLISH_DELAYED)
-        self._promote = register(_PROMOTE)
-        self._reclaim = register(_RECLAIM)
-        self._depth = register(_DEPTH)
-        self._prune = register(_PRUNE)
-        self._probe = register(_PROBE)
+        self._ack = register(lua.ACK)
+        self._extend = register(lua.EXTEND)
+        self._retry = register(lua.RETRY)
+        self._release = register(lua.RELEASE)
+        self._dead = register(lua.DEAD)
+        self._publish = register(lua.PUBLISH)
+        self._publish_delayed = register(lua.PUBLISH_DELAYED)
+        self._promote = register(lua.PROMOTE)
+        self._reclaim = register(lua.RECLAIM)
+        self._depth = register(lua.DEPTH)
+        self._prune = register(lua.PRUNE)
+        self._probe = register(lua.PROBE)
 
     def __repr__(self) -> str:
         return f"<RedisBroker {self._host} prefix={self.prefix} consumer={self.consumer}>"
@@ -537,7 +154,8 @@ class RedisBroker:
 
     def keys(self, queue: str) -> _Keys:
         base = f"{self.prefix}:{{{queue}}}"
-        return _Keys(f"{base}:stream", f"{base}:delayed", f"{base}:payloads", f"{base}:dead")
+        names = ("stream", "delayed", "payloads", "dead", "leases")
+        return _Keys(*(f"{base}:{name}" for name in names))
 
     async def _ensure_group(self, queue: str) -> None:
         if queue in self._groups:
@@ -591,22 +209,27 @@ class RedisBroker:
     async def fetch(
         self, queue: str, *, max_messages: int, wait: float, lease: float | None = None
     ) -> list[Delivery]:
+        if self._horizon is None:
+            self._horizon = DEFAULT_LEASE if lease is None else lease
         try:
-            lease = self._lease if lease is None else lease
-            return await self._fetch(queue, max_messages, wait, lease)
+            got = await self._fetch(queue, max_messages, wait, self._horizon)
         except _GroupLost:
             # The server lost the group (restarted without persistence): recreate it.
             self._groups.discard(queue)
             await self._ensure_group(queue)
             return []
+        if got and lease is not None and lease != self._horizon:
+            # Another lease than the horizon: written per entry, as `extend` does.
+            await self.extend(got, lease=lease)
+        return got
 
     async def _fetch(
-        self, queue: str, max_messages: int, wait: float, lease: float
+        self, queue: str, max_messages: int, wait: float, horizon: float
     ) -> list[Delivery]:
         await self._ensure_group(queue)
         k = self.keys(queue)
         if time.monotonic() >= self._reclaim_at.get(queue, 0.0):
-            reclaimed = await self._reclaim_expired(queue, max_messages, lease)
+            reclaimed = await self._reclaim_expired(queue, max_messages, horizon)
             if reclaimed:
                 return reclaimed
         # One round trip when jobs are waiting: move due delayed jobs, then read without
@@ -640,7 +263,8 @@ class RedisBroker:
         ]
 
     async def _reclaim_expired(self, queue: str, count: int, lease: float) -> list[Delivery]:
-        """Take over entries idle longer than ``lease`` (their worker died)."""
+        """Take over entries whose lease ran out (their worker died): idle longer than
+        ``lease``, the horizon, unless leased until a later deadline."""
         args: list[Any] = [
             self.group,
             self.consumer,
@@ -649,7 +273,8 @@ class RedisBroker:
             count,
         ]
         async with self._io():
-            cursor, entries = await self._reclaim(keys=[self.keys(queue).stream], args=args)
+            k = self.keys(queue)
+            cursor, entries = await self._reclaim(keys=[k.stream, k.leases], args=args)
         cursor = _s(cursor)
         self._cursor[queue] = cursor
         # Follow the cursor at once while it has more; rescan from the start later.
@@ -671,32 +296,31 @@ class RedisBroker:
         """Nothing to hand back: entries are only read on `fetch`."""
 
     async def ack(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
-        lost: list[Delivery] = []
-        for queue, group in _by_queue(deliveries).items():
-            stream = self.keys(queue).stream
-            for start in range(0, len(group), _CHUNK):
-                chunk = group[start : start + _CHUNK]
-                try:
-                    positions = await self._owned_call(self._ack, [stream], chunk)
-                except LeaseLost:  # not ours any more: nothing to ack
-                    lost.extend(chunk)
-                    continue
-                lost.extend(chunk[int(i)] for i in positions)
-        return lost
+        return await self._each_chunk(self._ack, deliveries)
 
     async def extend(self, deliveries: Sequence[Delivery], *, lease: float) -> list[Delivery]:
-        # XCLAIM resets the idle time to 0 and reclaimers take entries idle longer than
-        # visibility_timeout, so a lease here always lasts that long from the last extend
-        # (Redis clamps a delivery time in the future); ``visibility`` is that same value
-        # in the runtime, which extends every visibility/3.
+        horizon = lease if self._horizon is None else self._horizon
+        head = [int(lease * 1000), int(horizon * 1000)]
+        return await self._each_chunk(self._extend, deliveries, head, leases=True)
+
+    async def _each_chunk(
+        self,
+        script: Any,
+        deliveries: Sequence[Delivery],
+        head: Sequence[Any] = (),
+        *,
+        leases: bool = False,
+    ) -> list[Delivery]:
+        """Run a script that returns the positions of lost leases on every chunk of the
+        deliveries of each queue; returns the lost ones."""
         lost: list[Delivery] = []
-        for queue, group in _by_queue(deliveries).items():
-            stream = self.keys(queue).stream
-            for start in range(0, len(group), _CHUNK):
-                chunk = group[start : start + _CHUNK]
+        for queue, group in by_queue(deliveries).items():
+            k = self.keys(queue)
+            keys = [k.stream, k.leases] if leases else [k.stream]
+            for chunk in chunks(group, _CHUNK):
                 try:
-                    positions = await self._owned_call(self._extend, [stream], chunk)
-                except LeaseLost:
+                    positions = await self._owned_call(script, keys, chunk, head=head)
+                except LeaseLost:  # not ours any more: nothing to act on
                     lost.extend(chunk)
                     continue
                 lost.extend(chunk[int(i)] for i in positions)
@@ -712,11 +336,13 @@ class RedisBroker:
             raise LeaseLost(f"{delivery!r} is no longer held by {self.consumer}")
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
-        for queue, group in _by_queue(deliveries).items():
+        """A fresh entry, visible at once; its deliveries count again from 1 (the PEL's
+        count does not travel with it), so a hand-back never makes a job look poisonous."""
+        for queue, group in by_queue(deliveries).items():
             stream = self.keys(queue).stream
-            for start in range(0, len(group), _CHUNK):
+            for chunk in chunks(group, _CHUNK):
                 with contextlib.suppress(LeaseLost):  # not ours any more: nothing to hand back
-                    await self._owned_call(self._release, [stream], group[start : start + _CHUNK])
+                    await self._owned_call(self._release, [stream], chunk)
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         k = self.keys(delivery.queue)
@@ -732,8 +358,10 @@ class RedisBroker:
         keys: list[str],
         deliveries: Sequence[Delivery],
         extra: Sequence[Any] = (),
+        *,
+        head: Sequence[Any] = (),
     ) -> Any:
-        args: list[Any] = [self.group, self.consumer]
+        args: list[Any] = [self.group, self.consumer, *head]
         for d in deliveries:
             args += [d.message_id, d.count]
         if extra:
@@ -791,9 +419,9 @@ class RedisBroker:
         # XDEL rejects anything that is not a stream id; such an id names no entry.
         ids = [i for i in entry_ids if _STREAM_ID.fullmatch(i)]
         removed = 0
-        for start in range(0, len(ids), _CHUNK):
+        for chunk in chunks(ids, _CHUNK):
             async with self._io():
-                removed += int(await self._redis.xdel(dead, *ids[start : start + _CHUNK]))
+                removed += int(await self._redis.xdel(dead, *chunk))
         return removed
 
     async def aclose(self) -> None:
@@ -839,13 +467,6 @@ def _body(fields: dict[Any, Any]) -> bytes:
     # Not written by aioworkers (someone XADDed by hand): pass the fields on as they are,
     # so the decode pipeline dead-letters it with a reason instead of dropping it.
     return repr({_s(k): v for k, v in fields.items()}).encode()
-
-
-def _by_queue(deliveries: Sequence[Delivery]) -> dict[str, list[Delivery]]:
-    groups: dict[str, list[Delivery]] = {}
-    for d in deliveries:
-        groups.setdefault(d.queue, []).append(d)
-    return groups
 
 
 def _dead_letter(queue: str, entry_id: str, raw: dict[bytes, bytes]) -> DeadLetter:

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from ..brokers.redis import connect, redis_io
+from ..brokers._redis_io import connect, redis_io
 from .base import ClaimResult, StoreUnavailable, check_times
 
 DEFAULT_PREFIX = "aioworkers:idempotency"

@@ -53,6 +53,47 @@ async def test_every_key_of_a_queue_shares_one_cluster_slot(prefix: str) -> None
     await broker.aclose()
 
 
+async def test_another_lease_than_the_horizon_holds_against_every_consumer(
+    prefix: str, client: aioredis.Redis
+) -> None:
+    # Two workers of one app (horizon 0.4 s). Real timers: the server's idle times are
+    # what is under test.
+    owner, other = make(prefix, "owner", visibility=0.4), make(prefix, "other", visibility=0.4)
+    await owner.publish("q", [b"long", b"short"])
+    long, short = await owner.fetch("q", max_messages=2, wait=0.5)
+    assert await owner.extend([long], lease=1.6) == []  # past the horizon: a deadline
+    assert await owner.extend([short], lease=0.1) == []  # inside it: an idle time
+    leases = owner.keys("q").leases
+    assert await client.zrange(leases, 0, -1) == [long.message_id.encode()]
+
+    await asyncio.sleep(0.5)  # past the horizon and the short lease
+    (back,) = await other.fetch("q", max_messages=10, wait=0)
+    assert (back.message_id, back.count) == (short.message_id, 2)
+    assert await other.ack([back]) == []
+    await asyncio.sleep(0.6)  # 1.1 s after the long extend: still the owner's
+    assert await other.fetch("q", max_messages=10, wait=0) == []
+    assert await owner.extend([long], lease=0.4) == []  # the horizon again: no deadline kept
+    assert await client.zrange(leases, 0, -1) == []
+    await asyncio.sleep(0.6)
+    (taken,) = await other.fetch("q", max_messages=10, wait=0)
+    assert (taken.message_id, taken.count) == (long.message_id, 2)
+    assert await owner.ack([long, short]) == [long]  # taken over; short is acked and gone
+    assert await other.ack([taken]) == []
+    assert await other.depth("q") == QueueDepth()
+    await owner.aclose()
+    await other.aclose()
+
+
+async def test_the_runtimes_calls_write_no_deadlines(prefix: str, client: aioredis.Redis) -> None:
+    broker = make(prefix, "c1", visibility=30.0)
+    await broker.publish("q", [b"a"])
+    (d,) = await broker.fetch("q", max_messages=1, wait=0.5, lease=30.0)
+    assert await broker.extend([d], lease=30.0) == []
+    assert await client.exists(broker.keys("q").leases) == 0
+    await broker.ack([d])
+    await broker.aclose()
+
+
 async def test_entries_not_written_by_aioworkers_are_handed_on_for_dead_lettering(
     prefix: str, client: aioredis.Redis
 ) -> None:
