@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -22,6 +23,7 @@ from .brokers import (
     check_url,
     open_broker,
 )
+from .brokers.postgres_capabilities import Migratable, TransactionalPublisher
 from .envelope import DEFAULT_MAX_SIZE, Envelope, encode, new_id, now_ms, reset_attempt
 from .errors import ConfigError, redact_url
 from .idempotency import IdempotencyStore, MemoryStore, default_url_for, open_store
@@ -190,6 +192,23 @@ class App:
     ) -> None:
         await self.aclose()
 
+    async def migrate(self) -> list[int]:
+        """Create or upgrade the broker's tables (``postgresql://``; ``aioworkers migrate``
+        from the command line): the versioned migrations not applied yet, in order; returns
+        their versions (``[]``: up to date, or a broker without tables). A worker refuses
+        to start on tables that are behind: nothing else changes the database's schema."""
+        broker = self.broker
+        return await broker.migrate() if isinstance(broker, Migratable) else []
+
+    def _publish_in(self, conn: object) -> Callable[..., Awaitable[None]]:
+        broker = self.broker
+        if not isinstance(broker, TransactionalPublisher):
+            raise ConfigError(
+                f"enqueue(conn=...) writes jobs in the application's database transaction, "
+                f"which needs a postgresql:// broker; this app's is {self.broker_name}"
+            )
+        return functools.partial(broker.publish_in, conn)
+
     # -- tasks ----------------------------------------------------------------------------
 
     @overload
@@ -270,15 +289,23 @@ class App:
         delay: float = 0.0,
         key: str | None = None,
         queue: str | None = None,
+        conn: object = None,
     ) -> str:
-        """Enqueue a job by task name (the handler need not be importable here)."""
+        """Enqueue a job by task name (the handler need not be importable here); ``conn``
+        as in `enqueue_many`."""
         call = Call(task, tuple(args), dict(kwargs or {}), delay, key, queue)
-        (job_id,) = await self.enqueue_many([call])
+        (job_id,) = await self.enqueue_many([call], conn=conn)
         return job_id
 
-    async def enqueue_many(self, calls: Iterable[Call]) -> list[str]:
+    async def enqueue_many(self, calls: Iterable[Call], *, conn: object = None) -> list[str]:
         """Enqueue a batch (``[task.call(...), ...]``): one broker round trip per queue and
-        delay. Returns the job ids in order."""
+        delay. Returns the job ids in order.
+
+        ``conn``: a connection of the application (asyncpg, or SQLAlchemy's
+        ``AsyncConnection`` / ``AsyncSession``) in an open transaction, on a PostgreSQL
+        broker: the jobs are written in that transaction, so they exist exactly when it
+        commits. Any other broker: a `ConfigError`."""
+        publish = self.broker.publish if conn is None else self._publish_in(conn)
         groups: dict[tuple[str, float], list[bytes]] = defaultdict(list)
         ids = []
         now = now_ms()
@@ -289,7 +316,7 @@ class App:
                 groups[(queue, call.delay)].append(body)
                 ids.append(job_id)
             for (queue, delay), bodies in groups.items():
-                await self.broker.publish(queue, bodies, delay=delay)
+                await publish(queue, bodies, delay=delay)
                 if producer is not None:
                     producer.published(queue, delay)
         except BaseException as exc:

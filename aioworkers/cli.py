@@ -1,4 +1,4 @@
-"""The command line: ``aioworkers run | enqueue | stats | dlq``.
+"""The command line: ``aioworkers run | enqueue | stats | dlq | migrate``.
 
 The CLI owns the process: it installs the signal handlers and the event loop, then calls
 the same `Worker.run()` an embedding service calls.
@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 1 if e.g. 'dead>0' or 'ready>1000' holds on a queue (repeatable)",
     )
 
+    command("migrate", "create or upgrade the broker's tables (postgresql://), then exit")
+
     dlq = sub.add_parser("dlq", help="list, replay or purge dead letters")
     dlq_sub = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
     for action, text in (
@@ -329,6 +331,15 @@ async def cmd_enqueue(app: App, args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     print(job_id)
+    return 0
+
+
+async def cmd_migrate(app: App, args: argparse.Namespace) -> int:
+    applied = await app.migrate()
+    if applied:
+        print(f"applied migrations {', '.join(map(str, applied))} to {app.broker_name}")
+    else:
+        print(f"nothing to migrate on {app.broker_name}")
     return 0
 
 
@@ -439,6 +450,7 @@ COMMANDS: dict[str, Callable[[App, argparse.Namespace], Coroutine[Any, Any, int]
     "enqueue": cmd_enqueue,
     "stats": cmd_stats,
     "dlq": cmd_dlq,
+    "migrate": cmd_migrate,
 }
 
 

@@ -43,10 +43,15 @@ class Call:
 class Enqueuer(Generic[P]):
     """A task with enqueue options bound: ``task.options(delay=60, key="k").enqueue(...)``."""
 
-    __slots__ = ("_delay", "_key", "_queue", "_task")
+    __slots__ = ("_conn", "_delay", "_key", "_queue", "_task")
 
     def __init__(
-        self, task: Task[P, Any], delay: float, key: str | None, queue: str | None
+        self,
+        task: Task[P, Any],
+        delay: float,
+        key: str | None,
+        queue: str | None,
+        conn: object = None,
     ) -> None:
         if delay < 0:
             raise ValueError(f"delay must be >= 0 seconds, got {delay}")
@@ -54,6 +59,7 @@ class Enqueuer(Generic[P]):
         self._delay = delay
         self._key = key
         self._queue = queue
+        self._conn = conn
 
     def call(self, *args: P.args, **kwargs: P.kwargs) -> Call:
         """A `Call` for `App.enqueue_many`, checked against the task's signature."""
@@ -61,8 +67,13 @@ class Enqueuer(Generic[P]):
         return Call(self._task.name, args, kwargs, self._delay, self._key, self._queue)
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """Publish one job; returns its id once the broker has it."""
-        (job_id,) = await self._task.app.enqueue_many([self.call(*args, **kwargs)])
+        """Publish one job; returns its id once the broker has it. A ``conn=`` keyword is
+        the transaction to enqueue in (see `Task.options`), unless the handler itself has a
+        parameter named ``conn``."""
+        conn = self._conn
+        if "conn" in kwargs and not self._task.takes_conn:
+            conn = kwargs.pop("conn")
+        (job_id,) = await self._task.app.enqueue_many([self.call(*args, **kwargs)], conn=conn)
         return job_id
 
 
@@ -87,6 +98,8 @@ class Task(Generic[P, R]):
         self.idempotent = idempotent
         self.signature = inspect.signature(fn)
         self._fits = _fast_fit(self.signature)
+        # A handler parameter named conn gets ``enqueue(conn=...)``; else it is the transaction.
+        self.takes_conn = "conn" in self.signature.parameters
         self._warned_key = False
 
     def __repr__(self) -> str:
@@ -116,11 +129,18 @@ class Task(Generic[P, R]):
             )
 
     def options(
-        self, *, delay: float = 0.0, key: str | None = None, queue: str | None = None
+        self,
+        *,
+        delay: float = 0.0,
+        key: str | None = None,
+        queue: str | None = None,
+        conn: object = None,
     ) -> Enqueuer[P]:
         """Bind enqueue options: ``delay`` seconds, an idempotency ``key`` (run once per
-        key on a task registered with ``idempotent=True``), another ``queue``."""
-        return Enqueuer(self, delay, key, queue)
+        key on a task registered with ``idempotent=True``), another ``queue``; ``conn``, a
+        connection of the application in an open transaction (PostgreSQL broker only): the
+        job exists exactly when that transaction commits (see `App.enqueue_many`)."""
+        return Enqueuer(self, delay, key, queue, conn)
 
     def call(self, *args: P.args, **kwargs: P.kwargs) -> Call:
         """A `Call` for `App.enqueue_many`."""
