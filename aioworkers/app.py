@@ -9,9 +9,10 @@ import os
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, Literal, ParamSpec, TypeVar, overload
 from urllib.parse import quote
 
+from ._runtime.clock import SYSTEM_CLOCK, Clock
 from ._sqlite import absolute_url
 from .brokers import (
     Broker,
@@ -274,7 +275,9 @@ class App:
         self._hooks["shutdown"].append(fn)
         return fn
 
-    async def _run_hooks(self, which: str) -> None:
+    async def run_hooks(self, which: Literal["startup", "shutdown"]) -> None:
+        """Run the ``on_startup`` or ``on_shutdown`` hooks, in order (a worker and the
+        Lambda handler call this; an embedding service that runs jobs its own way may)."""
         for hook in self._hooks[which]:
             await hook()
 
@@ -366,12 +369,15 @@ class App:
         poll: float = 1.0,
         max_jobs: int | None = None,
         job_timeout: float | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> Worker:
         """A worker for ``queues`` (default: the app's queue and every task's queue).
 
         ``poll`` bounds how long one fetch waits, and so how soon a stop takes effect.
         ``max_jobs`` stops the worker (`Worker.recycle`) once it has started that many
         jobs; ``job_timeout`` bounds each attempt of tasks registered without a timeout.
+        ``clock`` is the time the worker's runtime runs on (leases, backoff, shutdown
+        waits): tests pass `aioworkers.testing.FakeClock` to move it themselves.
         """
         return Worker(
             self,
@@ -381,6 +387,7 @@ class App:
             poll=poll,
             max_jobs=max_jobs,
             job_timeout=job_timeout,
+            clock=clock,
         )
 
     def queues(self) -> list[str]:

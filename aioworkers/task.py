@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
-if TYPE_CHECKING:
-    from .app import App
+from ._runtime.policy import Policy
 
 log = logging.getLogger("aioworkers")
 
 P = ParamSpec("P")
 R = TypeVar("R")
 _Fits = Callable[[Sequence[Any], dict[str, Any]], bool]
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """How failures of a task are retried."""
-
-    retries: int = 3
-    backoff: float = 1.0
-    max_backoff: float = 3600.0
-    timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +27,16 @@ class Call:
     delay: float = 0.0
     key: str | None = None
     queue: str | None = None
+
+
+class Enqueues(Protocol):
+    """What a task needs of its `App`: where its jobs go (a structural type, so this module
+    imports no app)."""
+
+    @property
+    def queue(self) -> str: ...
+
+    async def enqueue_many(self, calls: Iterable[Call], *, conn: object = None) -> list[str]: ...
 
 
 class Enqueuer(Generic[P]):
@@ -82,7 +81,7 @@ class Task(Generic[P, R]):
 
     def __init__(
         self,
-        app: App,
+        app: Enqueues,
         fn: Callable[P, Coroutine[Any, Any, R]],
         *,
         name: str,
@@ -175,3 +174,6 @@ def _fast_fit(
         return required <= given
 
     return fits
+
+
+__all__ = ["Call", "Enqueuer", "Enqueues", "Policy", "Task"]

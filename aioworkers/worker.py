@@ -7,29 +7,43 @@ import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Literal, Protocol
 
 import anyio
 import anyio.abc
 
 from ._runtime import shutdown
-from ._runtime.executor import Executor, Prepared, take_back
+from ._runtime.clock import SYSTEM_CLOCK, Clock, move_on_after
+from ._runtime.executor import ExecutorSettings, executor_for
 from ._runtime.fetcher import Fetcher
-from ._runtime.inflight import InFlight, Run
+from ._runtime.inflight import InFlight
+from ._runtime.jobs import Jobs
 from ._runtime.lease import keep_leases
+from ._runtime.outcome import OUTCOMES
 from ._runtime.scheduler import Scheduler
-from ._runtime.settle import Settler
-from .brokers.base import Delivery
+from ._runtime.settle import BatchedAcks, Settler
+from .brokers.base import Broker
 from .errors import AioworkersError, BrokerUnavailable, ConfigError
-from .telemetry import messaging_system
-
-if TYPE_CHECKING:
-    from .app import App
+from .telemetry import Telemetry, messaging_system
 
 log = logging.getLogger("aioworkers")
 
 BURST_POLL = 0.2
-OUTCOMES = ("ok", "retried", "dead", "released", "lease_lost", "duplicate", "deferred")
+
+
+class WorkerApp(ExecutorSettings, Protocol):
+    """What a worker takes from its `App` (a structural type: the worker imports no app)."""
+
+    @property
+    def broker(self) -> Broker: ...
+
+    @property
+    def broker_name(self) -> str: ...
+
+    @property
+    def telemetry(self) -> Telemetry: ...
+
+    async def run_hooks(self, which: Literal["startup", "shutdown"]) -> None: ...
 
 
 class Worker:
@@ -45,11 +59,12 @@ class Worker:
 
     ``max_jobs`` recycles the worker (see `recycle`) once it has started that many jobs;
     ``job_timeout`` bounds each attempt of a task registered without a ``timeout``.
+    ``clock`` is where the runtime sleeps and reads the time (tests pass a fake one).
     """
 
     def __init__(
         self,
-        app: App,
+        app: WorkerApp,
         *,
         concurrency: int,
         queues: list[str],
@@ -57,6 +72,7 @@ class Worker:
         poll: float,
         max_jobs: int | None = None,
         job_timeout: float | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
@@ -69,35 +85,31 @@ class Worker:
         self.queues = queues
         self.grace = grace
         self.poll = poll
+        self.max_jobs = max_jobs
+        self.clock = clock
         self.state = "IDLE"
+        self.recycled: str | None = None  # why the worker stopped itself, if it did
         self._inflight = InFlight()
-        self._scheduler = Scheduler(concurrency, self._inflight, self._start)
+        self._scheduler = Scheduler(concurrency, self._inflight, limit=max_jobs)
         # Checked once: with no OpenTelemetry provider configured this is None and the
         # hot path makes no telemetry call at all.
         self._telemetry = app.telemetry.for_worker(
             messaging_system(app.broker), self._inflight.snapshot
         )
-        self._settler = Settler(app.broker, telemetry=self._telemetry)
-        traced = self._telemetry is not None and self._telemetry.tracer is not None
-        self._job_coro = self._traced_job if traced else self._job
-        self._store = app.idempotency
-        self._executor = Executor(
-            app.tasks,
-            max_message_size=app.max_message_size,
-            max_deliveries=app.max_deliveries,
-            store=self._store,
-            lease=app.visibility_timeout,
-            ttl=app.idempotency_ttl,
-            default_timeout=job_timeout,
+        self._acks = BatchedAcks(app.broker, clock=clock)
+        self._settler = Settler(self._acks, telemetry=self._telemetry, clock=clock)
+        self._jobs = Jobs(
+            executor_for(app, job_timeout=job_timeout, clock=clock),
+            self._settler,
+            self._inflight,
+            scheduler=self._scheduler,
+            telemetry=self._telemetry,
         )
-        self.max_jobs = max_jobs
-        self.jobs_started = 0
-        self.recycled: str | None = None  # why the worker stopped itself, if it did
         self._quiet = False
         self._stops = 0
         self._grace_scope: anyio.CancelScope | None = None
         self._fetchers: anyio.abc.TaskGroup | None = None
-        self._deadlines = shutdown.Deadlines()
+        self._deadlines = shutdown.Deadlines(clock)
         self._failure: Exception | None = None
         self._started = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -120,6 +132,10 @@ class Worker:
     def in_flight(self) -> int:
         return len(self._inflight)
 
+    @property
+    def jobs_started(self) -> int:
+        return self._scheduler.started
+
     def quiet(self) -> None:
         """Stop fetching (for good); jobs running go on, fetched ones not started are
         released to other workers. `run()` returns only after `stop()` (or, in burst mode,
@@ -132,7 +148,7 @@ class Worker:
             if unstarted:
                 # Hand them to another worker now rather than after their lease runs out.
                 self._release_task = asyncio.get_running_loop().create_task(
-                    self._release(unstarted)
+                    self._jobs.hand_back(unstarted)
                 )
 
     def stop(self) -> None:
@@ -168,7 +184,7 @@ class Worker:
         if self.state != "IDLE":
             raise RuntimeError("a Worker runs once; make another with app.worker()")
         self.state = "RUNNING"
-        await self.app._run_hooks("startup")
+        await self.app.run_hooks("startup")
         try:
             log.info("worker started %r", self)
             self._started.set()
@@ -177,7 +193,7 @@ class Worker:
                 raise self._failure
         finally:
             self.state = "STOPPED"
-            await self.app._run_hooks("shutdown")
+            await self.app.run_hooks("shutdown")
             counts = self._settler.counts
             summary = " ".join(f"{k}={counts[k]}" for k in OUTCOMES)
             log.info("worker stopped %r %s", self, summary)
@@ -188,31 +204,25 @@ class Worker:
             keep_leases,
             broker,
             self._inflight,
-            visibility=self.app.visibility_timeout,
-            store=self._store,
+            lease=self.app.visibility_timeout,
+            store=self.app.idempotency,
             telemetry=self._telemetry,
+            clock=self.clock,
         )
         async with anyio.create_task_group() as service:
             service.start_soon(self._service, "keeping leases", lease)
-            service.start_soon(self._service, "acking", self._settler.run_acks)
+            service.start_soon(self._service, "acking", self._acks.run_acks)
             if self._telemetry is not None:
                 depths = partial(self._telemetry.poll_depth, broker.depth, self.queues)
                 service.start_soon(self._service, "polling queue depths", depths)
+            if self.max_jobs is not None:
+                service.start_soon(self._recycle_when_exhausted)
             try:
                 async with anyio.create_task_group() as self._fetchers:
                     for queue in self.queues:
-                        fetcher = Fetcher(
-                            broker,
-                            queue,
-                            self._scheduler,
-                            wait=min(self.poll, BURST_POLL) if burst else self.poll,
-                            quiet=lambda: self._quiet,
-                            drained=self._drained if burst else None,
-                            telemetry=self._telemetry,
-                            queues=len(self.queues),
-                        )
                         what = f"fetching from {queue!r}"
-                        self._fetchers.start_soon(self._service, what, fetcher.run, False)
+                        fetch = self._fetcher(queue, burst).run
+                        self._fetchers.start_soon(self._service, what, fetch, False)
                 self.quiet()
                 if not burst:
                     await self._stopping.wait()
@@ -221,9 +231,24 @@ class Worker:
                 if len(self._inflight):
                     await self._abandon()  # cancelled from outside: still hand jobs back
             with self._deadlines.window(shutdown.SETTLE_GRACE):
-                await self._service("acking", self._settler.flush_acks, False)
+                await self._service("acking", self._acks.flush_acks, False)
             # Leases are kept until every job is settled; only then stop the lease loop.
             service.cancel_scope.cancel()
+
+    def _fetcher(self, queue: str, burst: bool) -> Fetcher:
+        return Fetcher(
+            self.app.broker,
+            queue,
+            self._scheduler,
+            self._jobs,
+            wait=min(self.poll, BURST_POLL) if burst else self.poll,
+            lease=self.app.visibility_timeout,
+            quiet=lambda: self._quiet,
+            drained=self._drained if burst else None,
+            telemetry=self._telemetry,
+            queues=len(self.queues),
+            clock=self.clock,
+        )
 
     async def _service(
         self, what: str, fn: Callable[[], Awaitable[None]], again: bool = True
@@ -238,7 +263,7 @@ class Worker:
                 self._fail(what, exc)
                 if not again:
                     return
-            await anyio.sleep(0.1)
+            await self.clock.sleep(0.1)
 
     def _fail(self, what: str, exc: Exception) -> None:
         while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
@@ -255,29 +280,13 @@ class Worker:
         self.quiet()
         self._stopping.set()
 
-    def _start(self, delivery: Delivery, run: Run) -> None:
-        # One plain asyncio task per job: the hot path pays for nothing more.
-        run.task = asyncio.get_running_loop().create_task(self._job_coro(delivery, run))
-        self.jobs_started += 1
-        if self.jobs_started == self.max_jobs:
-            self.recycle(f"ran max_jobs={self.max_jobs} jobs")
-
-    async def _release(self, deliveries: list[Delivery]) -> None:
-        try:
-            await self.app.broker.release(deliveries)
-        except Exception as exc:
-            log.warning(
-                "could not release %d jobs; their leases will expire: %s", len(deliveries), exc
-            )
-        else:
-            for delivery in deliveries:
-                self._settler.count("released", delivery)
-        finally:
-            for delivery in deliveries:
-                self._inflight.remove(delivery)
+    async def _recycle_when_exhausted(self) -> None:
+        # The scheduler starts no job past max_jobs: what it holds beyond is handed back.
+        await self._scheduler.exhausted.wait()
+        self.recycle(f"ran max_jobs={self.max_jobs} jobs")
 
     async def _drain(self) -> None:
-        with anyio.move_on_after(self.grace) as self._grace_scope:
+        with move_on_after(self.clock, self.grace) as self._grace_scope:
             if self._stops > 1:
                 self._grace_scope.cancel()  # a second stop came before the drain began
             await self._inflight.wait_empty()
@@ -290,54 +299,8 @@ class Worker:
         others = [self._release_task] if self._release_task is not None else []
         await shutdown.abandon(self._inflight, self._deadlines, *others)
 
-    async def _traced_job(self, delivery: Delivery, run: Run) -> None:
-        assert self._telemetry is not None
-        try:
-            # Decoded once, here: the span needs the envelope's ids and trace headers.
-            prepared = self._executor.prepare(delivery)
-            span, token = self._telemetry.start_attempt(delivery, prepared[0])
-        except Exception:
-            # A failing propagator or sampler must not cost the job (or its slot).
-            log.exception("could not start the span of %r; running it untraced", delivery)
-            await self._job(delivery, run)
-            return
-        # The span is started and ended here rather than in a wrapper coroutine: each layer
-        # of coroutines costs again every time the job suspends and resumes.
-        error: BaseException | None = None
-        try:
-            await self._job(delivery, run, prepared)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self._telemetry.end_attempt(span, token, error)
-            error = None  # no reference cycle through the traceback
-
-    async def _job(self, delivery: Delivery, run: Run, prepared: Prepared | None = None) -> None:
-        run.started = True
-        try:
-            outcome = await self._executor.execute(delivery, run, prepared)
-            if run.lost:
-                # Another worker may hold it now: settling anything would act over it.
-                self._settler.count("lease_lost", delivery, outcome)
-            else:
-                # From here the settle's own broker call says whether the lease is still
-                # ours: a heartbeat answered "not held" (it crossed the ack) cancels nothing.
-                run.settling = True
-                await self._settler.settle(delivery, outcome)
-        except asyncio.CancelledError:
-            # The lease was found lost before the handler could see the cancel.
-            if not (run.lost and take_back(run)):
-                raise
-            self._settler.count("lease_lost", delivery)
-        except Exception:
-            log.exception("internal error while running %r; the broker will redeliver it", delivery)
-        finally:
-            self._inflight.remove(delivery)
-            self._scheduler.done()
-
     async def _drained(self) -> bool:
-        if len(self._inflight) or self._settler.pending_acks:
+        if len(self._inflight) or self._acks.pending_acks:
             return False
         try:
             for queue in self.queues:

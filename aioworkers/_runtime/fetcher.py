@@ -6,12 +6,12 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-import anyio
-
 from ..brokers.base import Broker
 from ..errors import BrokerUnavailable
-from ..retry import next_delay
 from ..telemetry.worker import WorkerTelemetry
+from .backoff import Backoff
+from .clock import SYSTEM_CLOCK, Clock
+from .jobs import Jobs
 from .scheduler import Scheduler
 
 log = logging.getLogger("aioworkers")
@@ -37,21 +37,27 @@ class Fetcher:
         broker: Broker,
         queue: str,
         scheduler: Scheduler,
+        jobs: Jobs,
         *,
         wait: float,
+        lease: float,
         quiet: Callable[[], bool],
         drained: Callable[[], Awaitable[bool]] | None,
         telemetry: WorkerTelemetry | None = None,
         queues: int = 1,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.broker = broker
         self.queue = queue
         self.scheduler = scheduler
+        self.jobs = jobs
         self.wait = wait
+        self.lease = lease
         self.quiet = quiet
         self.drained = drained
         self.telemetry = telemetry
         self.queues = queues
+        self.clock = clock
         self._hungry = True  # the last fetch brought work: the queue may hold more
 
     async def run(self) -> None:
@@ -75,7 +81,8 @@ class Fetcher:
         return reserved, self.wait
 
     async def _fetch_until_done(self) -> None:
-        failures = 0
+        # Not `backoff()`: the slots are given back between tries, and a quiet worker stops.
+        pauses = Backoff(self.clock, first=0.2, cap=10.0)
         idle = True
         while not self.quiet():
             if idle and self.drained is not None and await self.drained():
@@ -84,23 +91,24 @@ class Fetcher:
             if reserved == 0:
                 continue
             try:
-                got = await self.broker.fetch(self.queue, max_messages=reserved, wait=wait)
+                got = await self.broker.fetch(
+                    self.queue, max_messages=reserved, wait=wait, lease=self.lease
+                )
             except BrokerUnavailable as exc:
                 self.scheduler.unreserve(reserved)
-                failures += 1
-                delay = next_delay(failures, base=0.2, cap=10.0)
-                log.warning("fetch from %r failed, retrying in %.1fs: %s", self.queue, delay, exc)
-                await anyio.sleep(delay)
+                delay = pauses.delay()
+                log.warning("fetch from %r failed, retrying in %.2fs: %s", self.queue, delay, exc)
+                await pauses.pause(delay)
                 continue
             except BaseException:
                 self.scheduler.unreserve(reserved)
                 raise
-            failures = 0
+            pauses.reset()
             idle = not got
             self._hungry = bool(got)
             if got and self.telemetry is not None:
                 self.telemetry.fetched(self.queue, len(got))
-            if not self.scheduler.submit(got, reserved) and got:
+            if not self.jobs.admit(got, reserved) and got:
                 # Went quiet while waiting: hand them to another worker at once. If the
                 # broker is down, their leases run out and it redelivers them.
                 with contextlib.suppress(BrokerUnavailable):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from types import TracebackType
+from typing import Any
 
 from ..brokers.base import Delivery
 
@@ -13,10 +15,10 @@ class Run:
     __slots__ = ("cancel_requested", "cancel_taken", "claim", "lost", "settling", "started", "task")
 
     def __init__(self) -> None:
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[Any] | None = None
         self.started = False  # set by the task's first step
         self.cancel_requested = False
-        self.cancel_taken = False  # its one cancellation was taken back (see take_back)
+        self.cancel_taken = False  # its one cancellation was taken back (see catch_cancel)
         self.lost = False  # the lease is gone: settle nothing
         # The run has its outcome and is settling it: the settle's own broker call says
         # whether the lease is still ours, and there is no handler left to stop.
@@ -35,6 +37,35 @@ class Run:
         # would settle the delivery or free its slot: until then the flag alone must do.
         if self.task is not None and self.started:
             self.task.cancel()
+
+    def catch_cancel(self) -> Run:
+        """``with run.catch_cancel():`` ends the block quietly on the runtime's own single
+        cancellation of this run (`cancel`), taken back (`cancel_taken` then says so), and
+        lets any other propagate: a cancel from outside, or a second one on top of ours
+        (shutdown cancelling again, e.g. a handler still unwinding the first one, or a
+        settle that cannot finish), which nothing may swallow. The run itself is the
+        context manager: the hot path allocates nothing for it."""
+        return self
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if exc_type is None or not issubclass(exc_type, asyncio.CancelledError):
+            return False
+        current = asyncio.current_task()
+        if not self.cancel_requested or self.cancel_taken or current is None:
+            return False
+        if current.cancelling() > 1:
+            return False
+        self.cancel_taken = True
+        current.uncancel()
+        return True
 
 
 class InFlight:
@@ -88,7 +119,7 @@ class InFlight:
         for run in self._runs.values():
             run.cancel()
 
-    def tasks(self) -> list[asyncio.Task[None]]:
+    def tasks(self) -> list[asyncio.Task[Any]]:
         """The tasks of the runs that have started (a task cancelled before its first step
         would never release its delivery; `Run.cancel` stops those before they start)."""
         return [run.task for run in self._runs.values() if run.task is not None and run.started]

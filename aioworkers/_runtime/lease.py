@@ -3,46 +3,59 @@
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import anyio
 
-from ..brokers.base import Broker
+from ..brokers.base import Delivery
 from ..errors import BrokerUnavailable
 from ..idempotency.base import IdempotencyStore, StoreUnavailable
 from ..telemetry.worker import WorkerTelemetry
+from .clock import SYSTEM_CLOCK, Clock
 from .inflight import InFlight
 
 log = logging.getLogger("aioworkers")
 
 
+class Extends(Protocol):
+    """The one broker call the lease loop makes (a `Broker` has it)."""
+
+    async def extend(self, deliveries: list[Delivery], *, lease: float) -> list[Delivery]: ...
+
+
 async def keep_leases(
-    broker: Broker,
+    broker: Extends,
     inflight: InFlight,
     *,
-    visibility: float,
+    lease: float,
     store: IdempotencyStore | None = None,
     telemetry: WorkerTelemetry | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> None:
-    """Every ``visibility / 3`` seconds, extend every delivery held and every idempotency
-    claim of a running job; cancel runs whose lease or claim was lost, so a worker that
-    stalled never settles a job, or runs a key, another worker now holds."""
+    """Every ``lease / 3`` seconds, extend every delivery held and every idempotency claim
+    of a running job by ``lease``; cancel runs whose lease or claim was lost, so a worker
+    that stalled never settles a job, or runs a key, another worker now holds."""
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_keep_deliveries, broker, inflight, visibility, telemetry)
+        tg.start_soon(_keep_deliveries, broker, inflight, lease, telemetry, clock)
         if store is not None:
             # A loop of its own: a slow store must not delay the broker's heartbeat.
-            tg.start_soon(_keep_claims, store, inflight, visibility)
+            tg.start_soon(_keep_claims, store, inflight, lease, clock)
 
 
 async def _keep_deliveries(
-    broker: Broker, inflight: InFlight, visibility: float, telemetry: WorkerTelemetry | None
+    broker: Extends,
+    inflight: InFlight,
+    lease: float,
+    telemetry: WorkerTelemetry | None,
+    clock: Clock,
 ) -> None:
     while True:
-        await anyio.sleep(visibility / 3)
+        await clock.sleep(lease / 3)
         held = inflight.snapshot()
         if not held:
             continue
         try:
-            lost = await broker.extend(held, lease=visibility)
+            lost = await broker.extend(held, lease=lease)
         except BrokerUnavailable as exc:
             # Two more tries fit in the lease before it runs out.
             log.warning("could not extend %d leases: %s", len(held), exc)
@@ -57,9 +70,11 @@ async def _keep_deliveries(
             log.warning("lease lost for %r: cancelling its run", delivery)
 
 
-async def _keep_claims(store: IdempotencyStore, inflight: InFlight, lease: float) -> None:
+async def _keep_claims(
+    store: IdempotencyStore, inflight: InFlight, lease: float, clock: Clock
+) -> None:
     while True:
-        await anyio.sleep(lease / 3)
+        await clock.sleep(lease / 3)
         held = inflight.claims()
         if not held:
             continue

@@ -1,19 +1,24 @@
-"""Capacity: start a job whenever a slot is free; fetchers reserve slots before they fetch."""
+"""Capacity: which delivery may start, and when; fetchers reserve slots before they fetch.
+
+The scheduler starts nothing itself: `submit` and `done` return the deliveries that may
+start now, and `jobs.Jobs` starts them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from ..brokers.base import Delivery
 from .inflight import InFlight, Run
 
-Start = Callable[[Delivery, Run], None]
+Ready = tuple[Delivery, Run]
 
 
 class Scheduler:
-    """At most ``capacity`` deliveries held at once: running, buffered, or being fetched.
+    """At most ``capacity`` deliveries held at once: running, buffered, or being fetched;
+    with a ``limit``, at most that many started in all (then `exhausted` is set).
 
     A fetcher reserves slots (`reserve`) before it asks the broker for that many, and
     hands back what the fetch did not fill (`submit`, `unreserve`). Fetchers on several
@@ -22,13 +27,15 @@ class Scheduler:
     so a busy queue cannot keep the others from ever getting a slot.
     """
 
-    def __init__(self, capacity: int, inflight: InFlight, start: Start) -> None:
+    def __init__(self, capacity: int, inflight: InFlight, limit: int | None = None) -> None:
         self.capacity = capacity
+        self.limit = limit
+        self.started = 0
         self.running = 0
         self.reserved = 0
+        self.exhausted = asyncio.Event()  # set once ``limit`` deliveries have started
         self._inflight = inflight
-        self._start = start
-        self._buffer: deque[tuple[Delivery, Run]] = deque()
+        self._buffer: deque[Ready] = deque()
         # Fetchers waiting for room, and how much each wants, first come first served.
         self._turns: deque[tuple[asyncio.Future[int], int]] = deque()
         self._closed = False
@@ -40,7 +47,12 @@ class Scheduler:
     @property
     def room(self) -> int:
         """Free slots that no run, buffered delivery or fetch under way has taken."""
-        return self.capacity - self.running - self.reserved - len(self._buffer)
+        taken = self.reserved + len(self._buffer)
+        free = self.capacity - self.running - taken
+        if self.limit is not None:
+            # Nothing is fetched that the limit would not let start.
+            free = min(free, self.limit - self.started - taken)
+        return free
 
     async def reserve(self, most: int) -> int:
         """Wait for a free slot (in turn with other fetchers) and reserve up to ``most``;
@@ -67,31 +79,40 @@ class Scheduler:
         self.reserved -= n
         self._next_turn()
 
-    def submit(self, deliveries: Sequence[Delivery], reserved: int) -> bool:
+    def submit(self, deliveries: Sequence[Delivery], reserved: int) -> list[Ready] | None:
         """Hold these deliveries (from now on their leases are kept) in the ``reserved``
-        slots fetched for, and start what fits; the slots left unfilled are free again.
+        slots fetched for; returns those to start now (the rest wait in the buffer). The
+        slots left unfilled are free again.
 
-        Returns False, holding nothing, once closed: the caller releases them.
+        Returns None, holding nothing, once closed: the caller releases them.
         """
         self.reserved -= reserved
         if self._closed:
-            return False
+            return None
         for delivery in deliveries:
             self._buffer.append((delivery, self._inflight.add(delivery)))
-        self._dispatch()
+        ready = []
+        while (one := self._next()) is not None:
+            ready.append(one)
         self._next_turn()
-        return True
+        return ready
 
-    def done(self) -> None:
-        """A job finished and was settled: its slot is free."""
+    def done(self) -> Ready | None:
+        """A job finished and was settled: its slot is free. Returns the buffered delivery
+        to start in it, if any."""
         self.running -= 1
-        self._dispatch()
+        ready = self._next()
         self._next_turn()
+        return ready
 
-    def _dispatch(self) -> None:
-        while self._buffer and self.running < self.capacity:
-            self.running += 1
-            self._start(*self._buffer.popleft())
+    def _next(self) -> Ready | None:
+        if not self._buffer or self.running >= self.capacity or self.started == self.limit:
+            return None
+        self.running += 1
+        self.started += 1
+        if self.started == self.limit:
+            self.exhausted.set()
+        return self._buffer.popleft()
 
     def _take(self, most: int) -> int:
         n = min(most, self.room)

@@ -1,31 +1,32 @@
-"""Settle each delivery exactly once: the only caller of ack, retry, release and dead_letter."""
+"""Settle each delivery exactly once: the one place an outcome's decision becomes broker
+calls, and the one place a delivery is counted as an outcome.
+
+How the calls reach the broker is a `Completer` (River's model): `BatchedAcks` for a
+worker (acks batched, every call retried while the broker is down), `InlineCompleter` for
+the Lambda adapter (each call once, at once).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import traceback
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Protocol, TypeVar
 
-import anyio
-
-from ..brokers.base import Broker, DeadLetter, Delivery
-from ..envelope import Envelope, encode, fingerprint
-from ..errors import BrokerUnavailable, LeaseLost, printable, redact
-from ..task import Policy
+from ..brokers.base import Broker, DeadLetter, DeadLetterWriter, Delivery
+from ..envelope import encode
+from ..errors import BrokerUnavailable, LeaseLost, printable
 from ..telemetry.worker import WorkerTelemetry
-from . import classify as c
-from .executor import Outcome
+from .backoff import backoff
+from .clock import SYSTEM_CLOCK, Clock
+from .failure import MAX_ERROR_CHARS, dead_letter_for, job_fields, log_failure
+from .outcome import Ack, Dead, Defer, Outcome, OutcomeName, Release, RetryLater
 
 log = logging.getLogger("aioworkers")
 
-DEFAULT_POLICY = Policy()
-MAX_ERROR_CHARS = 2000
-MAX_TRACEBACK_CHARS = 8000
+T = TypeVar("T")
 
 
 class OutcomeUnknown(Exception):
@@ -39,63 +40,54 @@ class OutcomeUnknown(Exception):
     """
 
 
-async def with_backoff(call: Callable[[], Awaitable[Any]], what: str) -> Any:
-    """Retry ``call`` on `BrokerUnavailable` with capped exponential backoff, forever.
+class Completer(Protocol):
+    """Carries a settle decision to the broker. Each call returns False if it left the
+    delivery to the broker to hand out again instead (counted as released), and raises
+    `LeaseLost` (or `OutcomeUnknown`) if the delivery is no longer ours."""
 
-    Callers bound it with a cancel scope (shutdown cancels it); a settlement abandoned that
-    way is redelivered by the broker later (at-least-once), never lost. Raises
-    `OutcomeUnknown` for a `LeaseLost` that follows a failed call (see there).
-    """
-    delay = 0.05
-    unsure = False
-    while True:
-        try:
-            return await call()
-        except BrokerUnavailable as exc:
-            unsure = True
-            log.warning("broker unavailable during %s, retrying in %.2fs: %s", what, delay, exc)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-        except LeaseLost as exc:
-            if unsure:
-                raise OutcomeUnknown(f"{what}: {exc}") from exc
-            raise
+    async def ack(self, delivery: Delivery) -> bool: ...
+
+    async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> bool: ...
+
+    async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> bool: ...
+
+    async def release(self, deliveries: Sequence[Delivery], *, again: bool = True) -> bool:
+        """``again=False``: one try, for deliveries that never started (a shutdown does
+        not wait on a broker that is down for them; their leases run out)."""
+        ...
 
 
 class Settler:
-    """Turns outcomes into broker calls. Acks are batched: every ack that arrives while a
-    round trip is in progress goes out together in the next one, and each job waits for
-    its own to be confirmed."""
+    """Turns outcomes into `Completer` calls and counts each delivery once."""
 
     def __init__(
         self,
-        broker: Broker,
+        completer: Completer,
         *,
-        max_ack_batch: int = 1000,
         telemetry: WorkerTelemetry | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self._broker = broker
+        self._completer = completer
         self._telemetry = telemetry
-        # Each ack's future says whether the broker took it (False: the lease was lost).
-        self._acks: list[tuple[Delivery, asyncio.Future[bool]]] = []
-        self._wake = asyncio.Event()
-        self._flushing = asyncio.Lock()
-        self._max_batch = max_ack_batch
+        self._clock = clock
         self.counts: Counter[str] = Counter()
 
-    def count(self, name: str, delivery: Delivery, outcome: Outcome | None = None) -> None:
-        """The one place a delivery is counted as an outcome (``ok``, ``retried``, ...):
-        `counts`, and the metrics and span of the job when telemetry is on."""
+    def count(self, name: OutcomeName, delivery: Delivery, outcome: Outcome | None = None) -> None:
+        """The one place a delivery is counted as an outcome: `counts`, and the metrics and
+        span of the job when telemetry is on."""
         self.counts[name] += 1
         if self._telemetry is not None:
             self._telemetry.settled(name, delivery, outcome)
 
-    async def settle(self, delivery: Delivery, outcome: Outcome) -> c.Decision:
-        env = outcome.envelope
-        policy = outcome.task.policy if outcome.task is not None else DEFAULT_POLICY
-        decision = c.classify(outcome.error, env.attempt if env else 1, policy)
+    async def settle(self, delivery: Delivery, outcome: Outcome) -> OutcomeName | None:
+        """Apply ``outcome.decision``; returns what the delivery was counted as (None: the
+        broker's answer left that unknown)."""
         try:
-            await self._apply(delivery, outcome, decision)
+            decision = outcome.decision
+            if isinstance(decision, Ack):  # the hot path: no detour
+                done = await self._completer.ack(delivery)
+            else:
+                done = await self._apply(delivery, outcome)
         except OutcomeUnknown as exc:
             # Counted as neither: "lease_lost" would be false if the first call was applied.
             log.warning(
@@ -103,51 +95,131 @@ class Settler:
                 "meanwhile (counted as neither): %s",
                 delivery,
                 exc,
+                extra={"job": job_fields(delivery, outcome)},
             )
+            return None
         except LeaseLost:
-            self.count("lease_lost", delivery, outcome)
-            log.warning("lease lost, not settling %r (another worker owns it now)", delivery)
-        return decision
+            self.count(OutcomeName.LEASE_LOST, delivery, outcome)
+            log.warning(
+                "lease lost, not settling %r (another worker owns it now)",
+                delivery,
+                extra={"job": job_fields(delivery, outcome)},
+            )
+            return OutcomeName.LEASE_LOST
+        name = decision.name
+        if not done:
+            log.warning(
+                "%r not %s: left to the broker to deliver again",
+                delivery,
+                name,
+                extra={"job": job_fields(delivery, outcome)},
+            )
+            name = OutcomeName.RELEASED
+        self.count(name, delivery, outcome)
+        return name
 
-    async def _apply(self, delivery: Delivery, outcome: Outcome, decision: c.Decision) -> None:
-        broker = self._broker
-        match decision:
-            case c.Ack(outcome=counted_as):
-                acked: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-                self._acks.append((delivery, acked))
-                self._wake.set()
-                # Held (slot and lease) until the broker has the ack: a lease that lapsed
-                # while the ack waited would hand a finished job to another worker.
-                if not await acked:
-                    raise LeaseLost(f"{delivery!r} was not acked")
-                self.count(counted_as, delivery, outcome)
-            case c.RetryLater(delay=delay):
+    async def _apply(self, delivery: Delivery, outcome: Outcome) -> bool:
+        completer = self._completer
+        match outcome.decision:
+            case RetryLater(delay=delay):
                 assert outcome.envelope is not None
                 body = encode(outcome.envelope.next_attempt())
-                _log_failure(
-                    logging.WARNING, delivery, outcome, f"retry in {delay:.2f}s", "retried"
-                )
-                await with_backoff(lambda: broker.retry(delivery, body=body, delay=delay), "retry")
-                # Counted once done: a delivery whose lease was lost counts as lease_lost only.
-                self.count("retried", delivery, outcome)
-            case c.DeadLetter(reason=reason):
-                letter = dead_letter_for(delivery, outcome, reason)
-                _log_failure(logging.ERROR, delivery, outcome, f"dead-lettered ({reason})", "dead")
-                await with_backoff(lambda: broker.dead_letter(delivery, letter), "dead_letter")
-                self.count("dead", delivery, outcome)
-            case c.Release():
-                await with_backoff(lambda: broker.release([delivery]), "release")
-                self.count("released", delivery, outcome)
-            case c.Defer(delay=delay):
+                what = f"retry in {delay:.2f}s"
+                log_failure(logging.WARNING, delivery, outcome, what, OutcomeName.RETRIED)
+                return await completer.retry(delivery, body=body, delay=delay)
+            case Dead(reason=reason):
+                letter = dead_letter_for(delivery, outcome, reason, dead_at=self._clock.time())
+                what = f"dead-lettered ({reason})"
+                log_failure(logging.ERROR, delivery, outcome, what, OutcomeName.DEAD)
+                return await completer.dead_letter(delivery, letter)
+            case Release():
+                return await completer.release([delivery])
+            case Defer(delay=delay):
                 # The body unchanged: same attempt, so waiting on a key uses no retry.
                 env = outcome.envelope
-                job_id = env.id if env is not None else delivery.message_id
-                why = printable(str(outcome.error), MAX_ERROR_CHARS)
-                log.info("job deferred id=%s for %.2fs: %s", printable(job_id), delay, why)
-                await with_backoff(
-                    lambda: broker.retry(delivery, body=delivery.body, delay=delay), "retry"
-                )
-                self.count("deferred", delivery, outcome)
+                job_id = printable(env.id if env is not None else delivery.message_id)
+                why = printable(outcome.detail, MAX_ERROR_CHARS)
+                log.info("job deferred id=%s for %.2fs: %s", job_id, delay, why)
+                return await completer.retry(delivery, body=delivery.body, delay=delay)
+        return await completer.ack(delivery)
+
+    async def hand_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Release deliveries that never started, with one try: if the broker is down,
+        their leases run out and it hands them out again."""
+        try:
+            released = await self._completer.release(deliveries, again=False)
+        except Exception as exc:
+            log.warning(
+                "could not release %d jobs; their leases will expire: %s", len(deliveries), exc
+            )
+            return
+        if released:
+            for delivery in deliveries:
+                self.count(OutcomeName.RELEASED, delivery)
+
+
+class BatchedAcks:
+    """The worker's completer. Acks are batched: every ack that arrives while a round trip
+    is in progress goes out together in the next one, and each job waits for its own to be
+    confirmed. Every call is retried while the broker is unavailable (see `backoff`)."""
+
+    def __init__(
+        self, broker: Broker, *, max_ack_batch: int = 1000, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
+        self._broker = broker
+        self._clock = clock
+        # Each ack's future says whether the broker took it (False: the lease was lost).
+        self._acks: list[tuple[Delivery, asyncio.Future[bool]]] = []
+        self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
+        self._max_batch = max_ack_batch
+
+    async def ack(self, delivery: Delivery) -> bool:
+        acked: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._acks.append((delivery, acked))
+        self._wake.set()
+        # Held (slot and lease) until the broker has the ack: a lease that lapsed while
+        # the ack waited would hand a finished job to another worker.
+        if not await acked:
+            raise LeaseLost(f"{delivery!r} was not acked")
+        return True
+
+    async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> bool:
+        await self._call(partial(self._broker.retry, delivery, body=body, delay=delay), "retry")
+        return True
+
+    async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> bool:
+        await self._call(partial(self._broker.dead_letter, delivery, letter), "dead_letter")
+        return True
+
+    async def release(self, deliveries: Sequence[Delivery], *, again: bool = True) -> bool:
+        if again:
+            await self._call(partial(self._broker.release, deliveries), "release")
+        else:
+            await self._broker.release(deliveries)
+        return True
+
+    async def _call(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """``call`` with `backoff`, forever: callers bound it with a cancel scope (shutdown
+        cancels it); a settlement abandoned that way is redelivered by the broker later
+        (at-least-once), never lost. Raises `OutcomeUnknown` for a `LeaseLost` that follows
+        a failed call (see there)."""
+        failed = False
+
+        async def once() -> T:
+            nonlocal failed
+            try:
+                return await call()
+            except BrokerUnavailable:
+                failed = True
+                raise
+
+        try:
+            return await backoff(once, what=what, clock=self._clock, retry_on=(BrokerUnavailable,))
+        except LeaseLost as exc:
+            if failed:
+                raise OutcomeUnknown(f"{what}: {exc}") from exc
+            raise
 
     async def run_acks(self) -> None:
         """Flush acks as they come, until cancelled."""
@@ -165,9 +237,7 @@ class Settler:
                 batch = self._acks[: self._max_batch]
                 del self._acks[: self._max_batch]
                 try:
-                    lost = await with_backoff(
-                        partial(self._broker.ack, [d for d, _ in batch]), "ack"
-                    )
+                    lost = await self._call(partial(self._broker.ack, [d for d, _ in batch]), "ack")
                 except BaseException as exc:
                     # Not known to be acked: each job sees the error (or the cancel), and
                     # counts as nothing; the broker redelivers it after its lease.
@@ -178,7 +248,7 @@ class Settler:
                             else:
                                 acked.set_exception(exc)
                     raise
-                refused = {id(d) for d in lost or ()}  # an older Broker returns None
+                refused = {id(d) for d in lost}
                 for d, acked in batch:
                     if not acked.done():
                         acked.set_result(id(d) not in refused)
@@ -188,91 +258,31 @@ class Settler:
         return len(self._acks)
 
 
-def dead_letter_for(delivery: Delivery, outcome: Outcome, reason: str) -> DeadLetter:
-    """The record of a dead job: every text in it taken from the message or the error is
-    cut and escaped (the body itself is kept whole beside it, for replay)."""
-    env = outcome.envelope
-    error = outcome.error
-    return DeadLetter(
-        id=printable(env.id if env else delivery.message_id),
-        task=printable(env.task) if env else None,
-        reason=reason,
-        error=_describe(error),
-        error_type=type(error).__name__ if error is not None else None,
-        traceback=_traceback(error),
-        attempts=env.attempt if env else 1,
-        dead_at=time.time(),
-        queue=delivery.queue,
-    )
+class InlineCompleter:
+    """The Lambda adapter's completer: each call at once and once (the invocation has a
+    deadline; what fails is reported for redelivery). An ack is Lambda's to do: it deletes
+    the records reported done when the function returns. A retry or deferral is published
+    as a new message, a dead letter written, where the broker can (``publisher``,
+    ``writer``); a release, or what it cannot do, is left to the queue to deliver again."""
 
+    def __init__(self, publisher: Broker | None, writer: DeadLetterWriter | None) -> None:
+        self._publisher = publisher
+        self._writer = writer
 
-def _describe(error: BaseException | None) -> str | None:
-    """``"Type: message"`` on one line: cut (an error may quote a whole message) before
-    it is redacted, then escaped."""
-    if error is None:
-        return None
-    return printable(redact(f"{type(error).__name__}: {error}", MAX_ERROR_CHARS), None)
+    async def ack(self, delivery: Delivery) -> bool:
+        return True
 
+    async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> bool:
+        if self._publisher is None:
+            return False
+        await self._publisher.publish(delivery.queue, [body], delay=delay)
+        return True
 
-def _traceback(error: BaseException | None) -> str | None:
-    """The traceback's last lines, redacted. Each part (a frame, an exception's message)
-    is cut on its own first, so a huge message cannot push the frames out."""
-    if error is None or error.__traceback__ is None:
-        return None
-    parts = traceback.TracebackException.from_exception(error).format()
-    text = "".join(_cut_part(part) for part in parts)
-    lines = redact(text, MAX_TRACEBACK_CHARS, keep_end=True).split("\n")
-    return "\n".join(printable(line, None) for line in lines)
+    async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> bool:
+        if self._writer is None:
+            return False
+        await self._writer.send_dead_letter(delivery.queue, delivery.body, letter)
+        return True
 
-
-def _cut_part(part: str) -> str:
-    if len(part) <= MAX_ERROR_CHARS:
-        return part
-    return redact(part, MAX_ERROR_CHARS) + "\n"
-
-
-def _log_failure(
-    level: int, delivery: Delivery, outcome: Outcome, what: str, counted_as: str
-) -> None:
-    env: Envelope | None = outcome.envelope
-    error = _describe(outcome.error)
-    # Taken from the message: cut and escaped, so a log line can be neither forged nor flooded.
-    job_id = printable(env.id if env is not None else delivery.message_id)
-    task = printable(env.task) if env is not None else None
-    # The same facts as fields, for `--log-format json` (see aioworkers.monitor).
-    job = {
-        "job_id": job_id,
-        "task": task,
-        "attempt": env.attempt if env is not None else None,
-        "queue": delivery.queue,
-        "duration": round(outcome.duration, 6),
-        "error": error,
-        "error_type": type(outcome.error).__name__ if outcome.error is not None else None,
-        "outcome": counted_as,
-        "detail": what,
-    }
-    if env is None:
-        # Never log the body of a message we could not read: size and hash identify it.
-        log.log(
-            level,
-            "job failed id=%s size=%d hash=%s error=%r outcome=%s",
-            job_id,
-            len(delivery.body),
-            fingerprint(delivery.body),
-            error,
-            what,
-            extra={"job": job},
-        )
-        return
-    log.log(
-        level,
-        "job failed id=%s task=%s attempt=%d queue=%s duration=%.3fs error=%r outcome=%s",
-        job_id,
-        task,
-        env.attempt,
-        delivery.queue,
-        outcome.duration,
-        error,
-        what,
-        extra={"job": job},
-    )
+    async def release(self, deliveries: Sequence[Delivery], *, again: bool = True) -> bool:
+        return False

@@ -13,9 +13,11 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import anyio
 
+from .clock import Clock, Timeout, move_on_after
 from .inflight import InFlight
 
 log = logging.getLogger("aioworkers")
@@ -29,32 +31,36 @@ ABANDON_WAIT = 1.0
 
 
 class Deadlines:
-    """The waits of the shutdown path: each at most its own bound, and no later than the
-    cut that a second stop sets (`hurry`)."""
+    """The waits of the shutdown path, on ``clock``: each at most its own bound, and no
+    later than the cut that a second stop sets (`hurry`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
         self._cut = math.inf
-        self._open: set[anyio.CancelScope] = set()
+        self._open: set[Timeout] = set()
 
     @contextmanager
     def window(self, seconds: float) -> Iterator[anyio.CancelScope]:
         """A cancel scope that ends the wait inside after ``seconds``, or at the cut."""
-        with anyio.move_on_after(seconds) as scope:
-            scope.deadline = min(scope.deadline, self._cut)
-            self._open.add(scope)
+        with anyio.CancelScope() as scope:
+            timeout = Timeout(self.clock, scope)
+            timeout.start(max(0.0, min(seconds, self._cut - self.clock.monotonic())))
+            self._open.add(timeout)
             try:
                 yield scope
             finally:
-                self._open.discard(scope)
+                self._open.discard(timeout)
+                timeout.stop()
 
     def hurry(self, within: float) -> None:
         """Every wait, open or to come, ends within ``within`` seconds from now."""
-        self._cut = min(self._cut, asyncio.get_running_loop().time() + within)
-        for scope in self._open:
-            scope.deadline = min(scope.deadline, self._cut)
+        self._cut = min(self._cut, self.clock.monotonic() + within)
+        for timeout in self._open:
+            if timeout.end > self._cut:
+                timeout.start(within)
 
 
-async def abandon(inflight: InFlight, deadlines: Deadlines, *others: asyncio.Task[None]) -> None:
+async def abandon(inflight: InFlight, deadlines: Deadlines, *others: asyncio.Task[Any]) -> None:
     """Cancel the runs still going, so they release their jobs; what does not end in time is
     left to its lease. ``others`` are tasks holding deliveries without a run (a release
     of unstarted ones) that are cancelled with the stragglers."""
@@ -70,10 +76,10 @@ async def abandon(inflight: InFlight, deadlines: Deadlines, *others: asyncio.Tas
             len(inflight),
         )
         # A settle retrying against a broker that is down, or a handler that swallowed the
-        # cancel: a second cancel is not taken back by the runtime (see `take_back`).
+        # cancel: a second cancel is not taken back by the runtime (see `Run.catch_cancel`).
         for task in [*inflight.tasks(), *others]:
             task.cancel()
-        with anyio.move_on_after(ABANDON_WAIT):
+        with move_on_after(deadlines.clock, ABANDON_WAIT):
             await inflight.wait_empty()
         left = inflight.forget()
         if left:

@@ -155,9 +155,11 @@ class FaultyBroker:
     async def publish(self, queue: str, bodies: Sequence[bytes], *, delay: float = 0.0) -> None:
         await self._call("publish", self.inner.publish, queue, list(bodies), delay=delay)
 
-    async def fetch(self, queue: str, *, max_messages: int, wait: float) -> list[Delivery]:
+    async def fetch(
+        self, queue: str, *, max_messages: int, wait: float, lease: float
+    ) -> list[Delivery]:
         got: list[Delivery] = await self._call(
-            "fetch", self.inner.fetch, queue, max_messages=max_messages, wait=wait
+            "fetch", self.inner.fetch, queue, max_messages=max_messages, wait=wait, lease=lease
         )
         return got
 

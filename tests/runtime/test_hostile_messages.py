@@ -18,8 +18,9 @@ import orjson
 import pytest
 
 from aioworkers import App, DeadLetter
-from aioworkers._runtime.executor import Executor, Outcome
-from aioworkers._runtime.settle import dead_letter_for
+from aioworkers._runtime.executor import Executor
+from aioworkers._runtime.failure import dead_letter_for
+from aioworkers._runtime.outcome import Dead, Outcome
 from aioworkers.brokers.base import Delivery
 from aioworkers.envelope import Envelope, encode, new_id, now_ms
 from aioworkers.monitor import TEXT_FORMAT, JsonFormatter, RedactingFormatter
@@ -299,5 +300,6 @@ def test_the_facts_a_broker_stores_for_a_huge_unknown_task_are_bounded() -> None
     assert error is not None
     assert error.reason == "unknown_task"
     assert len(str(error)) < 300
-    letter = dead_letter_for(delivery, Outcome(env, task, error), error.reason)
+    outcome = Outcome(env, task, Dead(error.reason), error)
+    letter = dead_letter_for(delivery, outcome, error.reason, dead_at=0.0)
     assert len(orjson.dumps(letter.facts())) < 4 * KiB

@@ -24,10 +24,12 @@ class Holding(FaultyBroker):
         self.held = 0
         self.peak = 0
 
-    async def fetch(self, queue: str, *, max_messages: int, wait: float) -> list[Delivery]:
+    async def fetch(
+        self, queue: str, *, max_messages: int, wait: float, lease: float
+    ) -> list[Delivery]:
         # A round trip, as on a networked broker: the fetches on the queues overlap.
         await asyncio.sleep(0.005)
-        got = await super().fetch(queue, max_messages=max_messages, wait=wait)
+        got = await super().fetch(queue, max_messages=max_messages, wait=wait, lease=lease)
         self.held += len(got)
         self.peak = max(self.peak, self.held)
         return got

@@ -142,7 +142,7 @@ async def test_no_provider_means_no_telemetry_on_the_hot_path() -> None:
     assert repr(app.telemetry) == "<Telemetry off>"
     worker = app.worker()
     assert worker._telemetry is None
-    assert worker._job_coro == worker._job
+    assert worker._jobs._job == worker._jobs.run
 
 
 async def test_a_provider_passed_in_turns_telemetry_on(otel: Otel) -> None:

@@ -1,0 +1,136 @@
+"""One job's life, the same for a worker and the Lambda adapter: start it, execute it, settle
+its outcome or count it as lost, free its slot."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from ..brokers.base import Delivery
+from ..telemetry.worker import WorkerTelemetry
+from .executor import Executor, Prepared
+from .inflight import InFlight, Run
+from .outcome import OutcomeName
+from .scheduler import Scheduler
+from .settle import Settler
+
+log = logging.getLogger("aioworkers")
+
+
+class Jobs:
+    """Runs deliveries as jobs: one plain asyncio task each (the hot path pays for nothing
+    more), whose result is what the delivery was counted as (None: unknown).
+
+    With a ``scheduler`` (a worker), a delivery starts when the scheduler lets it, and its
+    slot goes to the next one when it is settled. With ``keep_held`` (the Lambda adapter),
+    a delivery stays in ``inflight`` once settled, its lease still kept: Lambda deletes the
+    records only when the function returns.
+    """
+
+    def __init__(
+        self,
+        executor: Executor,
+        settler: Settler,
+        inflight: InFlight,
+        *,
+        scheduler: Scheduler | None = None,
+        telemetry: WorkerTelemetry | None = None,
+        keep_held: bool = False,
+    ) -> None:
+        self._executor = executor
+        self._settler = settler
+        self._inflight = inflight
+        self._scheduler = scheduler
+        self._telemetry = telemetry
+        self._keep_held = keep_held
+        traced = telemetry is not None and telemetry.tracer is not None
+        self._job = self._traced if traced else self.run
+
+    def admit(self, deliveries: Sequence[Delivery], reserved: int) -> bool:
+        """Hand fetched deliveries to the scheduler (in the ``reserved`` slots fetched for)
+        and start what it lets start; False once it is closed (the caller releases them)."""
+        assert self._scheduler is not None
+        ready = self._scheduler.submit(deliveries, reserved)
+        if ready is None:
+            return False
+        for delivery, run in ready:
+            self.start(delivery, run)
+        return True
+
+    def start(
+        self, delivery: Delivery, run: Run, prepared: Prepared | None = None
+    ) -> asyncio.Task[OutcomeName | None]:
+        task = asyncio.get_running_loop().create_task(self._job(delivery, run, prepared))
+        run.task = task
+        return task
+
+    async def hand_back(self, deliveries: list[Delivery]) -> None:
+        """Release deliveries held but never started (see `Settler.hand_back`)."""
+        try:
+            await self._settler.hand_back(deliveries)
+        finally:
+            for delivery in deliveries:
+                self._inflight.remove(delivery)
+
+    async def run(
+        self, delivery: Delivery, run: Run, prepared: Prepared | None = None
+    ) -> OutcomeName | None:
+        """Execute and settle one delivery; ``prepared`` is what `Executor.prepare` made of
+        it, if known."""
+        run.started = True
+        try:
+            with run.catch_cancel():
+                outcome = await self._executor.execute(delivery, run, prepared)
+                if run.lost:
+                    # Another worker may hold it now: settling anything would act over it.
+                    self._settler.count(OutcomeName.LEASE_LOST, delivery, outcome)
+                    return OutcomeName.LEASE_LOST
+                # From here the settle's own broker call says whether the lease is still
+                # ours: a heartbeat answered "not held" (it crossed the ack) cancels nothing.
+                run.settling = True
+                return await self._settler.settle(delivery, outcome)
+            # Here only if the runtime's cancel reached this far and was taken back.
+            if run.lost:
+                # The lease was found lost before the handler could see the cancel.
+                self._settler.count(OutcomeName.LEASE_LOST, delivery)
+                return OutcomeName.LEASE_LOST
+        except Exception:
+            log.exception("internal error while running %r; the broker will redeliver it", delivery)
+        finally:
+            self._free(delivery)
+        return None
+
+    def _free(self, delivery: Delivery) -> None:
+        if self._keep_held:
+            return
+        self._inflight.remove(delivery)
+        if self._scheduler is not None:
+            ready = self._scheduler.done()
+            if ready is not None:
+                self.start(*ready)
+
+    async def _traced(
+        self, delivery: Delivery, run: Run, prepared: Prepared | None = None
+    ) -> OutcomeName | None:
+        assert self._telemetry is not None
+        try:
+            # Decoded once, here: the span needs the envelope's ids and trace headers.
+            if prepared is None:
+                prepared = self._executor.prepare(delivery)
+            span, token = self._telemetry.start_attempt(delivery, prepared[0])
+        except Exception:
+            # A failing propagator or sampler must not cost the job (or its slot).
+            log.exception("could not start the span of %r; running it untraced", delivery)
+            return await self.run(delivery, run, prepared)
+        # The span is started and ended here rather than in a wrapper coroutine: each layer
+        # of coroutines costs again every time the job suspends and resumes.
+        error: BaseException | None = None
+        try:
+            return await self.run(delivery, run, prepared)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._telemetry.end_attempt(span, token, error)
+            error = None  # no reference cycle through the traceback
