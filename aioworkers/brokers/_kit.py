@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import time
 from collections.abc import (
     Awaitable,
     Callable,
@@ -20,10 +19,11 @@ from collections.abc import (
     Sequence,
 )
 from types import TracebackType
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 import anyio
 
+from .._runtime.clock import SYSTEM_CLOCK, Clock
 from ..errors import BrokerUnavailable
 from ..retry import next_delay
 from .base import Delivery
@@ -96,21 +96,6 @@ def chunks(items: Sequence[T], n: int) -> Iterator[list[T]]:
         yield list(items[start : start + n])
 
 
-class Monotonic(Protocol):
-    """The part of a ``Clock`` a lease table reads."""
-
-    def monotonic(self) -> float: ...
-
-
-class _SystemMonotonic:
-    @staticmethod
-    def monotonic() -> float:
-        return time.monotonic()
-
-
-SYSTEM_MONOTONIC: Monotonic = _SystemMonotonic()
-
-
 class LeaseTable(Generic[K]):
     """The deliveries a broker emulating leases holds, by token, each with a deadline on
     ``clock.monotonic()``. A lease is held until it is settled or collected by `expired`:
@@ -120,7 +105,7 @@ class LeaseTable(Generic[K]):
 
     __slots__ = ("_clock", "_deadlines", "_heap", "_seq")
 
-    def __init__(self, clock: Monotonic = SYSTEM_MONOTONIC) -> None:
+    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
         self._clock = clock
         self._deadlines: dict[K, float] = {}
         # (deadline, seq, token); entries of extended or settled leases are stale and

@@ -4,6 +4,7 @@ single-process use. Nothing survives the process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
@@ -11,8 +12,12 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 
+import anyio
+
+from .._runtime.clock import SYSTEM_CLOCK, Clock
 from ..errors import LeaseLost
-from .base import DEFAULT_LEASE, DeadLetter, Delivery, QueueDepth
+from ._kit import LeaseTable
+from .base import DEFAULT_LEASE, DeadLetter, Delivery, QueueDepth, handed_back
 
 # How many lease tokens of applied retries and dead letters are remembered, so that one
 # re-sent after a lost reply is answered as done (see `MemoryBroker._not_held`).
@@ -26,19 +31,19 @@ class _Message:
     count: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(eq=False, slots=True)
 class _Lease:
+    """A delivery's token: the message it holds, while its queue's lease table has it."""
+
     message: _Message
-    deadline: float
     token: int
 
 
 @dataclass(slots=True)
 class _Queue:
+    leases: LeaseTable[_Lease]
     ready: deque[_Message] = field(default_factory=deque)
     delayed: list[tuple[float, int, _Message]] = field(default_factory=list)
-    leases: dict[str, _Lease] = field(default_factory=dict)
-    expiries: list[tuple[float, int, str]] = field(default_factory=list)
     dead: dict[str, DeadLetter] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -51,15 +56,35 @@ class _Queue:
         times = []
         if self.delayed:
             times.append(self.delayed[0][0])
-        if self.expiries:
-            times.append(self.expiries[0][0])
+        expiry = self.leases.next_deadline()
+        if expiry is not None:
+            times.append(expiry)
         return min(times) - now if times else None
 
 
-class MemoryBroker:
-    """In-process broker with delays, leases (visibility timeout), delivery counts and a DLQ.
+class _Monotonic:
+    """A bare monotonic callable as a `Clock` (what ``clock=`` took before): its time for
+    leases and delays, real timers for waits."""
 
-    ``clock`` returns monotonic seconds; tests pass a fake one to expire leases on demand.
+    __slots__ = ("monotonic",)
+
+    def __init__(self, monotonic: Callable[[], float]) -> None:
+        self.monotonic = monotonic
+
+    async def sleep(self, seconds: float) -> None:
+        await anyio.sleep(seconds)
+
+    def time(self) -> float:
+        return time.time()
+
+
+class MemoryBroker:
+    """In-process broker with delays, leases, delivery counts and a DLQ.
+
+    Leases are kept in a `LeaseTable` on ``clock`` (a `Clock`; a bare monotonic callable
+    is taken too): a delivery not extended within its lease goes back to its queue when the
+    queue is next looked at. On an `aioworkers.testing.FakeClock`, leases, delays and
+    fetch's waits all move with the clock, so tests drive time instead of waiting.
     """
 
     messaging_system = "memory"
@@ -68,15 +93,17 @@ class MemoryBroker:
         self,
         *,
         visibility_timeout: float | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock | Callable[[], float] = SYSTEM_CLOCK,
     ) -> None:
         self.visibility_timeout = visibility_timeout
         self._lease = DEFAULT_LEASE if visibility_timeout is None else visibility_timeout
-        self._clock = clock
+        self._clock: Clock = _Monotonic(clock) if callable(clock) else clock
+        # Real time: a waiting fetch is one timer on the loop, not a race of two tasks.
+        self._real_timers = clock is SYSTEM_CLOCK or callable(clock)
         self._queues: dict[str, _Queue] = {}
         self._ids = itertools.count(1)
         self._tokens = itertools.count(1)
-        self._applied: OrderedDict[object, None] = OrderedDict()
+        self._applied: OrderedDict[int, None] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"<MemoryBroker queues={sorted(self._queues)}>"
@@ -84,33 +111,28 @@ class MemoryBroker:
     def _q(self, name: str) -> _Queue:
         q = self._queues.get(name)
         if q is None:
-            q = self._queues[name] = _Queue()
+            q = self._queues[name] = _Queue(LeaseTable(self._clock))
         return q
 
     def _promote(self, q: _Queue) -> None:
-        now = self._clock()
+        now = self._clock.monotonic()
         while q.delayed and q.delayed[0][0] <= now:
             q.ready.append(heapq.heappop(q.delayed)[2])
-        while q.expiries and q.expiries[0][0] <= now:
-            _, token, message_id = heapq.heappop(q.expiries)
-            lease = q.leases.get(message_id)
-            # Stale heap entries (extended or settled leases) are skipped.
-            if lease is not None and lease.token == token and lease.deadline <= now:
-                del q.leases[message_id]
-                q.ready.append(lease.message)
+        for lease in q.leases.expired(now):
+            q.ready.append(lease.message)
 
     def _add(self, q: _Queue, message: _Message, delay: float) -> None:
         if delay > 0:
-            heapq.heappush(q.delayed, (self._clock() + delay, next(self._tokens), message))
+            eta = self._clock.monotonic() + delay
+            heapq.heappush(q.delayed, (eta, next(self._tokens), message))
         else:
             q.ready.append(message)
 
     def _owned(self, delivery: Delivery) -> _Lease | None:
-        q = self._q(delivery.queue)
-        lease = q.leases.get(delivery.message_id)
-        if lease is None or lease.token != delivery.token:
-            return None
-        return lease
+        lease = delivery.token
+        if isinstance(lease, _Lease) and self._q(delivery.queue).leases.owns(lease):
+            return lease
+        return None
 
     async def publish(self, queue: str, bodies: Sequence[bytes], *, delay: float = 0.0) -> None:
         q = self._q(queue)
@@ -123,35 +145,44 @@ class MemoryBroker:
     ) -> list[Delivery]:
         q = self._q(queue)
         lease = self._lease if lease is None else lease
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
+        # The wait is timed on the clock that sleeps (a bare callable's waits are real).
+        timer = time.monotonic if self._real_timers else self._clock.monotonic
+        deadline = timer() + wait
         while True:
             self._promote(q)
             if q.ready:
                 return self._take(q, queue, max_messages, lease)
-            remaining = deadline - loop.time()
+            remaining = deadline - timer()
             if remaining <= 0:
                 return []
-            changed = q.changed
-            nxt = q.seconds_to_next_change(self._clock())
-            timeout = remaining if nxt is None else min(remaining, max(nxt, 0.001))
-            try:
-                async with asyncio.timeout(timeout):
+            nxt = q.seconds_to_next_change(self._clock.monotonic())
+            seconds = remaining if nxt is None else min(remaining, max(nxt, 0.001))
+            await self._wait(q.changed, seconds)
+
+    async def _wait(self, changed: asyncio.Event, seconds: float) -> None:
+        """Until ``changed`` is set or ``seconds`` of the clock have passed."""
+        if self._real_timers:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
                     await changed.wait()
-            except TimeoutError:
-                pass
+            return
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        waiter = asyncio.ensure_future(changed.wait())
+        try:
+            await asyncio.wait((sleeper, waiter), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waiter.cancel()
 
     def _take(self, q: _Queue, queue: str, max_messages: int, lease: float) -> list[Delivery]:
         # Synchronous from here on: a cancelled fetch never leaves a message leased.
         out = []
-        deadline = self._clock() + lease
         for _ in range(min(max_messages, len(q.ready))):
             message = q.ready.popleft()
             message.count += 1
-            token = next(self._tokens)
-            q.leases[message.id] = _Lease(message, deadline, token)
-            heapq.heappush(q.expiries, (deadline, token, message.id))
-            out.append(Delivery(queue, message.id, message.body, message.count, token))
+            held = _Lease(message, next(self._tokens))
+            q.leases.add(held, lease)
+            out.append(Delivery(queue, message.id, message.body, message.count, held))
         return out
 
     async def stop_fetching(self, queue: str) -> None:
@@ -160,8 +191,9 @@ class MemoryBroker:
     async def ack(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         lost = []
         for d in deliveries:
-            if self._owned(d) is not None:
-                del self._q(d.queue).leases[d.message_id]
+            held = self._owned(d)
+            if held is not None:
+                self._q(d.queue).leases.settle(held)
             elif self._exists(d):
                 lost.append(d)  # leased again, or waiting for its next delivery
         return lost
@@ -170,73 +202,72 @@ class MemoryBroker:
         """Whether the message is still in the queue (a slow scan: lost leases only)."""
         q = self._q(d.queue)
         return (
-            d.message_id in q.leases
+            any(lease.message.id == d.message_id for lease in q.leases)
             or any(m.id == d.message_id for m in q.ready)
             or any(m.id == d.message_id for _, _, m in q.delayed)
         )
 
-    def _not_held(self, delivery: Delivery) -> bool:
-        """True if ``delivery`` was settled by a retry or dead letter applied already (the
-        call is re-sent after its reply was lost: done); raises `LeaseLost` if it is not
-        held for another reason; False if it is held."""
-        if self._owned(delivery) is not None:
-            return False
-        if delivery.token in self._applied:
-            return True
+    def _not_held(self, delivery: Delivery) -> _Lease | None:
+        """The lease of ``delivery`` if it is held; None if it was settled by a retry or
+        dead letter applied already (the call is re-sent after its reply was lost: done);
+        else `LeaseLost`."""
+        held = self._owned(delivery)
+        if held is not None:
+            return held
+        if isinstance(delivery.token, _Lease) and delivery.token.token in self._applied:
+            return None
         raise LeaseLost(f"{delivery!r} is no longer leased by this worker")
 
-    def _applied_now(self, delivery: Delivery) -> None:
-        self._applied[delivery.token] = None
+    def _applied_now(self, q: _Queue, held: _Lease) -> None:
+        q.leases.settle(held)
+        self._applied[held.token] = None
         if len(self._applied) > APPLIED_KEPT:
             self._applied.popitem(last=False)
 
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> None:
-        if self._not_held(delivery):
+        held = self._not_held(delivery)
+        if held is None:
             return
         q = self._q(delivery.queue)
-        del q.leases[delivery.message_id]
-        self._applied_now(delivery)
+        self._applied_now(q, held)
         self._add(q, _Message(str(next(self._ids)), bytes(body)), delay)
         q.notify()
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
         for d in reversed(deliveries):
-            lease = self._owned(d)
-            if lease is None:
+            held = self._owned(d)
+            if held is None:
                 continue
             q = self._q(d.queue)
-            del q.leases[d.message_id]
-            # A hand-back at shutdown is not a failed delivery: don't count it as one.
-            lease.message.count -= 1
-            q.ready.appendleft(lease.message)
+            q.leases.settle(held)
+            held.message.count = handed_back(d)
+            q.ready.appendleft(held.message)
             q.notify()
 
     async def extend(self, deliveries: Sequence[Delivery], *, lease: float) -> list[Delivery]:
         lost = []
-        deadline = self._clock() + lease
         for d in deliveries:
             held = self._owned(d)
             if held is None:
                 lost.append(d)
-                continue
-            held.deadline = deadline
-            heapq.heappush(self._q(d.queue).expiries, (deadline, held.token, d.message_id))
+            else:
+                self._q(d.queue).leases.extend(held, lease)
         return lost
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
-        if self._not_held(delivery):
+        held = self._not_held(delivery)
+        if held is None:
             return
         q = self._q(delivery.queue)
-        self._applied_now(delivery)
+        self._applied_now(q, held)
         entry_id = str(next(self._ids))
         q.dead[entry_id] = replace(
             letter,
             entry_id=entry_id,
             queue=delivery.queue,
             body=delivery.body,
-            dead_at=letter.dead_at or time.time(),
+            dead_at=letter.dead_at or self._clock.time(),
         )
-        del q.leases[delivery.message_id]
 
     async def depth(self, queue: str) -> QueueDepth:
         q = self._q(queue)
