@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
+from .brokers._kit import map_exceptions
 from .errors import ConfigError
 
 log = logging.getLogger("aioworkers")
@@ -123,6 +124,7 @@ class SqliteFile:
         self._schema = schema
         self._busy_timeout = busy_timeout
         self._unavailable = unavailable
+        self._errors = map_exceptions({sqlite3.Error: self._error})
         self._forget()
         _FILES.add(self)
 
@@ -179,21 +181,21 @@ class SqliteFile:
         db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
         db.executescript(self._schema)
 
-    def _error(self, exc: sqlite3.Error) -> Exception:
+    def _error(self, exc: BaseException) -> Exception:
+        """The one table: transient errors are ``unavailable``, others a `ConfigError`."""
+        assert isinstance(exc, sqlite3.Error)
         if transient(exc):
             return self._unavailable(f"sqlite {self.path}: {exc}")
         return ConfigError(f"sqlite {self.path}: {exc} ({exc.sqlite_errorname}); {HELP}")
 
     def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        try:
+        with self._errors:
             if self._db is None:
                 self._db = self._open(setup=True)
             return fn(self._db)
-        except sqlite3.Error as exc:
-            raise self._error(exc) from exc
 
     def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        try:
+        with self._errors:
             if self._reader is None:
                 self._reader = self._open(setup=False)
             db = self._reader
@@ -202,8 +204,6 @@ class SqliteFile:
                 return fn(db)
             finally:
                 db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise self._error(exc) from exc
 
     def submit(self, fn: Callable[[sqlite3.Connection], _T]) -> asyncio.Future[_T]:
         """Run ``fn(connection)`` on the writing thread; calls run one at a time, in order."""

@@ -32,7 +32,7 @@ import orjson
 
 from .._sqlite import SqliteFile, parse_url, seconds_option, transaction
 from ..errors import BrokerUnavailable, ConfigError, LeaseLost
-from .base import DEFAULT_LEASE, DeadLetter, Delivery, QueueDepth
+from .base import DEFAULT_LEASE, DeadLetter, Delivery, QueueDepth, handed_back
 
 log = logging.getLogger("aioworkers")
 
@@ -78,7 +78,7 @@ _EXISTS = "SELECT 1 FROM aioworkers_messages WHERE id = ?"
 _INSERT = "INSERT INTO aioworkers_messages (queue, body, visible_at) VALUES (?, ?, ?)"
 _EXTEND = "UPDATE aioworkers_messages SET visible_at = ? WHERE id = ? AND lease = ?"
 _RELEASE = (
-    "UPDATE aioworkers_messages SET lease = NULL, visible_at = 0, count = count - 1 "
+    "UPDATE aioworkers_messages SET lease = NULL, visible_at = 0, count = ? "
     "WHERE id = ? AND lease = ?"
 )
 # Each a range count on an index: ready, not yet visible (delayed or leased), leased.
@@ -217,10 +217,10 @@ class SqliteBroker:
     def _hand_back(self, token: str, future: asyncio.Future[list[tuple[int, bytes, int]]]) -> None:
         if future.cancelled() or future.exception() is not None:
             return
-        pairs = [(str(i), token) for i, _, _ in future.result()]
-        if pairs:
+        rows = [(i, token, count - 1) for i, _, count in future.result()]
+        if rows:
             # If this fails too, the rows come back when their lease lapses.
-            released = self._file.clean_up(partial(_release, pairs))
+            released = self._file.clean_up(partial(_release, rows))
             released.add_done_callback(_log_failed_hand_back)
 
     async def stop_fetching(self, queue: str) -> None:
@@ -266,7 +266,8 @@ class SqliteBroker:
     async def release(self, deliveries: Sequence[Delivery]) -> None:
         if not deliveries:
             return
-        await self._call(partial(_release, [(d.message_id, d.token) for d in deliveries]))
+        rows = [(int(d.message_id), d.token, handed_back(d)) for d in deliveries]
+        await self._call(partial(_release, rows))
         for queue in {d.queue for d in deliveries}:
             self._notify(queue)
 
@@ -380,11 +381,12 @@ def _getter(facts: dict[str, Any]) -> Callable[[str], str | None]:
     return get
 
 
-def _release(pairs: list[tuple[str, str]], db: sqlite3.Connection) -> None:
-    """Make leased rows ready again at once, first in line, without counting the delivery
-    (a hand-back at shutdown must never push a job toward max_deliveries)."""
+def _release(rows: list[tuple[int, str, int]], db: sqlite3.Connection) -> None:
+    """Make leased rows ``(id, token, count)`` ready again at once, first in line, with the
+    count before this delivery (`handed_back`: a hand-back at shutdown must never push a
+    job toward max_deliveries)."""
     with transaction(db):
-        db.executemany(_RELEASE, [(int(mid), token) for mid, token in pairs])
+        db.executemany(_RELEASE, [(count, mid, token) for mid, token, count in rows])
 
 
 def _log_failed_hand_back(future: asyncio.Future[None]) -> None:
