@@ -119,8 +119,9 @@ class PostgresBroker:
         delay = max(float(delay), 0.0)
         async with self._pool.connection() as conn:
             await self._insert(conn, queue, bodies, delay)
-        if not delay:
-            self._notify(queue)
+        # This process's fetches look again (a delayed job: when it is due); others are
+        # told by NOTIFY, or find a delayed job by polling.
+        self._notify(queue)
 
     async def publish_in(
         self, conn: object, queue: str, bodies: Sequence[bytes], *, delay: float = 0.0
@@ -236,8 +237,7 @@ class PostgresBroker:
         if row is None:
             raise LeaseLost(f"{delivery!r} is no longer leased by this worker")
         self._deleted += 1
-        if not delay:
-            self._notify(delivery.queue)
+        self._notify(delivery.queue)
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
         if not deliveries:
