@@ -1,5 +1,10 @@
 """Shared fixtures for the runtime tests: a broker wrapper that injects faults and records
-calls, app factories on the memory broker, a fake clock and polling helpers."""
+calls, app factories on the memory broker, a fake clock that the worker and the broker
+share, and helpers that wait on conditions (real time) or drive the fake clock to them.
+
+Tests that are about time (leases, backoff, grace, shutdown bounds) run on a
+`aioworkers.testing.FakeClock`: `advance_until` moves it in small steps until what the test
+waits for happened, so they take no real time and their bounds are exact."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -14,6 +20,7 @@ import pytest
 
 from aioworkers import App, Broker, BrokerUnavailable, DeadLetter, Delivery, QueueDepth, Worker
 from aioworkers.brokers.memory import MemoryBroker
+from aioworkers.testing import FakeClock
 
 # Short enough that lease expiry is quick, long enough that a busy loop never loses a lease.
 VISIBILITY = 2.0
@@ -217,17 +224,42 @@ def _checked(method: str) -> str:
     return method
 
 
-class FakeClock:
-    """A monotonic clock for `MemoryBroker(clock=...)` that moves only when told to."""
+async def advance_until(
+    clock: FakeClock,
+    predicate: Callable[[], bool],
+    *,
+    step: float = POLL,
+    within: float = 60.0,
+    what: str = "condition",
+) -> float:
+    """Move ``clock`` forward ``step`` at a time until ``predicate`` holds; returns the
+    clock's seconds that took. Fails the test after ``within`` seconds of the clock (or 10
+    real seconds: something waits on real time that should not)."""
+    start = clock.monotonic()
+    async with asyncio.timeout(10):
+        while not predicate():
+            if clock.monotonic() - start > within:
+                raise AssertionError(f"{what} did not happen within {within}s of the clock")
+            await clock.advance(step)
+    return clock.monotonic() - start
 
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
 
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+@asynccontextmanager
+async def running(worker: Worker, clock: FakeClock) -> AsyncIterator[Worker]:
+    """``async with worker`` on a fake clock: on exit, stop it and move the clock until
+    it has stopped (its fetches, drain and hand-backs wait on that clock)."""
+    run = asyncio.create_task(worker.run())
+    started = asyncio.create_task(worker.wait_started())
+    await asyncio.wait({run, started}, return_when=asyncio.FIRST_COMPLETED)
+    started.cancel()
+    if run.done():
+        await run
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await advance_until(clock, run.done, what="the worker to stop")
+        await run
 
 
 async def wait_until(
@@ -241,10 +273,18 @@ async def wait_until(
         await asyncio.sleep(0.005)
 
 
-async def run_burst(worker: Worker, *, within: float = 10.0) -> None:
-    """Run ``worker`` until its queues are empty, failing the test if that takes too long."""
-    async with asyncio.timeout(within):
-        await worker.run(burst=True)
+async def run_burst(
+    worker: Worker, *, within: float = 10.0, clock: FakeClock | None = None
+) -> None:
+    """Run ``worker`` until its queues are empty, failing the test if that takes too long;
+    on a fake ``clock`` (the worker's), moving it meanwhile."""
+    if clock is None:
+        async with asyncio.timeout(within):
+            await worker.run(burst=True)
+        return
+    run = asyncio.create_task(worker.run(burst=True))
+    await advance_until(clock, run.done, within=within, what="the burst to end")
+    await run
 
 
 async def stats_eventually(
@@ -263,27 +303,44 @@ class MakeApp(Protocol):
         self,
         *,
         visibility_timeout: float = VISIBILITY,
-        clock: Callable[[], float] | None = None,
+        clock: FakeClock | None = None,
         **kwargs: Any,
     ) -> tuple[App, FaultyBroker]: ...
 
 
 @pytest.fixture
 def make_app() -> MakeApp:
-    """Build an `App` on a fresh `MemoryBroker` wrapped in a `FaultyBroker`."""
+    """Build an `App` on a fresh `MemoryBroker` wrapped in a `FaultyBroker`; with a
+    ``clock``, the broker's leases, delays and fetch waits run on it (give the worker the
+    same one: ``app.worker(clock=clock)``)."""
 
     def make(
         *,
         visibility_timeout: float = VISIBILITY,
-        clock: Callable[[], float] | None = None,
+        clock: FakeClock | None = None,
         **kwargs: Any,
     ) -> tuple[App, FaultyBroker]:
-        inner = MemoryBroker(visibility_timeout=visibility_timeout, clock=clock or time.monotonic)
+        if clock is None:
+            inner = MemoryBroker(visibility_timeout=visibility_timeout)
+        else:
+            inner = MemoryBroker(visibility_timeout=visibility_timeout, clock=clock)
         faulty = FaultyBroker(inner)
         app = App(faulty, visibility_timeout=visibility_timeout, **kwargs)
         return app, faulty
 
     return make
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def clocked(make_app: MakeApp, clock: FakeClock) -> tuple[App, FaultyBroker, FakeClock]:
+    """An app whose broker runs on ``clock`` (give its workers the same one)."""
+    app, faulty = make_app(clock=clock)
+    return app, faulty, clock
 
 
 @pytest.fixture

@@ -11,14 +11,23 @@ import pytest
 
 from aioworkers import App, ConfigError, Delivery, QueueDepth, current_job
 from aioworkers.brokers.memory import MemoryBroker
+from aioworkers.testing import FakeClock
 
-from .conftest import POLL, FaultyBroker, MakeApp, run_burst, stats_eventually, wait_until
+from .conftest import (
+    POLL,
+    FaultyBroker,
+    MakeApp,
+    advance_until,
+    run_burst,
+    running,
+    wait_until,
+)
+
+Clocked = tuple[App, FaultyBroker, FakeClock]
 
 
-async def test_failing_ack_is_retried_and_acks_exactly_once(
-    app_and_broker: tuple[App, FaultyBroker],
-) -> None:
-    app, faulty = app_and_broker
+async def test_failing_ack_is_retried_and_acks_exactly_once(clocked: Clocked) -> None:
+    app, faulty, clock = clocked
     runs: Counter[str] = Counter()
 
     @app.task
@@ -27,8 +36,8 @@ async def test_failing_ack_is_retried_and_acks_exactly_once(
 
     faulty.fail_next("ack", 3)
     ids = await app.enqueue_many([job.call() for _ in range(5)])
-    worker = app.worker(poll=POLL)
-    await run_burst(worker)
+    worker = app.worker(poll=POLL, clock=clock)
+    await run_burst(worker, clock=clock)
 
     assert runs == dict.fromkeys(ids, 1)
     assert faulty.count("ack", ok=False) == 3
@@ -39,17 +48,15 @@ async def test_failing_ack_is_retried_and_acks_exactly_once(
     assert await app.stats() == QueueDepth()
 
 
-async def test_ack_retrying_at_shutdown_is_finished_before_exit(
-    app_and_broker: tuple[App, FaultyBroker],
-) -> None:
-    app, faulty = app_and_broker
+async def test_ack_retrying_at_shutdown_is_finished_before_exit(clocked: Clocked) -> None:
+    app, faulty, clock = clocked
     runs: list[str] = []
 
     @app.task
     async def job() -> None:
         runs.append(current_job().id)
 
-    async with app.worker(poll=POLL) as worker:
+    async with running(app.worker(poll=POLL, clock=clock), clock) as worker:
         faulty.fail_next("ack", 3)
         job_id = await job.enqueue()
         await wait_until(lambda: faulty.count("ack", ok=False) >= 1, what="a failed ack")
@@ -61,10 +68,8 @@ async def test_ack_retrying_at_shutdown_is_finished_before_exit(
     assert await app.stats() == QueueDepth()
 
 
-async def test_fetch_failures_do_not_stop_the_worker(
-    app_and_broker: tuple[App, FaultyBroker],
-) -> None:
-    app, faulty = app_and_broker
+async def test_fetch_failures_do_not_stop_the_worker(clocked: Clocked) -> None:
+    app, faulty, clock = clocked
     runs: Counter[str] = Counter()
 
     @app.task
@@ -73,8 +78,8 @@ async def test_fetch_failures_do_not_stop_the_worker(
 
     ids = await app.enqueue_many([job.call() for _ in range(20)])
     faulty.fail_next("fetch", 2)
-    worker = app.worker(concurrency=4, poll=POLL)
-    await run_burst(worker)
+    worker = app.worker(concurrency=4, poll=POLL, clock=clock)
+    await run_burst(worker, clock=clock)
 
     assert faulty.count("fetch", ok=False) == 2
     assert runs == dict.fromkeys(ids, 1)
@@ -82,37 +87,34 @@ async def test_fetch_failures_do_not_stop_the_worker(
     assert await app.stats() == QueueDepth()
 
 
-async def test_broker_outage_while_running(
-    app_and_broker: tuple[App, FaultyBroker],
-) -> None:
-    app, faulty = app_and_broker
+async def test_broker_outage_while_running(clocked: Clocked) -> None:
+    app, faulty, clock = clocked
     runs: Counter[str] = Counter()
 
     @app.task
     async def job() -> None:
         runs[current_job().id] += 1
-        await asyncio.sleep(0.01)
+        await clock.sleep(0.01)
 
-    async with app.worker(concurrency=3, poll=POLL) as worker:
+    async with running(app.worker(concurrency=3, poll=POLL, clock=clock), clock) as worker:
         first = await app.enqueue_many([job.call() for _ in range(5)])
-        await wait_until(lambda: len(runs) == 5, what="the first batch")
+        await advance_until(clock, lambda: len(runs) == 5, step=0.01, what="the first batch")
         for method in ("fetch", "ack", "extend"):
             faulty.fail_while(method)
         second = await app.enqueue_many([job.call() for _ in range(5)])
-        await asyncio.sleep(0.2)
+        await clock.advance(0.2)
         for method in ("fetch", "ack", "extend"):
             faulty.heal(method)
-        await wait_until(lambda: len(runs) == 10, within=5, what="the second batch")
-        await stats_eventually(app, QueueDepth())
+        await advance_until(clock, lambda: len(runs) == 10, what="the second batch")
+        await advance_until(clock, lambda: worker.counts.get("ok") == 10, what="the acks")
+        assert await app.stats() == QueueDepth()
 
     assert runs == dict.fromkeys(first + second, 1)
     assert worker.counts == {"ok": 10}
 
 
-async def test_retry_failing_transiently_still_settles(
-    app_and_broker: tuple[App, FaultyBroker],
-) -> None:
-    app, faulty = app_and_broker
+async def test_retry_failing_transiently_still_settles(clocked: Clocked) -> None:
+    app, faulty, clock = clocked
     attempts: list[int] = []
 
     @app.task(retries=2, backoff=0)
@@ -123,8 +125,8 @@ async def test_retry_failing_transiently_still_settles(
 
     faulty.fail_next("retry", 2)
     await flaky.enqueue()
-    worker = app.worker(poll=POLL)
-    await run_burst(worker)
+    worker = app.worker(poll=POLL, clock=clock)
+    await run_burst(worker, clock=clock)
 
     assert attempts == [1, 2]
     assert faulty.count("retry", ok=False) == 2
@@ -133,10 +135,8 @@ async def test_retry_failing_transiently_still_settles(
     assert await app.stats() == QueueDepth()
 
 
-async def test_dead_letter_failing_transiently_still_settles(
-    app_and_broker: tuple[App, FaultyBroker],
-) -> None:
-    app, faulty = app_and_broker
+async def test_dead_letter_failing_transiently_still_settles(clocked: Clocked) -> None:
+    app, faulty, clock = clocked
     attempts: list[int] = []
 
     @app.task(retries=0)
@@ -146,8 +146,8 @@ async def test_dead_letter_failing_transiently_still_settles(
 
     faulty.fail_next("dead_letter", 3)
     job_id = await doomed.enqueue()
-    worker = app.worker(poll=POLL)
-    await run_burst(worker)
+    worker = app.worker(poll=POLL, clock=clock)
+    await run_burst(worker, clock=clock)
 
     assert attempts == [1]
     assert faulty.count("dead_letter", ok=False) == 3
@@ -157,19 +157,17 @@ async def test_dead_letter_failing_transiently_still_settles(
     assert await app.stats() == QueueDepth(dead=1)
 
 
-async def test_release_failing_transiently_at_shutdown_still_releases(
-    app_and_broker: tuple[App, FaultyBroker],
-) -> None:
-    app, faulty = app_and_broker
+async def test_release_failing_transiently_at_shutdown_still_releases(clocked: Clocked) -> None:
+    app, faulty, clock = clocked
     started: list[int] = []
 
     @app.task
     async def long() -> None:
         started.append(1)
-        await asyncio.sleep(5)
+        await clock.sleep(5)
 
     await long.enqueue()
-    async with app.worker(grace=0.1, poll=POLL) as worker:
+    async with running(app.worker(grace=0.1, poll=POLL, clock=clock), clock) as worker:
         await wait_until(lambda: started == [1], what="the job to start")
         faulty.fail_next("release", 2)
 
@@ -198,9 +196,9 @@ async def test_depth_failing_in_burst_mode_is_not_drained(
 
 
 async def test_ack_outage_longer_than_the_lease_does_not_redeliver(
-    make_app: MakeApp,
+    make_app: MakeApp, clock: FakeClock
 ) -> None:
-    app, faulty = make_app(visibility_timeout=0.3)
+    app, faulty = make_app(visibility_timeout=0.3, clock=clock)
     runs: list[str] = []
 
     @app.task
@@ -208,14 +206,15 @@ async def test_ack_outage_longer_than_the_lease_does_not_redeliver(
         runs.append(current_job().id)
 
     faulty.fail_while("ack")
-    async with app.worker(poll=POLL) as worker:
+    async with running(app.worker(poll=POLL, clock=clock), clock) as worker:
         job_id = await job.enqueue()
         await wait_until(lambda: faulty.count("ack", ok=False) >= 1, what="a failed ack")
         # Several leases long: the job waiting for its ack must keep its lease.
-        await asyncio.sleep(1.2)
+        await clock.advance(1.2)
         assert worker.in_flight == 1
         faulty.heal("ack")
-        await stats_eventually(app, QueueDepth())
+        await advance_until(clock, lambda: worker.counts.get("ok") == 1, what="the ack")
+        assert await app.stats() == QueueDepth()
 
     assert runs == [job_id]
     assert len(faulty.settled("ack")) == 1

@@ -21,8 +21,9 @@ from aioworkers.idempotency import (
     StoreUnavailable,
     default_url_for,
 )
+from aioworkers.testing import FakeClock
 
-from .conftest import POLL, FakeClock, FaultyBroker, MakeApp, run_burst, wait_until
+from .conftest import POLL, FaultyBroker, MakeApp, advance_until, run_burst, running, wait_until
 
 # Short, so a deferred job (about visibility / 3) and a lapsed lease come back quickly.
 VISIBILITY = 0.3
@@ -37,9 +38,11 @@ class FaultyStore:
         self.down = False
         self.lose_claims = False
         self.calls: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
 
     def _check(self, method: str) -> None:
         if self.down:
+            self.failed[method] += 1
             raise StoreUnavailable(f"injected fault in {method}")
         self.calls[method] += 1
 
@@ -68,10 +71,14 @@ class FaultyStore:
 
 
 def faulty_app(
-    make_app: MakeApp, visibility: float = VISIBILITY, **kwargs: object
+    make_app: MakeApp,
+    visibility: float = VISIBILITY,
+    clock: FakeClock | None = None,
+    **kwargs: object,
 ) -> tuple[App, FaultyBroker, FaultyStore]:
-    store = FaultyStore(MemoryStore())
-    app, faulty = make_app(visibility_timeout=visibility, idempotency=store, **kwargs)
+    """With a ``clock``, the broker and the store run on it too."""
+    store = FaultyStore(MemoryStore() if clock is None else MemoryStore(clock=clock.monotonic))
+    app, faulty = make_app(visibility_timeout=visibility, idempotency=store, clock=clock, **kwargs)
     return app, faulty, store
 
 
@@ -173,7 +180,7 @@ async def test_a_job_redelivered_after_it_completed_is_not_run_again(make_app: M
 
 async def test_a_done_key_is_remembered_for_the_ttl(make_app: MakeApp) -> None:
     clock = FakeClock()
-    app, _ = make_app(idempotency=MemoryStore(clock=clock), idempotency_ttl=60)
+    app, _ = make_app(idempotency=MemoryStore(clock=clock.monotonic), idempotency_ttl=60)
     runs: list[int] = []
 
     @app.task(idempotent=True)
@@ -182,11 +189,11 @@ async def test_a_done_key_is_remembered_for_the_ttl(make_app: MakeApp) -> None:
 
     await report.options(key="daily").enqueue()
     await run_burst(app.worker(poll=POLL))
-    clock.advance(59)
+    await clock.advance(59)
     await report.options(key="daily").enqueue()
     await run_burst(app.worker(poll=POLL))
     assert runs == [1]
-    clock.advance(1)
+    await clock.advance(1)
     await report.options(key="daily").enqueue()
     await run_burst(app.worker(poll=POLL))
     assert runs == [1, 1]
@@ -195,8 +202,10 @@ async def test_a_done_key_is_remembered_for_the_ttl(make_app: MakeApp) -> None:
 # -- never twice at once ---------------------------------------------------------------------
 
 
-async def test_a_busy_key_is_deferred_without_using_an_attempt(make_app: MakeApp) -> None:
-    app, faulty, _ = faulty_app(make_app)
+async def test_a_busy_key_is_deferred_without_using_an_attempt(
+    make_app: MakeApp, clock: FakeClock
+) -> None:
+    app, faulty, _ = faulty_app(make_app, clock=clock)
     gate = asyncio.Event()
     runs: list[tuple[str, int]] = []
 
@@ -209,13 +218,13 @@ async def test_a_busy_key_is_deferred_without_using_an_attempt(make_app: MakeApp
             raise RuntimeError("card declined")
 
     await pay.options(key="invoice-7").enqueue("first")
-    async with app.worker(poll=POLL) as worker:
+    async with running(app.worker(poll=POLL, clock=clock), clock) as worker:
         await wait_until(lambda: len(runs) == 1, what="the first job to start")
         await pay.options(key="invoice-7").enqueue("second")
-        await wait_until(lambda: worker.counts.get("deferred", 0) >= 3, what="deferrals")
+        await advance_until(clock, lambda: worker.counts.get("deferred", 0) >= 3, step=0.01)
         assert runs == [("first", 1)]
         gate.set()  # the first fails: its key is released and the second may claim it
-        await wait_until(lambda: worker.counts.get("ok") == 1, what="the second job")
+        await advance_until(clock, lambda: worker.counts.get("ok") == 1, what="the 2nd job")
 
     assert runs == [("first", 1), ("second", 1)]
     assert worker.counts["dead"] == 1
@@ -261,33 +270,35 @@ async def test_two_workers_racing_on_one_key_never_run_it_at_once(make_app: Make
     assert await app.stats() == QueueDepth()
 
 
-async def test_a_long_job_keeps_its_key_claimed(make_app: MakeApp) -> None:
-    app, _, store = faulty_app(make_app)
+async def test_a_long_job_keeps_its_key_claimed(make_app: MakeApp, clock: FakeClock) -> None:
+    app, _, store = faulty_app(make_app, clock=clock)
     runs: list[int] = []
 
     @app.task(idempotent=True)
     async def export() -> None:
         runs.append(1)
-        await asyncio.sleep(VISIBILITY * 2)
+        await clock.sleep(VISIBILITY * 2)
 
     await export.options(key="export-1").enqueue()
-    async with app.worker(poll=POLL) as worker:
+    async with running(app.worker(poll=POLL, clock=clock), clock) as worker:
         await wait_until(lambda: runs == [1], what="the job to start")
         # Without heartbeats on the key its claim would lapse after one visibility timeout
         # and this copy would claim it and run alongside.
         await export.options(key="export-1").enqueue()
-        await wait_until(lambda: worker.counts.get("duplicate") == 1, within=3, what="the dup")
+        await advance_until(
+            clock, lambda: worker.counts.get("duplicate") == 1, step=0.01, what="the dup"
+        )
 
     assert runs == [1]
     assert store.calls["extend"] >= 2
     assert worker.counts["ok"] == 1
 
 
-async def test_a_lost_claim_cancels_the_run_and_commits_nothing(make_app: MakeApp) -> None:
-    # A lease of 1 s, not 0.3: on a loaded machine a heartbeat late by 0.3 s would lose the
-    # second delivery's lease too, and its refused ack would count as lease_lost.
+async def test_a_lost_claim_cancels_the_run_and_commits_nothing(
+    make_app: MakeApp, clock: FakeClock
+) -> None:
     visibility = 1.0
-    app, _, store = faulty_app(make_app, visibility)
+    app, _, store = faulty_app(make_app, visibility, clock=clock)
     runs: list[int] = []
     cancelled: list[int] = []
 
@@ -297,7 +308,7 @@ async def test_a_lost_claim_cancels_the_run_and_commits_nothing(make_app: MakeAp
         if len(runs) > 1:
             return
         try:
-            await asyncio.sleep(visibility * 3)
+            await clock.sleep(visibility * 3)
         except asyncio.CancelledError:
             cancelled.append(1)
             store.lose_claims = False  # the store recovers before the next delivery
@@ -305,12 +316,13 @@ async def test_a_lost_claim_cancels_the_run_and_commits_nothing(make_app: MakeAp
 
     await long.enqueue()
     store.lose_claims = True
-    async with app.worker(poll=POLL) as worker:
-        await wait_until(lambda: cancelled == [1], within=2, what="the run to be cancelled")
-        # The redelivery waits for the broker lease to run out: allow two leases.
-        await wait_until(
-            lambda: worker.counts.get("ok") == 1, within=2 * visibility + 1, what="the second run"
-        )
+    async with running(app.worker(poll=POLL, clock=clock), clock) as worker:
+        # The first beat on the claim learns it is lost.
+        took = await advance_until(clock, lambda: cancelled == [1], what="the cancel")
+        assert took <= visibility / 3 + POLL
+        # The redelivery waits for the broker lease to run out.
+        took = await advance_until(clock, lambda: worker.counts.get("ok") == 1)
+        assert took <= visibility + POLL
 
     assert runs == [1, 2]  # the key was not completed by the cancelled run
     assert worker.counts["lease_lost"] == 1
@@ -421,9 +433,9 @@ async def test_an_unreachable_store_runs_nothing_until_it_is_back(make_app: Make
 
 
 async def test_a_store_outage_at_completion_holds_the_ack_until_it_commits(
-    make_app: MakeApp,
+    make_app: MakeApp, clock: FakeClock
 ) -> None:
-    app, faulty, store = faulty_app(make_app)
+    app, faulty, store = faulty_app(make_app, clock=clock)
     runs: list[int] = []
 
     @app.task(idempotent=True)
@@ -432,23 +444,26 @@ async def test_a_store_outage_at_completion_holds_the_ack_until_it_commits(
         store.down = True  # the store goes away while the handler runs
 
     await charge.enqueue()
-    async with app.worker(poll=POLL) as worker:
+    async with running(app.worker(poll=POLL, clock=clock), clock) as worker:
         await wait_until(lambda: runs == [1], what="the run")
-        await asyncio.sleep(0.15)
+        # Two tries fail (pauses of at most 0.05 s and 0.1 s, well within the claim's 0.3 s).
+        await advance_until(clock, lambda: store.failed["complete"] >= 2, step=0.01)
         assert faulty.settled("ack") == []  # no ack before the key is committed
         store.down = False
-        await wait_until(lambda: worker.counts.get("ok") == 1, what="the ack")
+        await advance_until(clock, lambda: worker.counts.get("ok") == 1, step=0.01)
 
     assert runs == [1]
     assert store.calls["complete"] == 1
     assert await app.stats() == QueueDepth()
 
 
-async def test_a_store_outage_past_the_lease_defers_the_job(make_app: MakeApp) -> None:
+async def test_a_store_outage_past_the_lease_defers_the_job(
+    make_app: MakeApp, clock: FakeClock
+) -> None:
     """The key could not be committed while the claim lasted: the job is not acked (that
     would break at-least-once) but deferred; its next delivery finds the key free once the
     old claim lapses, and runs it again."""
-    app, faulty, store = faulty_app(make_app)
+    app, faulty, store = faulty_app(make_app, clock=clock)
     runs: list[int] = []
 
     @app.task(idempotent=True, retries=0)
@@ -458,11 +473,12 @@ async def test_a_store_outage_past_the_lease_defers_the_job(make_app: MakeApp) -
             store.down = True
 
     await charge.enqueue()
-    async with app.worker(poll=POLL) as worker:
-        await wait_until(lambda: worker.counts.get("deferred") == 1, within=3, what="deferral")
+    async with running(app.worker(poll=POLL, clock=clock), clock) as worker:
+        took = await advance_until(clock, lambda: worker.counts.get("deferred") == 1, step=0.01)
+        assert took <= VISIBILITY  # given up within the claim's lease
         assert faulty.settled("ack") == []
         store.down = False
-        await wait_until(lambda: worker.counts.get("ok") == 1, within=3, what="the rerun")
+        await advance_until(clock, lambda: worker.counts.get("ok") == 1, what="the rerun")
 
     assert runs == [1, 1]
 

@@ -15,9 +15,10 @@ import pytest
 
 from aioworkers import App, Broker, Delivery, LeaseLost, QueueDepth, current_job
 from aioworkers.brokers.memory import MemoryBroker
+from aioworkers.testing import FakeClock
 
 from ..services import REDIS, REDIS_URL, delete_prefix, ensure
-from .conftest import POLL, FaultyBroker, MakeApp, wait_until
+from .conftest import POLL, FaultyBroker, MakeApp, advance_until, running, wait_until
 
 
 def lease_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -25,9 +26,9 @@ def lease_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 async def test_a_heartbeat_crossing_an_applied_ack_is_not_a_lost_lease(
-    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+    make_app: MakeApp, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app, faulty = make_app(visibility_timeout=0.3)
+    app, faulty = make_app(visibility_timeout=0.3, clock=clock)
 
     @app.task
     async def job() -> None:
@@ -36,11 +37,11 @@ async def test_a_heartbeat_crossing_an_applied_ack_is_not_a_lost_lease(
     # The ack is applied at once, its reply comes late: meanwhile the job is still held,
     # and the broker reports its lease gone to every heartbeat.
     reply = faulty.hold("ack")
-    async with app.worker(poll=POLL) as worker:
+    async with running(app.worker(poll=POLL, clock=clock), clock) as worker:
         await job.enqueue()
         await wait_until(lambda: faulty.count("ack") == 1, what="the ack")
         beats = faulty.count("extend")
-        await wait_until(lambda: faulty.count("extend") >= beats + 2, what="two heartbeats")
+        await advance_until(clock, lambda: faulty.count("extend") >= beats + 2, step=0.01)
         assert faulty.calls_of("extend")[-1].result != []  # the broker did say "not held"
         reply.set()
         await wait_until(lambda: worker.in_flight == 0, what="the ack's reply")
@@ -56,16 +57,18 @@ class SlowExtend(FaultyBroker):
     def __init__(self, inner: Broker) -> None:
         super().__init__(inner)
         self.go = asyncio.Event()
+        self.asked = 0
 
     async def extend(self, deliveries: Sequence[Delivery], *, lease: float) -> list[Delivery]:
+        self.asked += 1
         await self.go.wait()
         return await super().extend(deliveries, lease=lease)
 
 
 async def test_a_heartbeat_answered_after_the_job_settled_is_not_a_lost_lease(
-    caplog: pytest.LogCaptureFixture,
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    broker = SlowExtend(MemoryBroker(visibility_timeout=0.3))
+    broker = SlowExtend(MemoryBroker(visibility_timeout=0.3, clock=clock))
     app = App(broker, visibility_timeout=0.3)
     gate = asyncio.Event()
 
@@ -73,16 +76,17 @@ async def test_a_heartbeat_answered_after_the_job_settled_is_not_a_lost_lease(
     async def job() -> None:
         await gate.wait()
 
-    async with app.worker(poll=POLL) as worker:
+    async with running(app.worker(poll=POLL, clock=clock), clock) as worker:
         await job.enqueue()
         await wait_until(lambda: worker.in_flight == 1, what="the job")
-        await asyncio.sleep(0.15)  # the lease loop's first beat (every 0.1 s) is waiting
+        # The lease loop's first beat (every 0.1 s) is sent, and waits for its answer.
+        await advance_until(clock, lambda: broker.asked >= 1, step=0.01)
         gate.set()
         await wait_until(lambda: worker.counts == {"ok": 1}, what="the ack")
         broker.go.set()
         await wait_until(lambda: broker.count("extend", ok=True) >= 1, what="the late beat")
         assert broker.calls_of("extend", ok=True)[0].result != []  # "not held": it is acked
-        await asyncio.sleep(0.05)
+        await clock.advance(0.05)
 
     assert worker.counts == {"ok": 1}
     assert lease_warnings(caplog) == []

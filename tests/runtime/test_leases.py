@@ -1,60 +1,71 @@
 """Leases: a long job keeps its lease while its worker lives; a lost lease cancels the run
-and the job is never acked over the new owner."""
+and the job is never acked over the new owner. On a fake clock the worker and the broker
+share: leases run out and heartbeats beat when the test moves time."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 from aioworkers import App, QueueDepth, current_job
 from aioworkers.envelope import decode
+from aioworkers.testing import FakeClock
 
-from .conftest import POLL, FaultyBroker, MakeApp, stats_eventually, wait_until
+from .conftest import (
+    POLL,
+    FaultyBroker,
+    MakeApp,
+    advance_until,
+    running,
+    stats_eventually,
+    wait_until,
+)
 
 
-async def test_long_job_is_not_redelivered(make_app: MakeApp) -> None:
-    app, faulty = make_app(visibility_timeout=0.3)
+async def test_long_job_is_not_redelivered(make_app: MakeApp, clock: FakeClock) -> None:
+    app, faulty = make_app(visibility_timeout=0.3, clock=clock)
     runs: list[int] = []
     finished: list[int] = []
 
     @app.task
     async def long() -> None:
         runs.append(current_job().delivery_count)
-        await asyncio.sleep(1.0)
+        await clock.sleep(1.0)  # more than three leases
         finished.append(1)
 
     await long.enqueue()
-    started = time.monotonic()
-    async with app.worker(poll=POLL) as worker:
-        await wait_until(lambda: finished == [1], within=3, what="the job to finish")
+    async with running(app.worker(poll=POLL, clock=clock), clock) as worker:
         # The handler returning is not the end: the job is held until its ack is confirmed.
-        await wait_until(lambda: worker.in_flight == 0, what="the ack")
-    assert time.monotonic() - started < 2.0
+        took = await advance_until(
+            clock, lambda: finished == [1] and worker.in_flight == 0, what="the ack"
+        )
+    assert took <= 1.0 + POLL  # acked as soon as it finished: no wait for a lease
 
     assert runs == [1]
     assert worker.counts == {"ok": 1}
-    # Heartbeats every visibility / 3 while the job ran.
-    assert faulty.count("extend", ok=True) >= 5
+    # Heartbeats every visibility / 3 while the job ran: 1.0 / 0.1.
+    assert faulty.count("extend", ok=True) >= 9
     assert await app.stats() == QueueDepth()
 
 
-async def test_extend_failures_within_the_lease_are_survived(make_app: MakeApp) -> None:
-    app, faulty = make_app(visibility_timeout=0.3)
+async def test_extend_failures_within_the_lease_are_survived(
+    make_app: MakeApp, clock: FakeClock
+) -> None:
+    app, faulty = make_app(visibility_timeout=0.3, clock=clock)
     runs: list[int] = []
 
     @app.task
     async def long() -> None:
         runs.append(1)
-        await asyncio.sleep(0.8)
+        await clock.sleep(0.8)
 
     await long.enqueue()
-    async with app.worker(poll=POLL) as worker:
+    async with running(app.worker(poll=POLL, clock=clock), clock) as worker:
         # One failed heartbeat in three still leaves the lease alive.
         await wait_until(lambda: runs == [1], what="the job to start")
         faulty.fail_next("extend", 1)
-        await wait_until(lambda: worker.counts.get("ok") == 1, within=3, what="the ack")
+        await advance_until(clock, lambda: worker.counts.get("ok") == 1, what="the ack")
 
     assert runs == [1]
     assert faulty.count("extend", ok=False) == 1
@@ -62,9 +73,9 @@ async def test_extend_failures_within_the_lease_are_survived(make_app: MakeApp) 
 
 
 async def test_lease_reported_lost_cancels_the_run_and_does_not_ack(
-    make_app: MakeApp,
+    make_app: MakeApp, clock: FakeClock
 ) -> None:
-    app, faulty = make_app(visibility_timeout=0.3)
+    app, faulty = make_app(visibility_timeout=0.3, clock=clock)
     attempts: list[int] = []
     cancelled: list[int] = []
     finished: list[int] = []
@@ -73,7 +84,7 @@ async def test_lease_reported_lost_cancels_the_run_and_does_not_ack(
     async def long() -> None:
         attempts.append(current_job().delivery_count)
         try:
-            await asyncio.sleep(1.0)
+            await clock.sleep(1.0)
         except asyncio.CancelledError:
             cancelled.append(1)
             faulty.lose_leases = False  # the broker recovers before the next delivery
@@ -82,11 +93,13 @@ async def test_lease_reported_lost_cancels_the_run_and_does_not_ack(
 
     await long.enqueue()
     faulty.lose_leases = True
-    async with app.worker(poll=POLL) as worker:
-        await wait_until(lambda: cancelled == [1], within=2, what="the run to be cancelled")
+    async with running(app.worker(poll=POLL, clock=clock), clock) as worker:
+        # The first heartbeat learns the lease is gone.
+        took = await advance_until(clock, lambda: cancelled == [1], what="the cancel")
+        assert took <= 0.1 + POLL
         first = faulty.calls_of("fetch", ok=True)[0].result[0]
         # Nothing is settled for a lost lease; the broker redelivers once the lease expires.
-        await wait_until(lambda: finished == [1], within=3, what="the second run")
+        await advance_until(clock, lambda: finished == [1], what="the second run")
 
     assert first not in faulty.settled("ack")
     assert first not in faulty.settled("release")
@@ -98,8 +111,10 @@ async def test_lease_reported_lost_cancels_the_run_and_does_not_ack(
     assert await app.stats() == QueueDepth()
 
 
-async def test_lease_taken_by_another_consumer_is_never_acked(make_app: MakeApp) -> None:
-    app, faulty = make_app(visibility_timeout=0.3)
+async def test_lease_taken_by_another_consumer_is_never_acked(
+    make_app: MakeApp, clock: FakeClock
+) -> None:
+    app, faulty = make_app(visibility_timeout=0.3, clock=clock)
     runs: list[int] = []
     cancelled: list[int] = []
     finished: list[int] = []
@@ -108,7 +123,7 @@ async def test_lease_taken_by_another_consumer_is_never_acked(make_app: MakeApp)
     async def long() -> None:
         runs.append(1)
         try:
-            await asyncio.sleep(1.5)
+            await clock.sleep(1.5)
         except asyncio.CancelledError:
             cancelled.append(1)
             raise
@@ -117,16 +132,19 @@ async def test_lease_taken_by_another_consumer_is_never_acked(make_app: MakeApp)
     job_id = await long.enqueue()
     # Concurrency 1: the worker's own fetcher waits for room, so the expired lease goes to
     # the other consumer below, not back to this worker.
-    async with app.worker(concurrency=1, poll=POLL) as worker:
+    async with running(app.worker(concurrency=1, poll=POLL, clock=clock), clock) as worker:
         await wait_until(lambda: runs == [1], what="the job to start")
         # The worker is partitioned from the broker: its heartbeats fail, the lease runs out
         # and another consumer takes the job.
         faulty.fail_while("extend")
-        (theirs,) = await faulty.inner.fetch("default", max_messages=1, wait=1.0)
+        fetch = asyncio.create_task(faulty.inner.fetch("default", max_messages=1, wait=1.0))
+        await advance_until(clock, fetch.done, what="the lease to run out")
+        (theirs,) = fetch.result()
         assert theirs.count == 2
         faulty.heal("extend")
         # The next heartbeat learns the lease is gone and cancels the run.
-        await wait_until(lambda: cancelled == [1], within=1, what="the run to be cancelled")
+        took = await advance_until(clock, lambda: cancelled == [1], what="the cancel")
+        assert took <= 0.1 + POLL
         await wait_until(lambda: worker.in_flight == 0, what="the run to be settled")
         # The new owner's lease is untouched: neither acked nor released by the old one.
         assert await app.stats() == QueueDepth(in_flight=1)

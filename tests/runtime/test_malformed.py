@@ -8,8 +8,9 @@ import pytest
 
 from aioworkers import App, DeadLetter, QueueDepth, current_job
 from aioworkers.envelope import Envelope, encode, new_id, now_ms
+from aioworkers.testing import FakeClock
 
-from .conftest import POLL, FakeClock, FaultyBroker, MakeApp, run_burst
+from .conftest import POLL, FaultyBroker, MakeApp, run_burst
 
 
 def envelope(task: str, *args: object, **kwargs: object) -> bytes:
@@ -102,14 +103,13 @@ async def _deliver_and_abandon(broker: FaultyBroker, clock: FakeClock, times: in
     for n in range(1, times + 1):
         (delivery,) = await broker.inner.fetch("default", max_messages=10, wait=0)
         assert delivery.count == n
-        clock.advance(10)
+        await clock.advance(10)
 
 
 @pytest.mark.parametrize("max_deliveries", [1, 3])
 async def test_poison_message_is_dead_lettered_without_running(
-    make_app: MakeApp, max_deliveries: int
+    make_app: MakeApp, clock: FakeClock, max_deliveries: int
 ) -> None:
-    clock = FakeClock()
     app, faulty = make_app(visibility_timeout=5.0, clock=clock, max_deliveries=max_deliveries)
     ran: list[str] = []
 
@@ -120,8 +120,8 @@ async def test_poison_message_is_dead_lettered_without_running(
     job_id = await crasher.enqueue()
     await _deliver_and_abandon(faulty, clock, max_deliveries)
 
-    worker = app.worker(poll=POLL)
-    await run_burst(worker)
+    worker = app.worker(poll=POLL, clock=clock)
+    await run_burst(worker, clock=clock)
 
     assert ran == []
     assert worker.counts == {"dead": 1}
@@ -133,8 +133,9 @@ async def test_poison_message_is_dead_lettered_without_running(
     assert await app.stats() == QueueDepth(dead=1)
 
 
-async def test_message_at_the_delivery_limit_still_runs(make_app: MakeApp) -> None:
-    clock = FakeClock()
+async def test_message_at_the_delivery_limit_still_runs(
+    make_app: MakeApp, clock: FakeClock
+) -> None:
     app, faulty = make_app(visibility_timeout=5.0, clock=clock, max_deliveries=3)
     counts: list[int] = []
 
@@ -144,7 +145,7 @@ async def test_message_at_the_delivery_limit_still_runs(make_app: MakeApp) -> No
 
     await survivor.enqueue()
     await _deliver_and_abandon(faulty, clock, 2)
-    await run_burst(app.worker(poll=POLL))
+    await run_burst(app.worker(poll=POLL, clock=clock), clock=clock)
 
     assert counts == [3]
     assert await app.stats() == QueueDepth()

@@ -5,13 +5,14 @@ workers; and no queue is starved by another queue's waiting fetch."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 
 from aioworkers import App, Delivery, QueueDepth
+from aioworkers._runtime.clock import SYSTEM_CLOCK, Clock
 from aioworkers.brokers.memory import MemoryBroker
+from aioworkers.testing import FakeClock
 
-from .conftest import POLL, FaultyBroker, wait_until
+from .conftest import POLL, FaultyBroker, advance_until, running, wait_until
 
 QUEUES = ["q0", "q1", "q2", "q3", "q4"]
 
@@ -19,8 +20,9 @@ QUEUES = ["q0", "q1", "q2", "q3", "q4"]
 class Holding(FaultyBroker):
     """Counts the deliveries this side holds: fetched and not yet settled."""
 
-    def __init__(self, inner: MemoryBroker) -> None:
+    def __init__(self, inner: MemoryBroker, clock: Clock = SYSTEM_CLOCK) -> None:
         super().__init__(inner)
+        self.clock = clock
         self.held = 0
         self.peak = 0
 
@@ -28,7 +30,7 @@ class Holding(FaultyBroker):
         self, queue: str, *, max_messages: int, wait: float, lease: float
     ) -> list[Delivery]:
         # A round trip, as on a networked broker: the fetches on the queues overlap.
-        await asyncio.sleep(0.005)
+        await self.clock.sleep(0.005)
         got = await super().fetch(queue, max_messages=max_messages, wait=wait, lease=lease)
         self.held += len(got)
         self.peak = max(self.peak, self.held)
@@ -50,7 +52,7 @@ def worker_app(broker: Holding, ran: list[tuple[str, int]], name: str) -> App:
     @app.task(name="work")
     async def work(n: int) -> None:
         ran.append((name, n))
-        await asyncio.sleep(0.05)
+        await broker.clock.sleep(0.05)
 
     return app
 
@@ -81,25 +83,23 @@ async def test_a_one_slot_worker_on_five_queues_holds_one_job_and_leaves_the_res
         assert await inner.depth(q) == QueueDepth()
 
 
-async def test_with_fewer_slots_than_queues_every_queue_gets_its_turn() -> None:
+async def test_with_fewer_slots_than_queues_every_queue_gets_its_turn(clock: FakeClock) -> None:
     # One queue with work behind four empty ones, each empty one fetched with a long poll:
     # the busy queue must not wait a full poll per empty queue for each job.
-    inner = MemoryBroker()
-    side = Holding(inner)
+    inner = MemoryBroker(clock=clock)
+    side = Holding(inner, clock)
     ran: list[tuple[str, int]] = []
     app = worker_app(side, ran, "one")
     work = app.tasks["work"]
     await app.enqueue_many([work.options(queue="q4").call(n) for n in range(6)])
 
     poll = 0.5
-    started = time.monotonic()
-    async with app.worker(concurrency=1, queues=QUEUES, poll=poll):
-        await wait_until(lambda: len(ran) == 6, within=10, what="every job")
-        elapsed = time.monotonic() - started
+    async with running(app.worker(concurrency=1, queues=QUEUES, poll=poll, clock=clock), clock):
+        took = await advance_until(clock, lambda: len(ran) == 6, step=0.01, what="every job")
     assert side.peak == 1
     # A round of the four empty queues takes about one poll (each polled for poll / 5):
     # six jobs in about six polls, not the 24 that four full polls a job would cost.
-    assert elapsed < 6 * poll + 1.0, f"took {elapsed:.1f}s"
+    assert took < 6 * poll + 1.0, f"took {took:.1f}s"
 
 
 async def test_a_fetch_that_brings_fewer_than_reserved_gives_the_rest_back(

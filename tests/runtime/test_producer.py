@@ -3,14 +3,20 @@ enqueue time, and registering tasks."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from aioworkers import App, Call, ConfigError, QueueDepth, current_job
 from aioworkers.envelope import decode
+from aioworkers.testing import FakeClock
 
-from .conftest import POLL, FaultyBroker, run_burst, stats_eventually, wait_until
+from .conftest import (
+    POLL,
+    FaultyBroker,
+    advance_until,
+    run_burst,
+    running,
+    stats_eventually,
+)
 
 
 async def test_enqueue_many_is_one_round_trip_per_queue_and_delay(
@@ -77,19 +83,22 @@ async def test_enqueue_returns_the_job_id_the_handler_sees(app: App) -> None:
     assert sorted(seen) == sorted([by_task, by_name])
 
 
-async def test_delayed_job_does_not_run_early(app: App) -> None:
+async def test_delayed_job_does_not_run_early(
+    clocked: tuple[App, FaultyBroker, FakeClock],
+) -> None:
+    app, _, clock = clocked
     started: list[float] = []
 
     @app.task
     async def later() -> None:
-        started.append(time.monotonic())
+        started.append(clock.monotonic())
 
-    async with app.worker(poll=POLL):
-        t0 = time.monotonic()
+    async with running(app.worker(poll=POLL, clock=clock), clock):
+        t0 = clock.monotonic()
         await later.options(delay=0.3).enqueue()
         assert (await app.stats()).delayed == 1
-        await wait_until(lambda: len(started) == 1, within=2, what="the delayed job")
-    assert 0.3 <= started[0] - t0 < 0.6
+        await advance_until(clock, lambda: len(started) == 1, step=0.01, what="the job")
+    assert 0.3 <= started[0] - t0 <= 0.3 + 0.01 + 1e-9
     assert await app.stats() == QueueDepth()
 
 

@@ -4,42 +4,41 @@ cancels at once; nothing fetched is lost and nothing new is fetched after quiet.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 from aioworkers import App, QueueDepth, current_job
+from aioworkers.testing import FakeClock
 
-from .conftest import POLL, FaultyBroker, stats_eventually, wait_until
+from .conftest import POLL, FaultyBroker, MakeApp, running, stats_eventually, wait_until
 
 
 async def fetch_count(app_and_broker: tuple[App, FaultyBroker]) -> int:
     """Take the only ready message directly and return its delivery count (then hand it
     back), to check a release did not charge a delivery."""
     _, faulty = app_and_broker
-    (delivery,) = await faulty.inner.fetch("default", max_messages=10, wait=0)
+    (delivery,) = await faulty.inner.fetch("default", max_messages=10, wait=0, lease=1.0)
     await faulty.inner.release([delivery])
     return delivery.count
 
 
-async def test_exit_waits_for_a_job_within_grace(
-    app_and_broker: tuple[App, FaultyBroker],
-) -> None:
-    app, faulty = app_and_broker
+async def test_exit_waits_for_a_job_within_grace(make_app: MakeApp, clock: FakeClock) -> None:
+    app, faulty = make_app(clock=clock)
     started: list[str] = []
     finished: list[str] = []
 
     @app.task
     async def half_second() -> None:
         started.append(current_job().id)
-        await asyncio.sleep(0.5)
+        await clock.sleep(0.5)
         finished.append(current_job().id)
 
     job_id = await half_second.enqueue()
-    async with app.worker(grace=2, poll=POLL) as worker:
+    async with running(app.worker(grace=2, poll=POLL, clock=clock), clock) as worker:
         await wait_until(lambda: started == [job_id], what="the job to start")
-        t0 = time.monotonic()
-    assert 0.3 < time.monotonic() - t0 < 1.5
+        t0 = clock.monotonic()
+    # Stopped once the job was done, not before, and not at the end of the grace period.
+    assert 0.5 <= clock.monotonic() - t0 <= 0.5 + POLL + 1e-9
 
     assert finished == [job_id]
     assert worker.counts == {"ok": 1}
@@ -51,9 +50,9 @@ async def test_exit_waits_for_a_job_within_grace(
 
 
 async def test_job_past_grace_is_cancelled_and_released(
-    app_and_broker: tuple[App, FaultyBroker],
+    make_app: MakeApp, clock: FakeClock
 ) -> None:
-    app, faulty = app_and_broker
+    app, faulty = make_app(clock=clock)
     started: list[str] = []
     cancelled: list[str] = []
 
@@ -61,16 +60,18 @@ async def test_job_past_grace_is_cancelled_and_released(
     async def five_seconds() -> None:
         started.append(current_job().id)
         try:
-            await asyncio.sleep(5)
+            await clock.sleep(5)
         except asyncio.CancelledError:
             cancelled.append(current_job().id)
             raise
 
     job_id = await five_seconds.enqueue()
-    async with app.worker(grace=0.2, poll=POLL) as worker:
+    async with running(app.worker(grace=0.2, poll=POLL, clock=clock), clock) as worker:
         await wait_until(lambda: started == [job_id], what="the job to start")
-        t0 = time.monotonic()
-    assert time.monotonic() - t0 < 1.0
+        t0 = clock.monotonic()
+    # Cancelled when the grace period ran out (it starts once the fetch under way has
+    # returned, within a poll), and handed back at once.
+    assert 0.2 <= clock.monotonic() - t0 <= 0.2 + 2 * POLL + 1e-9
 
     assert cancelled == [job_id]
     assert worker.counts == {"released": 1}
@@ -78,13 +79,11 @@ async def test_job_past_grace_is_cancelled_and_released(
     assert len(faulty.settled("release")) == 1
     # Visible again at once, and the hand-back is not charged as a delivery.
     assert await app.stats() == QueueDepth(ready=1)
-    assert await fetch_count(app_and_broker) == 1
+    assert await fetch_count((app, faulty)) == 1
 
 
-async def test_second_stop_cancels_at_once(
-    app_and_broker: tuple[App, FaultyBroker],
-) -> None:
-    app, _ = app_and_broker
+async def test_second_stop_cancels_at_once(make_app: MakeApp, clock: FakeClock) -> None:
+    app, _ = make_app(clock=clock)
     started: list[int] = []
     cancelled: list[int] = []
 
@@ -92,27 +91,27 @@ async def test_second_stop_cancels_at_once(
     async def five_seconds(n: int) -> None:
         started.append(n)
         try:
-            await asyncio.sleep(5)
+            await clock.sleep(5)
         except asyncio.CancelledError:
             cancelled.append(n)
             raise
 
     await app.enqueue_many([five_seconds.call(n) for n in range(3)])
-    worker = app.worker(grace=30, poll=POLL)
+    worker = app.worker(grace=30, poll=POLL, clock=clock)
     run = asyncio.create_task(worker.run())
     await wait_until(lambda: len(started) == 3, what="the jobs to start")
 
     worker.stop()
-    await asyncio.sleep(0.1)
+    await clock.advance(1.0)
     # The first stop only quiets: the jobs go on within the grace period.
     assert not run.done()
     assert cancelled == []
     assert worker.state == "QUIET"
 
-    t0 = time.monotonic()
+    t0 = clock.monotonic()
     worker.stop()
-    await asyncio.wait_for(run, 1.0)
-    assert time.monotonic() - t0 < 0.5
+    await asyncio.wait_for(run, 5)
+    assert clock.monotonic() == t0  # at once: nothing waited on the clock
 
     assert sorted(cancelled) == [0, 1, 2]
     assert worker.counts == {"released": 3}
@@ -143,7 +142,7 @@ async def test_fetched_but_not_started_deliveries_are_released(
     assert len(faulty.settled("release")) == 3
     assert faulty.count("ack") == 0
     assert await app.stats() == QueueDepth(ready=3)
-    got = await faulty.inner.fetch("default", max_messages=10, wait=0)
+    got = await faulty.inner.fetch("default", max_messages=10, wait=0, lease=1.0)
     assert [d.count for d in got] == [1, 1, 1]
 
 
@@ -179,10 +178,8 @@ async def test_runs_cancelled_before_they_start_are_released(
     assert await app.stats() == QueueDepth(ready=3)
 
 
-async def test_no_new_jobs_are_fetched_after_quiet(
-    app_and_broker: tuple[App, FaultyBroker],
-) -> None:
-    app, faulty = app_and_broker
+async def test_no_new_jobs_are_fetched_after_quiet(make_app: MakeApp, clock: FakeClock) -> None:
+    app, faulty = make_app(clock=clock)
     gate = asyncio.Event()
     ran: list[int] = []
 
@@ -192,14 +189,14 @@ async def test_no_new_jobs_are_fetched_after_quiet(
         await gate.wait()
 
     await job.enqueue(0)
-    async with app.worker(poll=POLL) as worker:
+    async with running(app.worker(poll=POLL, clock=clock), clock) as worker:
         await wait_until(lambda: ran == [0], what="the first job")
         worker.quiet()
         assert worker.state == "QUIET"
-        await asyncio.sleep(2 * POLL)  # any fetch under way returns
+        await clock.advance(2 * POLL)  # any fetch under way returns
         fetches = faulty.count("fetch")
         await job.enqueue(1)
-        await asyncio.sleep(4 * POLL)
+        await clock.advance(4 * POLL)
         assert faulty.count("fetch") == fetches
         assert ran == [0]
         assert await app.stats() == QueueDepth(ready=1, in_flight=1)
@@ -276,7 +273,8 @@ async def test_worker_repr_with_a_url(memory_app: App) -> None:
     assert repr(worker) == "<Worker memory://:default IDLE in_flight=0/7>"
 
 
-async def test_quiet_keeps_the_worker_until_stop(app: App) -> None:
+async def test_quiet_keeps_the_worker_until_stop(make_app: MakeApp, clock: FakeClock) -> None:
+    app, _ = make_app(clock=clock)
     ran: list[int] = []
 
     @app.task
@@ -284,16 +282,16 @@ async def test_quiet_keeps_the_worker_until_stop(app: App) -> None:
         ran.append(n)
 
     await job.enqueue(0)
-    worker = app.worker(poll=POLL)
-    running = asyncio.create_task(worker.run())
+    worker = app.worker(poll=POLL, clock=clock)
+    run = asyncio.create_task(worker.run())
     await wait_until(lambda: ran == [0], what="the first job")
     worker.quiet()
-    await asyncio.sleep(4 * POLL)
+    await clock.advance(60)
     # Quiet is not stop: the worker stays up, idle, until told to stop.
-    assert not running.done()
+    assert not run.done()
     assert worker.state == "QUIET"
     worker.stop()
-    await asyncio.wait_for(running, 2)
+    await asyncio.wait_for(run, 2)
     assert worker.state == "STOPPED"
 
 

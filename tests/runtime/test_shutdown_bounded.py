@@ -2,8 +2,9 @@
 handlers and the broker behave; jobs that could not be handed back are left to their
 lease (and said so), never lost.
 
-These tests measure real time on purpose: the bounds of the shutdown path are the thing
-under test. Each bound asserted is a few times the worker's own constants."""
+The bounds of the shutdown path are the thing under test: they are asserted exactly on a
+fake clock that the worker and the broker share (the shutdown waits run on the worker's
+clock), and once in real time end to end through the command line (the last test)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from aioworkers import App, QueueDepth
+from aioworkers._runtime.shutdown import ABANDON_WAIT, SETTLE_GRACE, STOP_NOW_GRACE
+from aioworkers.testing import FakeClock
 
-from .conftest import POLL, FaultyBroker, MakeApp, wait_until
+from .conftest import POLL, FaultyBroker, MakeApp, advance_until, wait_until
 
 
 def left_to_lease(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -32,9 +36,11 @@ def left_to_lease(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
-async def redelivered(faulty: FaultyBroker, *, within: float) -> int:
+async def redelivered(faulty: FaultyBroker, clock: FakeClock) -> int:
     """Wait for the job's lease to lapse; return the delivery count it comes back with."""
-    (again,) = await faulty.inner.fetch("default", max_messages=10, wait=within)
+    fetch = asyncio.create_task(faulty.inner.fetch("default", max_messages=10, wait=3, lease=1))
+    await advance_until(clock, fetch.done, what="the lease to lapse")
+    (again,) = fetch.result()
     await faulty.inner.ack([again])
     return again.count
 
@@ -42,7 +48,8 @@ async def redelivered(faulty: FaultyBroker, *, within: float) -> int:
 class Stubborn:
     """A handler that swallows every cancellation until ``let_go``, then gives up."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
         self.started = asyncio.Event()
         self.cancels = 0
         self.let_go = False
@@ -53,7 +60,7 @@ class Stubborn:
         self.started.set()
         while True:
             try:
-                await asyncio.sleep(30)
+                await self.clock.sleep(30)
             except asyncio.CancelledError:
                 self.cancels += 1
                 if self.let_go:
@@ -66,71 +73,74 @@ class Stubborn:
             await asyncio.wait({self.task}, timeout=2)
 
 
+async def stop_twice(
+    worker_run: asyncio.Task[None], stop: Callable[[], None], clock: FakeClock
+) -> float:
+    """Stop, let the clock run a while (the first stop waits on the grace period), stop
+    again; returns the clock's seconds from the second stop until `run()` returned."""
+    stop()
+    await clock.advance(1.0)
+    assert not worker_run.done()
+    stop()
+    return await advance_until(clock, worker_run.done, what="run() to return")
+
+
 async def test_second_stop_ends_a_handler_that_ignores_cancellation(
-    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+    make_app: MakeApp, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app, faulty = make_app(visibility_timeout=0.5)
-    stubborn = Stubborn()
+    app, faulty = make_app(visibility_timeout=0.5, clock=clock)
+    stubborn = Stubborn(clock)
     app.task(name="stubborn")(stubborn.__call__)
     await app.enqueue("stubborn")
-    worker = app.worker(grace=30, poll=POLL)
+    worker = app.worker(grace=30, poll=POLL, clock=clock)
     run = asyncio.create_task(worker.run())
     try:
         await asyncio.wait_for(stubborn.started.wait(), 5)
-        worker.stop()
-        await asyncio.sleep(0.1)
-        t0 = time.monotonic()
-        worker.stop()
-        await asyncio.wait({run}, timeout=6)
-        assert run.done(), "run() still waits for a handler that ignores cancellation"
-        assert time.monotonic() - t0 < 4
+        took = await stop_twice(run, worker.stop, clock)
+        # The runs get a second to hand their jobs back, then a second after the next cancel.
+        assert took <= STOP_NOW_GRACE + ABANDON_WAIT + POLL
         await run
         assert stubborn.cancels >= 2
         assert worker.in_flight == 0
         assert "released" not in worker.counts
         assert any("left 1 jobs to their leases" in m for m in left_to_lease(caplog))
         # Not lost: the broker hands it out again once its lease lapses.
-        assert await redelivered(faulty, within=3) == 2
+        assert await redelivered(faulty, clock) == 2
     finally:
         await stubborn.end()
 
 
 async def test_second_stop_ends_a_release_against_a_broker_that_is_down(
-    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+    make_app: MakeApp, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app, faulty = make_app(visibility_timeout=0.5)
+    app, faulty = make_app(visibility_timeout=0.5, clock=clock)
     started = asyncio.Event()
 
     @app.task
     async def long() -> None:
         started.set()
-        await asyncio.sleep(30)
+        await clock.sleep(30)
 
     await long.enqueue()
     faulty.fail_while("release")
-    worker = app.worker(grace=30, poll=POLL)
+    worker = app.worker(grace=30, poll=POLL, clock=clock)
     run = asyncio.create_task(worker.run())
     await asyncio.wait_for(started.wait(), 5)
-    worker.stop()
-    await asyncio.sleep(0.1)
-    t0 = time.monotonic()
-    worker.stop()
-    await asyncio.wait({run}, timeout=8)
-    assert run.done()
-    # Not the 5 s the first stop's hand-back may take: a second stop means now.
-    assert time.monotonic() - t0 < 3
+    took = await stop_twice(run, worker.stop, clock)
+    # Not the SETTLE_GRACE the first stop's hand-back may take: a second stop means now.
+    assert took <= STOP_NOW_GRACE + ABANDON_WAIT + POLL
     await run
     assert faulty.count("release", ok=False) >= 1
     assert "released" not in worker.counts
     assert any("left 1 jobs to their leases" in m for m in left_to_lease(caplog))
     faulty.heal("release")
-    assert await redelivered(faulty, within=3) == 2
+    assert await redelivered(faulty, clock) == 2
 
 
 async def test_a_handler_still_unwinding_its_first_cancel_gets_the_second(
-    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+    make_app: MakeApp, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app, faulty = make_app(visibility_timeout=0.5)
+    app, faulty = make_app(visibility_timeout=0.5, clock=clock)
     started = asyncio.Event()
     cleanups: list[str] = []
 
@@ -138,57 +148,53 @@ async def test_a_handler_still_unwinding_its_first_cancel_gets_the_second(
     async def slow_cleanup() -> None:
         started.set()
         try:
-            await asyncio.sleep(30)
+            await clock.sleep(30)
         except asyncio.CancelledError:
             cleanups.append("begun")
-            await asyncio.sleep(30)  # a long cleanup: the second cancel lands here
+            await clock.sleep(30)  # a long cleanup: the second cancel lands here
             cleanups.append("finished")
             raise
 
     await slow_cleanup.enqueue()
     faulty.fail_while("release")
-    worker = app.worker(grace=30, poll=POLL)
+    worker = app.worker(grace=30, poll=POLL, clock=clock)
     run = asyncio.create_task(worker.run())
     await asyncio.wait_for(started.wait(), 5)
-    worker.stop()
-    await asyncio.sleep(0.1)
-    worker.stop()
-    await asyncio.wait({run}, timeout=8)
-    assert run.done(), "the second cancel was swallowed: the release retries forever"
+    # Fails (the clock runs out) if the second cancel was swallowed: the release would
+    # retry forever.
+    await stop_twice(run, worker.stop, clock)
     await run
     assert cleanups == ["begun"]
     assert "released" not in worker.counts
     faulty.heal("release")
-    assert await redelivered(faulty, within=3) == 2
+    assert await redelivered(faulty, clock) == 2
 
 
 async def test_one_stop_is_bounded_too(
-    make_app: MakeApp, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    make_app: MakeApp, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Short hand-back window, so the test is quick; the bound is what matters.
-    monkeypatch.setattr("aioworkers._runtime.shutdown.SETTLE_GRACE", 0.3)
-    app, faulty = make_app(visibility_timeout=0.5)
-    stubborn = Stubborn()
+    app, faulty = make_app(visibility_timeout=0.5, clock=clock)
+    stubborn = Stubborn(clock)
     app.task(name="stubborn")(stubborn.__call__)
     await app.enqueue("stubborn")
-    worker = app.worker(grace=0.2, poll=POLL)
+    worker = app.worker(grace=0.2, poll=POLL, clock=clock)
     run = asyncio.create_task(worker.run())
     try:
         await asyncio.wait_for(stubborn.started.wait(), 5)
         worker.stop()
-        await asyncio.wait({run}, timeout=6)
-        assert run.done(), "one stop waits forever for a handler that ignores cancellation"
+        took = await advance_until(clock, run.done, what="run() to return")
+        # The fetch under way returns (a poll), the grace period, the hand-back window,
+        # the wait after the second cancel: then the job is left to its lease.
+        assert took <= POLL + 0.2 + SETTLE_GRACE + ABANDON_WAIT + POLL
         await run
         assert any("left 1 jobs to their leases" in m for m in left_to_lease(caplog))
-        assert await redelivered(faulty, within=3) == 2
+        assert await redelivered(faulty, clock) == 2
     finally:
         await stubborn.end()
 
 
-async def test_second_stop_while_fetch_hangs_returns(
-    app_and_broker: tuple[App, FaultyBroker],
-) -> None:
-    app, faulty = app_and_broker
+async def test_second_stop_while_fetch_hangs_returns(make_app: MakeApp, clock: FakeClock) -> None:
+    app, faulty = make_app(clock=clock)
 
     @app.task
     async def job() -> None:
@@ -197,14 +203,11 @@ async def test_second_stop_while_fetch_hangs_returns(
     # A fetch whose reply never comes (a black-holed connection): the first stop waits
     # for it, the second does not.
     faulty.hold("fetch")
-    worker = app.worker(poll=POLL)
+    worker = app.worker(poll=POLL, clock=clock)
     run = asyncio.create_task(worker.run())
     await wait_until(lambda: faulty.count("fetch") >= 1, what="the fetch")
-    worker.stop()
-    await asyncio.sleep(0.2)
-    assert not run.done()
-    worker.stop()
-    await asyncio.wait_for(run, 3)
+    await stop_twice(run, worker.stop, clock)
+    await run
     assert await app.stats() == QueueDepth()
 
 
@@ -259,6 +262,7 @@ def test_cli_second_signal_exits_despite_a_handler_that_ignores_cancellation(
         out, err = proc.communicate(timeout=15)
     finally:
         proc.kill()
+    # Real time on purpose: the process's exit, with the system clock, end to end.
     assert time.monotonic() - t0 < 8
     assert proc.returncode == 0, err
     assert "left 1 jobs to their leases" in err

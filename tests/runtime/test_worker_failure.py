@@ -11,8 +11,9 @@ import logging
 import pytest
 
 from aioworkers import App, QueueDepth
+from aioworkers.testing import FakeClock
 
-from .conftest import POLL, FaultyBroker, MakeApp, wait_until
+from .conftest import POLL, FaultyBroker, MakeApp, advance_until, wait_until
 
 
 def failure_logged(caplog: pytest.LogCaptureFixture, error: type[BaseException]) -> bool:
@@ -131,9 +132,9 @@ async def test_an_embedded_worker_logs_its_failure_when_it_happens(
 
 
 async def test_a_failing_lease_loop_stops_the_worker_after_the_drain(
-    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+    make_app: MakeApp, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app, faulty = make_app(visibility_timeout=0.3)
+    app, faulty = make_app(visibility_timeout=0.3, clock=clock)
     gate = asyncio.Event()
     started: list[int] = []
 
@@ -143,17 +144,18 @@ async def test_a_failing_lease_loop_stops_the_worker_after_the_drain(
         await gate.wait()
 
     await job.enqueue()
-    worker = app.worker(grace=10, poll=POLL)
+    worker = app.worker(grace=10, poll=POLL, clock=clock)
     run = asyncio.create_task(worker.run())
     await wait_until(lambda: started == [1], what="the job to start")
     faulty.raise_next("extend", RuntimeError("extend broke"))
-    await wait_until(lambda: failure_logged(caplog, RuntimeError), what="the error logged")
+    await advance_until(clock, lambda: failure_logged(caplog, RuntimeError), step=0.01)
     # Leases are still kept while the worker drains: the job is not handed out again.
-    await asyncio.sleep(0.5)
+    await clock.advance(0.5)
     assert await app.stats() == QueueDepth(in_flight=1)
     gate.set()
+    await advance_until(clock, run.done, what="run() to return")
     with pytest.raises(RuntimeError, match="extend broke"):
-        await asyncio.wait_for(run, 5)
+        await run
     assert started == [1]
     assert worker.counts == {"ok": 1}
     assert await app.stats() == QueueDepth()
