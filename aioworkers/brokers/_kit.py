@@ -21,11 +21,9 @@ from collections.abc import (
 from types import TracebackType
 from typing import Generic, TypeVar
 
-import anyio
-
+from .._runtime.backoff import Backoff
 from .._runtime.clock import SYSTEM_CLOCK, Clock
 from ..errors import BrokerUnavailable
-from ..retry import next_delay
 from .base import Delivery
 
 T = TypeVar("T")
@@ -119,9 +117,10 @@ class LeaseTable(Generic[K]):
     def __iter__(self) -> Iterator[K]:
         return iter(self._deadlines)
 
-    def add(self, token: K, lease: float) -> float:
-        """Hold ``token`` for ``lease`` seconds from now; returns its deadline."""
-        deadline = self._clock.monotonic() + lease
+    def add(self, token: K, lease: float, *, start: float | None = None) -> float:
+        """Hold ``token`` for ``lease`` seconds from now (or from ``start``, on the clock:
+        when the call that took the lease was sent); returns its deadline."""
+        deadline = (self._clock.monotonic() if start is None else start) + lease
         self._deadlines[token] = deadline
         heapq.heappush(self._heap, (deadline, next(self._seq), token))
         return deadline
@@ -129,11 +128,12 @@ class LeaseTable(Generic[K]):
     def owns(self, token: object) -> bool:
         return token in self._deadlines
 
-    def extend(self, token: K, lease: float) -> bool:
-        """Hold ``token`` for ``lease`` more seconds from now; False if it is not held."""
+    def extend(self, token: K, lease: float, *, start: float | None = None) -> bool:
+        """Hold ``token`` for ``lease`` more seconds from now (or ``start``); False if it is
+        not held."""
         if token not in self._deadlines:
             return False
-        self.add(token, lease)
+        self.add(token, lease, start=start)
         return True
 
     def settle(self, token: K) -> bool:
@@ -173,20 +173,19 @@ async def retry_batch(
     *,
     what: str,
     attempts: int = 5,
-    base: float = 0.05,
-    cap: float = 1.0,
-    sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> None:
     """Send ``entries`` with ``call``, which returns those that failed on the server's side
     this time (worth another try; what it refuses for good it deals with itself), and send
-    those again with capped, jittered backoff: `BrokerUnavailable` if some still fail after
-    ``attempts`` calls. The client's own retries cover a call that fails as a whole; this
-    covers a call that succeeds for some entries only."""
+    those again after a `Backoff` pause on ``clock``: `BrokerUnavailable` if some still
+    fail after ``attempts`` calls. The client's own retries cover a call that fails as a
+    whole; this covers a call that succeeds for some entries only."""
+    pauses = Backoff(clock, first=0.05, cap=1.0)
     pending = list(entries)
     for attempt in range(1, attempts + 1):
         pending = await call(pending)
         if not pending:
             return
         if attempt < attempts:
-            await sleep(next_delay(attempt, base=base, cap=cap))
+            await pauses.pause()
     raise BrokerUnavailable(f"{what}: {len(pending)} of {len(entries)} entries failed")

@@ -1,20 +1,30 @@
-"""How bytes travel in SQS messages, shared by the SQS broker and the Lambda adapter (which
-must read them without aiobotocore)."""
+"""How jobs travel in SQS messages: bodies, attributes, entries of a batch call and their
+sizes, delays, FIFO ids, dead letters as SQS holds them. Shared by the SQS broker and the
+Lambda adapter, which must read them without aiobotocore."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import math
+import os
 import re
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
+from ..envelope import decode
 from ..errors import DecodeError
+from .base import DeadLetter
 
 ENC = "aw-enc"  # "b64": the body is base64 of the job's bytes
 ETA = "aw-eta"  # epoch ms the message is due at, for delays beyond SQS's 900 s
 BASE = "aw-base"  # deliveries before this copy of the message (release, re-delay)
 DEDUP = "aw-dedup"  # a delayed job's FIFO deduplication id, used when it joins its group
 
+MAX_DELAY = 900  # SQS's limit for DelaySeconds
+MAX_BATCH = 10  # SQS's limit for every *Batch call and for MaxNumberOfMessages
+DEFAULT_MAX_SIZE = 256 * 1024  # a queue's MaximumMessageSize when SQS does not say
 MAX_COUNT = 2**31 - 1  # a delivery count no queue reaches: anything above is malformed
 MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31, the last instant a datetime holds
 
@@ -105,3 +115,158 @@ def _attr_value(attributes: dict[str, Any], name: str) -> str | None:
         return None
     v = a.get("StringValue", a.get("stringValue"))
     return None if v is None else str(v)
+
+
+# -- entries of a SendMessageBatch ---------------------------------------------------------
+
+
+def split_delay(delay: float, *, now_ms: int | None = None) -> tuple[int, int | None]:
+    """``(DelaySeconds, eta in epoch ms or None)`` for a delay in seconds: whole seconds,
+    rounded up, at most 900; beyond that the eta says when the message is really due."""
+    seconds = math.ceil(max(delay, 0.0) - 1e-9)
+    if seconds <= MAX_DELAY:
+        return seconds, None
+    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    return MAX_DELAY, now + int(delay * 1000)
+
+
+def group_and_dedup(body: bytes, group: str | None) -> tuple[str, str]:
+    """FIFO MessageGroupId (``group``, else the job's task) and deduplication id (the job's
+    idempotency key, else its id); bodies that are not envelopes use a hash of the body."""
+    digest = hashlib.sha256(body).hexdigest()
+    try:
+        env = decode(body)
+    except Exception:
+        return group or "aioworkers", digest
+    dedup = env.key if env.key is not None else env.id
+    # Ids are limited to 128 characters of [A-Za-z0-9!-~]: hash anything else.
+    if not fifo_id(dedup):
+        dedup = hashlib.sha256(dedup.encode()).hexdigest()
+    g = group or env.task
+    if not fifo_id(g):
+        g = hashlib.sha256(g.encode()).hexdigest()
+    return g, dedup
+
+
+def fifo_id(value: str | None) -> bool:
+    return value is not None and re.fullmatch(r"[!-~]{1,128}", value) is not None
+
+
+def new_id() -> str:
+    return os.urandom(16).hex()
+
+
+def entry(
+    body: bytes,
+    attributes: dict[str, Any],
+    *,
+    delay: int = 0,
+    group: tuple[str, str] | None = None,
+    b64: bool = False,
+) -> dict[str, Any]:
+    """A SendMessageBatch entry; ``group``: FIFO (MessageGroupId, MessageDeduplicationId);
+    ``b64``: base64 even if the body is text."""
+    text, enc = encode_body(body)
+    if b64 and not enc:
+        text, enc = base64.b64encode(body).decode(), {ENC: _attr("b64")}
+    out: dict[str, Any] = {"MessageBody": text}
+    attrs = {name: a for name, a in attributes.items() if name != ENC} | enc
+    if attrs:
+        out["MessageAttributes"] = attrs
+    if group is not None:
+        out["MessageGroupId"], out["MessageDeduplicationId"] = group
+    elif delay:
+        out["DelaySeconds"] = delay
+    return out
+
+
+def size(entry: dict[str, Any]) -> int:
+    """A message's size as SQS counts it: the body, and each attribute's name, type and
+    value."""
+    total = len(entry["MessageBody"].encode())
+    for name, attr in (entry.get("MessageAttributes") or {}).items():
+        total += len(name.encode()) + len(str(attr.get("DataType", "")).encode())
+        total += len(str(attr.get("StringValue", "")).encode()) + len(attr.get("BinaryValue", b""))
+    return total
+
+
+def add_fact(
+    entry: dict[str, Any], name: str, text: str, limit: int, *, tail: bool = False
+) -> None:
+    """Add attribute ``name`` with as much of ``text`` as fits in ``limit`` bytes: its head,
+    or its ``tail`` (a traceback ends with the error)."""
+    room = limit - size(entry) - len(name) - len("String")
+    if not text or room <= 0:
+        return
+    data = text.encode()
+    text = (data[-room:] if tail else data[:room]).decode(errors="ignore")
+    if text:
+        entry.setdefault("MessageAttributes", {})[name] = _attr(text)
+
+
+def sort_reply(reply: dict[str, Any], pending: dict[str, Any]) -> list[tuple[str, str]]:
+    """Take the entries SQS took or refused out of ``pending`` (what is left failed on
+    SQS's side, worth another try); returns ``(id, why)`` of those refused (sender faults)."""
+    for ok in reply.get("Successful") or []:
+        pending.pop(ok.get("Id"), None)
+    refused = []
+    for failed in reply.get("Failed") or []:
+        if failed.get("SenderFault") and failed.get("Id") in pending:
+            del pending[failed["Id"]]
+            refused.append((str(failed["Id"]), f"{failed.get('Code')}: {failed.get('Message')}"))
+    return refused
+
+
+class Raw(NamedTuple):
+    """A received message as SQS holds it (its body: the SQS text), for the DLQ."""
+
+    message_id: str
+    receipt: str
+    body: bytes
+
+
+def raw(m: dict[str, Any]) -> Raw:
+    body = str(m.get("Body", "")).encode(errors="surrogatepass")
+    return Raw(str(m.get("MessageId", "")), str(m.get("ReceiptHandle", "")), body)
+
+
+def too_large(why: str) -> DecodeError:
+    return DecodeError("payload_too_large", f"SQS refused to take it further: {why}")
+
+
+def max_size(attributes: dict[str, str]) -> int:
+    try:
+        return int(attributes.get("MaximumMessageSize", DEFAULT_MAX_SIZE))
+    except ValueError:
+        return DEFAULT_MAX_SIZE
+
+
+def read_dead_letter(queue: str, m: dict[str, Any]) -> DeadLetter:
+    """A DLQ entry as a `DeadLetter`: its facts from the attributes, or what can be read of
+    a job the queue's redrive policy moved there."""
+    attrs = m.get("MessageAttributes") or {}
+    try:
+        body = read_body(m.get("Body", ""), _attr_value(attrs, ENC))
+    except DecodeError:
+        body = raw(m).body  # listed as SQS holds it
+
+    def get(name: str) -> str | None:
+        return _attr_value(attrs, name)
+
+    known: dict[str, str] = {}
+    if get("reason") is None:
+        # Moved here by the queue's redrive policy (maxReceiveCount): read what we can.
+        known["reason"] = "max_deliveries"
+        try:
+            env = decode(body)
+            known.update(id=env.id, task=env.task)
+        except Exception:
+            pass
+    sent = int(m.get("Attributes", {}).get("SentTimestamp", 0)) / 1000
+    return DeadLetter.from_facts(
+        lambda name: get(name) or known.get(name),
+        queue=queue,
+        entry_id=m["MessageId"],
+        body=body,
+        dead_at=sent,
+    )

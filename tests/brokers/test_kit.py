@@ -22,6 +22,7 @@ from aioworkers.brokers import (
 )
 from aioworkers.brokers._kit import LeaseTable, by_queue, chunks, map_exceptions, retry_batch
 from aioworkers.brokers.memory import MemoryBroker
+from aioworkers.testing import FakeClock
 
 
 class ClientError(Exception):
@@ -141,17 +142,21 @@ async def test_retry_batch_sends_what_failed_again_then_gives_up() -> None:
         calls.append(entries)
         return [e for e in entries if e % 2 and len(calls) < 3]  # odd ones fail twice
 
-    async def no_sleep(seconds: float) -> None:
-        pass
-
-    await retry_batch(flaky, [1, 2, 3, 4], what="send", sleep=no_sleep)
+    clock = FakeClock()
+    sending = asyncio.ensure_future(retry_batch(flaky, [1, 2, 3, 4], what="send", clock=clock))
+    await clock.wait_for_sleepers(1)
+    await clock.advance(10.0)  # the pauses (one after each failed call) are on the clock
+    await sending
     assert calls == [[1, 2, 3, 4], [1, 3], [1, 3]]
 
     async def down(entries: list[int]) -> list[int]:
         return entries
 
+    failing = asyncio.ensure_future(retry_batch(down, [1, 2], what="send", attempts=3, clock=clock))
+    await clock.wait_for_sleepers(1)
+    await clock.advance(10.0)
     with pytest.raises(BrokerUnavailable, match="send: 2 of 2 entries failed"):
-        await retry_batch(down, [1, 2], what="send", attempts=3, sleep=no_sleep)
+        await failing
 
 
 # -- capabilities -------------------------------------------------------------------------
