@@ -13,9 +13,9 @@ import anyio
 import anyio.abc
 
 from ._runtime import shutdown
-from ._runtime.clock import SYSTEM_CLOCK, Clock, move_on_after
+from ._runtime.clock import SYSTEM_CLOCK, Clock
 from ._runtime.executor import ExecutorSettings, executor_for
-from ._runtime.fetcher import Fetcher
+from ._runtime.fetcher import Fetcher, queues_empty
 from ._runtime.inflight import InFlight
 from ._runtime.jobs import Jobs
 from ._runtime.lease import keep_leases
@@ -23,7 +23,7 @@ from ._runtime.outcome import OUTCOMES
 from ._runtime.scheduler import Scheduler
 from ._runtime.settle import BatchedAcks, Settler
 from .brokers.base import Broker
-from .errors import AioworkersError, BrokerUnavailable, ConfigError
+from .errors import AioworkersError, ConfigError
 from .telemetry import Telemetry, messaging_system
 
 log = logging.getLogger("aioworkers")
@@ -106,15 +106,12 @@ class Worker:
             telemetry=self._telemetry,
         )
         self._quiet = False
-        self._stops = 0
-        self._grace_scope: anyio.CancelScope | None = None
+        self._shutdown = shutdown.Shutdown(self._inflight, clock, grace)
         self._fetchers: anyio.abc.TaskGroup | None = None
-        self._deadlines = shutdown.Deadlines(clock)
         self._failure: Exception | None = None
         self._started = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._release_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -147,25 +144,16 @@ class Worker:
             unstarted = self._scheduler.close()
             if unstarted:
                 # Hand them to another worker now rather than after their lease runs out.
-                self._release_task = asyncio.get_running_loop().create_task(
-                    self._jobs.hand_back(unstarted)
-                )
+                hand_back = self._jobs.hand_back(unstarted)
+                self._shutdown.others.append(asyncio.get_running_loop().create_task(hand_back))
 
     def stop(self) -> None:
         """Quiet, drain within ``grace``, release the rest. A second call cancels now: the
         runs get a second to release their jobs, the rest is left to its lease."""
-        self._stops += 1
         self.quiet()
         self._stopping.set()
-        if self._stops > 1:
-            log.warning("stopping now: cancelling %d jobs in flight", len(self._inflight))
-            # Every wait left on the way out ends within a second (a third stop: now).
-            self._deadlines.hurry(shutdown.STOP_NOW_GRACE if self._stops == 2 else 0.0)
-            if self._grace_scope is not None:
-                self._grace_scope.cancel()
-            if self._fetchers is not None:
-                self._fetchers.cancel_scope.cancel()  # a fetch that hangs is not waited for
-            self._inflight.cancel_all()
+        if self._shutdown.stop() and self._fetchers is not None:
+            self._fetchers.cancel_scope.cancel()  # a fetch that hangs is not waited for
 
     async def wait_started(self) -> None:
         """Return once `run()` has run the startup hooks and begun fetching."""
@@ -174,7 +162,7 @@ class Worker:
     def recycle(self, reason: str) -> None:
         """Stop because of a limit (``reason``), for a fresh process to take over: `stop()`
         with `recycled` set, so the CLI exits with its recycle code. Ignored once stopping."""
-        if self._stops == 0:
+        if self._shutdown.stops == 0:
             self.recycled = reason
             log.info("recycling: %s; draining %d jobs", reason, len(self._inflight))
             self.stop()
@@ -226,11 +214,11 @@ class Worker:
                 self.quiet()
                 if not burst:
                     await self._stopping.wait()
-                await self._drain()
+                await self._shutdown.drain()
             finally:
                 if len(self._inflight):
-                    await self._abandon()  # cancelled from outside: still hand jobs back
-            with self._deadlines.window(shutdown.SETTLE_GRACE):
+                    await self._shutdown.abandon()  # cancelled from outside: still hand back
+            with self._shutdown.settle_window():
                 await self._service("acking", self._acks.flush_acks, False)
             # Leases are kept until every job is settled; only then stop the lease loop.
             service.cancel_scope.cancel()
@@ -285,31 +273,10 @@ class Worker:
         await self._scheduler.exhausted.wait()
         self.recycle(f"ran max_jobs={self.max_jobs} jobs")
 
-    async def _drain(self) -> None:
-        with move_on_after(self.clock, self.grace) as self._grace_scope:
-            if self._stops > 1:
-                self._grace_scope.cancel()  # a second stop came before the drain began
-            await self._inflight.wait_empty()
-        if len(self._inflight):
-            if self._stops < 2:  # else a second stop() cut the grace period short
-                log.warning("grace period over: releasing %d unfinished jobs", len(self._inflight))
-            await self._abandon()
-
-    async def _abandon(self) -> None:
-        others = [self._release_task] if self._release_task is not None else []
-        await shutdown.abandon(self._inflight, self._deadlines, *others)
-
     async def _drained(self) -> bool:
         if len(self._inflight) or self._acks.pending_acks:
             return False
-        try:
-            for queue in self.queues:
-                depth = await self.app.broker.depth(queue)
-                if depth.ready or depth.delayed or depth.in_flight:
-                    return False
-        except BrokerUnavailable:
-            return False
-        return True
+        return await queues_empty(self.app.broker, self.queues)
 
     async def __aenter__(self) -> Worker:
         self._task = asyncio.create_task(self.run())

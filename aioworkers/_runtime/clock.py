@@ -58,15 +58,16 @@ class Timeout:
     def start(self, seconds: float) -> None:
         self.stop()
         self.end = self._clock.monotonic() + seconds
-        self._timer = asyncio.get_running_loop().create_task(self._expire(seconds))
+        self._timer = asyncio.get_running_loop().create_task(self._expire())
 
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    async def _expire(self, seconds: float) -> None:
-        await self._clock.sleep(seconds)
+    async def _expire(self) -> None:
+        # From `end`, not from when this task first runs: the clock may move before that.
+        await self._clock.sleep(self.end - self._clock.monotonic())
         self.scope.cancel()
 
 

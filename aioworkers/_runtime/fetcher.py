@@ -113,3 +113,16 @@ class Fetcher:
                 # broker is down, their leases run out and it redelivers them.
                 with contextlib.suppress(BrokerUnavailable):
                     await self.broker.release(got)
+
+
+async def queues_empty(broker: Broker, queues: list[str]) -> bool:
+    """Nothing ready, delayed or in flight on any of ``queues`` (burst mode's end); False
+    if the broker cannot tell now."""
+    try:
+        for queue in queues:
+            depth = await broker.depth(queue)
+            if depth.ready or depth.delayed or depth.in_flight:
+                return False
+    except BrokerUnavailable:
+        return False
+    return True

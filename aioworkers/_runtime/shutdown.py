@@ -12,7 +12,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import anyio
@@ -84,3 +84,49 @@ async def abandon(inflight: InFlight, deadlines: Deadlines, *others: asyncio.Tas
         left = inflight.forget()
         if left:
             log.error("%d runs did not end when cancelled twice: left running", len(left))
+
+
+class Shutdown:
+    """One worker's way out, in that order: `drain` (within ``grace``), `abandon` what is
+    left; `stop` counts the stops, and from the second one on cuts every wait short."""
+
+    def __init__(self, inflight: InFlight, clock: Clock, grace: float) -> None:
+        self.inflight = inflight
+        self.clock = clock
+        self.grace = grace
+        self.stops = 0
+        self.deadlines = Deadlines(clock)
+        # Tasks holding deliveries without a run (a hand-back of unstarted ones).
+        self.others: list[asyncio.Task[Any]] = []
+        self._grace_scope: anyio.CancelScope | None = None
+
+    def stop(self) -> bool:
+        """Count a stop; True from the second on, which cancels now: the runs get a second
+        to release their jobs (a third stop: none), the rest is left to its lease."""
+        self.stops += 1
+        if self.stops < 2:
+            return False
+        log.warning("stopping now: cancelling %d jobs in flight", len(self.inflight))
+        self.deadlines.hurry(STOP_NOW_GRACE if self.stops == 2 else 0.0)
+        if self._grace_scope is not None:
+            self._grace_scope.cancel()
+        self.inflight.cancel_all()
+        return True
+
+    async def drain(self) -> None:
+        """Wait for the runs to end within the grace period, then `abandon` the rest."""
+        with move_on_after(self.clock, self.grace) as self._grace_scope:
+            if self.stops > 1:
+                self._grace_scope.cancel()  # a second stop came before the drain began
+            await self.inflight.wait_empty()
+        if len(self.inflight):
+            if self.stops < 2:  # else a second stop() cut the grace period short
+                log.warning("grace period over: releasing %d unfinished jobs", len(self.inflight))
+            await self.abandon()
+
+    async def abandon(self) -> None:
+        await abandon(self.inflight, self.deadlines, *self.others)
+
+    def settle_window(self) -> AbstractContextManager[anyio.CancelScope]:
+        """The bound of the last flush of acks (`SETTLE_GRACE`, or the second stop's cut)."""
+        return self.deadlines.window(SETTLE_GRACE)
