@@ -8,18 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ..e2e.harness import E2E
-from ..services import REDIS, REDIS_URL, ensure, moto_endpoint, sqs_url
+from ..services import REDIS, ensure, moto_endpoint
+from .harness import SqsE2E
 
-
-class SqsE2E(E2E):
-    """`E2E` with an ``sqs://`` broker: queue ``q`` is the SQS queue ``<prefix>-q``."""
-
-    def __init__(self, workdir: Path, endpoint: str) -> None:
-        super().__init__(REDIS_URL, workdir)
-        self.broker_url = sqs_url(endpoint, prefix=f"{self.prefix}-")
-        self.extra_env = {"E2E_LEDGER_URL": REDIS_URL, "E2E_PREFIX": self.prefix}
-        self.app = self.client()
+__all__ = ["SqsE2E", "e2e"]
 
 
 @pytest.fixture
