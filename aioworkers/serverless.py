@@ -79,10 +79,15 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 
 
 class LambdaHandler:
-    """``handler(event, context)`` for an SQS event source; see the module doc."""
+    """``handler(event, context)`` for an SQS event source; see the module doc.
+    ``job_timeout`` bounds each attempt of a task registered without a ``timeout``, as
+    `App.worker`'s does."""
 
-    def __init__(self, app: App, *, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self, app: App, *, job_timeout: float | None = None, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.app = app
+        self.job_timeout = job_timeout
         self.clock = clock
         self._executor: Executor | None = None
         self._started = False
@@ -176,7 +181,7 @@ class LambdaHandler:
 
     def executor(self) -> Executor:
         if self._executor is None:
-            self._executor = executor_for(self.app, clock=self.clock)
+            self._executor = executor_for(self.app, job_timeout=self.job_timeout, clock=self.clock)
         return self._executor
 
     def read(self, record: Mapping[str, Any]) -> tuple[Delivery, DecodeError | None]:
@@ -195,10 +200,11 @@ def _time_left(context: Any) -> float | None:
     return max(0.0, float(remaining()) / 1000 - MARGIN)
 
 
-def lambda_handler(app: App) -> LambdaHandler:
+def lambda_handler(app: App, *, job_timeout: float | None = None) -> LambdaHandler:
     """The AWS Lambda handler for an SQS event source running ``app``'s tasks:
-    ``handler = aioworkers.lambda_handler(app)``."""
-    return LambdaHandler(app)
+    ``handler = aioworkers.lambda_handler(app)``. ``job_timeout`` bounds each attempt of
+    a task registered without a ``timeout``."""
+    return LambdaHandler(app, job_timeout=job_timeout)
 
 
 __all__ = ["LambdaHandler", "lambda_handler"]
