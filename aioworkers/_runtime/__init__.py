@@ -1,2 +1,3 @@
-"""The worker runtime, one step a module: fetcher -> scheduler -> executor -> classify ->
-settle, with the InFlight table and the lease loop beside them."""
+"""The job runtime, one step a module: fetcher -> scheduler -> jobs (executor -> outcome ->
+settle), with the InFlight table, the lease loop and the shutdown beside them; policy makes
+every decision (pure), clock and backoff are the time it runs on."""
