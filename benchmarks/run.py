@@ -1,6 +1,7 @@
 """Benchmark harness: aioworkers against a raw client loop, same broker, same run.
 
-    python benchmarks/run.py [--quick | --smoke] [--only W1,W2] [--broker redis|amqp|sqs|sqlite]
+    python benchmarks/run.py [--quick | --smoke] [--only W1,W2]
+                             [--broker redis|amqp|sqs|sqlite|postgres]
 
 Each workload runs for every side, each in its own fresh worker subprocess (so peak RSS
 is per side), with the sides' order rotating between repeats; every figure is reported
@@ -15,8 +16,10 @@ Every key this run creates lives under its own prefix ``aiowbench-<pid>-<random>
 deleted after each trial and on exit; no other key is read or written. With ``--broker
 amqp`` the queues are named ``<prefix>.…`` and deleted after each trial; with ``--broker
 sqs`` the harness starts its own moto server (killed on exit); with ``--broker sqlite`` each
-trial gets a fresh database file in a temporary directory, deleted after the trial.
-Completions are counted in Redis on every broker.
+trial gets a fresh database file in a temporary directory, deleted after the trial; with
+``--broker postgres`` each trial gets a database of its own on ``--pg-url``'s server
+(created, migrated for aioworkers, and dropped after the trial). Completions are counted
+in Redis on every broker.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ RAW_SIDES = {
     "amqp": HERE / "_raw_amqp.py",
     "sqs": HERE / "_raw_sqs.py",
     "sqlite": HERE / "_raw_sqlite.py",
+    "postgres": HERE / "_raw_postgres.py",
 }
 WORKLOADS = ("W0", "W1", "W2", "W3", "RSS")
 # RSS (queue depths of 50k-200k) is left out by default on amqp and sqs: filling RabbitMQ
@@ -76,8 +80,10 @@ DEFAULT_WORKLOADS = {
     "amqp": WORKLOADS[:4],
     "sqs": WORKLOADS[:4],
     "sqlite": WORKLOADS,
+    "postgres": WORKLOADS,
 }
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 SQS_ENV = {
     # Dummy credentials: the harness only ever talks to its own moto server on 127.0.0.1.
     "AWS_ACCESS_KEY_ID": "testing",
@@ -169,6 +175,10 @@ class Harness:
         self.sqlite_dir = ""  # sqlite: this trial's temporary directory
         self.sqlite_path = ""
         self.sqlite: sqlite3.Connection | None = None  # the raw side's producer
+        self.pg_url: str = args.pg_url  # postgres: the server's admin URL
+        self.pg_db = ""  # postgres: this trial's database
+        self.pg_trials = 0
+        self.pg: Any = None  # postgres: asyncpg connection of the raw side's producer
         self.env = dict(os.environ)
         if self.broker == "amqp":
             self.broker_url = self.amqp_url
@@ -183,8 +193,8 @@ class Harness:
                     "prefix": f"{self.run_id}-",
                 }
             )
-        elif self.broker == "sqlite":
-            self.broker_url = "memory://"  # replaced by each trial's own file
+        elif self.broker in ("sqlite", "postgres"):
+            self.broker_url = "memory://"  # replaced by each trial's own file or database
         else:
             self.broker_url = with_query(self.url, prefix=f"{self.run_id}:aio")
         self.app = aioworkers.App(self.broker_url)
@@ -225,6 +235,7 @@ class Harness:
         finally:
             await self.app.aclose()
             self.remove_sqlite_file()
+            await self.drop_postgres_db()
             await self.redis.aclose()
             if self.amqp is not None:
                 await self.amqp.close()
@@ -264,6 +275,39 @@ class Harness:
         self.broker_url = f"sqlite:///{self.sqlite_path}"  # an absolute path: four slashes
         self.app = aioworkers.App(self.broker_url)
 
+    async def new_postgres_db(self) -> None:
+        """postgres: a fresh database for the trial, migrated, and an app that enqueues to
+        it; the raw side's table is made in `create_raw_queue`."""
+        import asyncpg
+
+        await self.app.aclose()
+        self.pg_trials += 1
+        name = f"{self.run_id.replace('-', '_')}_{self.pg_trials}"
+        admin = await asyncpg.connect(self.pg_url)
+        try:
+            await admin.execute(f"CREATE DATABASE {name}")
+        finally:
+            await admin.close()
+        self.pg_db = name
+        self.broker_url = urlunsplit(urlsplit(self.pg_url)._replace(path=f"/{name}"))
+        self.app = aioworkers.App(self.broker_url)
+        await self.app.migrate()
+
+    async def drop_postgres_db(self) -> None:
+        import asyncpg
+
+        if self.pg is not None:
+            await self.pg.close()
+            self.pg = None
+        if self.pg_db:
+            await self.app.aclose()
+            admin = await asyncpg.connect(self.pg_url)
+            try:
+                await admin.execute(f"DROP DATABASE IF EXISTS {self.pg_db} WITH (FORCE)")
+            finally:
+                await admin.close()
+            self.pg_db = ""
+
     def remove_sqlite_file(self) -> None:
         if self.sqlite is not None:
             self.sqlite.close()
@@ -278,6 +322,8 @@ class Harness:
         if self.broker == "sqlite":
             await self.app.aclose()
             self.remove_sqlite_file()
+        elif self.broker == "postgres":
+            await self.drop_postgres_db()
         elif self.broker == "amqp":
             import aio_pika
 
@@ -344,6 +390,7 @@ class Harness:
                 "amqp": self.amqp_url,
                 "sqs": self.sqs_endpoint,
                 "sqlite": self.sqlite_path,
+                "postgres": self.broker_url,
             }.get(self.broker, "")
             if t.side == "raw"
             else "",
@@ -358,6 +405,8 @@ class Harness:
     async def trial(self, t: Trial) -> dict[str, Any]:
         if self.broker == "sqlite":
             await self.new_sqlite_file()
+        elif self.broker == "postgres":
+            await self.new_postgres_db()
         spec, queued = self.spec(t)
         try:
             if t.side == "raw":
@@ -394,6 +443,12 @@ class Harness:
             # As aioworkers' producer: WAL, synchronous=NORMAL (no fsync per commit).
             self.sqlite = sqlite_connect(self.sqlite_path)
             self.sqlite.executescript(SQLITE_SCHEMA)
+        elif self.broker == "postgres":
+            import asyncpg
+            from _raw_postgres import SCHEMA as PG_SCHEMA
+
+            self.pg = await asyncpg.connect(self.broker_url)
+            await self.pg.execute(PG_SCHEMA)
         else:
             await self.redis.xgroup_create(spec.stream, GROUP, "0", mkstream=True)
 
@@ -430,6 +485,10 @@ class Harness:
             self.sqlite.execute("BEGIN IMMEDIATE")
             self.sqlite.executemany(SQLITE_INSERT, [(spec.queue, b, now) for b in bodies])
             self.sqlite.execute("COMMIT")
+        elif self.broker == "postgres":
+            from _raw_postgres import INSERT as PG_INSERT
+
+            await self.pg.execute(PG_INSERT, spec.queue, bodies)  # one statement, and a NOTIFY
         else:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for b in bodies:
@@ -538,6 +597,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--broker", default="redis", choices=list(RAW_SIDES))
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0", help="the Redis to use")
     parser.add_argument("--amqp-url", default=AMQP_URL, help="the RabbitMQ for --broker amqp")
+    parser.add_argument(
+        "--pg-url", default=PG_URL, help="--broker postgres: a server where it may create databases"
+    )
     parser.add_argument(
         "--sides", default="raw,aioworkers", help="raw, aioworkers or both (--otel adds its own)"
     )

@@ -156,6 +156,12 @@ def check_version(version: int, where: str) -> None:
         raise ahead(version, where)
 
 
+async def _keep_session(conn: Connection) -> None:
+    """Nothing to reset when a connection goes back to the pool: the broker never SETs,
+    LISTENs, locks or opens a cursor on it (asyncpg still rolls back a transaction left
+    open). asyncpg's default reset costs a round trip on every call."""
+
+
 class Pool:
     """The broker's connection pool, opened on first use in the running event loop (a pool
     belongs to one loop), its schema version checked once it has connected."""
@@ -188,6 +194,7 @@ class Pool:
                     max_size=s.pool_size,
                     command_timeout=s.command_timeout,
                     timeout=s.connect_timeout,
+                    reset=_keep_session,
                 )
                 await self._pool
             if not self._checked:

@@ -136,26 +136,30 @@ WITH added AS (
 )
 SELECT pg_notify('{CHANNEL}', $4) WHERE $4::text IS NOT NULL
 """
-        # $1 queue, $2 max rows, $3 lease token, $4 lease seconds. The subquery leases
-        # the oldest ready rows that no other fetch holds a lock on right now (SKIP LOCKED):
-        # fetches never wait for each other, and the row lock ends with this statement.
+        # $1 queue, $2 max rows, $3 lease token, $4 lease seconds, $5 look ahead -> the
+        # rows leased (id, body, count, NULL), or if none and $5, one row (NULL, NULL,
+        # NULL, seconds until the queue's next row becomes visible, or NULL).
+        # The subquery leases the oldest ready rows that no other fetch holds a lock on right
+        # now (SKIP LOCKED): fetches never wait for each other, and the row locks end with
+        # this statement. The look ahead runs only when nothing was taken.
         self.take = f"""
 WITH next AS MATERIALIZED (
     SELECT id FROM {jobs} WHERE queue = $1 AND visible_at <= now()
     ORDER BY visible_at, id LIMIT $2 FOR UPDATE SKIP LOCKED
+), taken AS (
+    UPDATE {jobs} AS j
+    SET lease = $3, count = j.count + 1, visible_at = now() + make_interval(secs => $4)
+    FROM next WHERE j.id = next.id
+    RETURNING j.id, j.body, j.count
 )
-UPDATE {jobs} AS j
-SET lease = $3, count = j.count + 1, visible_at = now() + make_interval(secs => $4)
-FROM next WHERE j.id = next.id
-RETURNING j.id, j.body, j.count
+SELECT id, body, count, NULL::float8 FROM taken
+UNION ALL
+SELECT NULL, NULL, NULL, (
+    SELECT extract(epoch FROM min(visible_at) - now())::float8 FROM {jobs}
+    WHERE queue = $1 AND visible_at > now()
+) WHERE $5 AND NOT EXISTS (SELECT 1 FROM taken)
 """
-        # $1 queue -> seconds until the next row of the queue becomes visible, or NULL.
-        self.next_visible = f"""
-SELECT extract(epoch FROM min(visible_at) - now())::float8 FROM {jobs}
-WHERE queue = $1 AND visible_at > now()
-"""
-        # $1 ids, $2 tokens -> the ids deleted, and the ids still there under another
-        # lease (lost). Every part reads the snapshot from before the delete.
+        # $1 ids, $2 tokens -> the ids deleted.
         self.ack = f"""
 WITH gone AS (
     DELETE FROM {jobs} AS j USING unnest($1::bigint[], $2::bigint[]) AS t(id, lease)
@@ -164,9 +168,10 @@ WITH gone AS (
 ), counted AS (
     INSERT INTO {counts} (queue, removed) SELECT queue, count(*) FROM gone GROUP BY queue
 )
-SELECT j.id FROM {jobs} AS j
-WHERE j.id = ANY($1::bigint[]) AND j.id NOT IN (SELECT id FROM gone)
+SELECT id FROM gone
 """
+        # $1 ids -> those still there (under another lease: lost; the rest were acked).
+        self.still_there = f"SELECT id FROM {jobs} WHERE id = ANY($1::bigint[])"
         # $1 ids, $2 tokens, $3 lease seconds -> (id, token) of those still ours (extended).
         self.extend = f"""
 UPDATE {jobs} AS j SET visible_at = now() + make_interval(secs => $3)

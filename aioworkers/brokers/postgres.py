@@ -188,11 +188,10 @@ class PostgresBroker:
         self, queue: str, n: int, token: int, lease: float, look_ahead: bool
     ) -> tuple[list[_Row], float | None]:
         async with self._pool.connection() as conn:
-            rows = await conn.fetch(self._sql.take, queue, n, token, float(lease))
-            next_in = None
-            if not rows and look_ahead:
-                next_in = await conn.fetchval(self._sql.next_visible, queue)
-        return sorted((r[0], r[1], r[2]) for r in rows), next_in
+            rows = await conn.fetch(self._sql.take, queue, n, token, float(lease), look_ahead)
+        if rows and rows[0][0] is None:
+            return [], rows[0][3]
+        return sorted((r[0], r[1], r[2]) for r in rows), None
 
     def _hand_back(
         self, done: asyncio.Future[tuple[list[_Row], float | None]], queue: str, token: int
@@ -223,9 +222,14 @@ class PostgresBroker:
             return []
         ids, tokens = _keys(deliveries)
         async with self._pool.connection() as conn:
-            rows = await conn.fetch(self._sql.ack, ids, tokens)
-        lost = {r[0] for r in rows}
-        self._deleted += len(deliveries) - len(lost)
+            gone = {r[0] for r in await conn.fetch(self._sql.ack, ids, tokens)}
+            self._deleted += len(gone)
+            if len(gone) == len(set(ids)):
+                return []
+            # Rare: an ack repeated after a lost reply (gone already), or a lost lease (the
+            # row is there under another token).
+            left = [i for i in ids if i not in gone]
+            lost = {r[0] for r in await conn.fetch(self._sql.still_there, left)}
         return [d for d in deliveries if int(d.message_id) in lost]
 
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> None:
