@@ -108,8 +108,9 @@ async def test_garbage_is_dead_lettered_with_its_reason_and_the_worker_goes_on(
     named = {job_id: reason for _, job_id, reason in NAMED}
     assert {e.id: e.reason for e in letters if e.id in named} == named
     # A body that is no job is named by the broker's message id: matched by its body here.
-    unnamed = [(e.body, e.reason) for e in letters if e.id not in named]
-    assert sorted(unnamed) == sorted(garbage)
+    unnamed = [e for e in letters if e.id not in named]
+    assert sorted((e.body, e.reason) for e in unnamed) == sorted(garbage)
+    assert all(e.task is None for e in unnamed)
     assert all(letter.attempts == 1 for letter in letters)
     ledger = await e2e.ledger()
     assert ledger.done == set(before + after)

@@ -58,7 +58,13 @@ async def test_sigkill_mid_run_loses_nothing_and_duplicates_only_jobs_in_flight(
     jobs, concurrency = e2e.kill_size
     if not kills:  # the soak: many more jobs, several kills
         jobs, kills = e2e.soak_size
-    ids = await e2e.enqueue(jobs, seconds=0.005, track=True)
+    # Plain jobs and jobs under an idempotency key, interleaved: a killed worker's claims
+    # hold their jobs back for one lease, and they run once more at most.
+    ids: list[str] = []
+    for _ in range(0, jobs, 20):
+        for task in ("work", "once"):
+            ids += await e2e.enqueue(10, seconds=0.005, track=True, task=task)
+    jobs = len(ids)
     may_run_twice: set[str] = set()
     held = 0
     began = time.monotonic()
