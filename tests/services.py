@@ -12,8 +12,8 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -209,25 +209,49 @@ async def close_amqp_connections(reason: str = "test") -> None:
 # -- PostgreSQL: a database per test ------------------------------------------------------------
 
 
-@asynccontextmanager
-async def postgres_database(prefix: str = "aw_test") -> AsyncIterator[str]:
-    """A new, empty database (its URL), dropped afterwards with every connection to it."""
+async def _create_database(prefix: str) -> tuple[str, str]:
     import uuid
 
     import asyncpg
 
-    ensure(POSTGRES)
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
     try:
         await admin.execute(f"CREATE DATABASE {name}")
     finally:
         await admin.close()
+    return name, f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
+async def _drop_database(name: str) -> None:
+    import asyncpg
+
+    admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
     try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     finally:
-        admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
-        try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        finally:
-            await admin.close()
+        await admin.close()
+
+
+@asynccontextmanager
+async def postgres_database(prefix: str = "aw_test") -> AsyncIterator[str]:
+    """A new, empty database (its URL), dropped afterwards with every connection to it."""
+    ensure(POSTGRES)
+    name, url = await _create_database(prefix)
+    try:
+        yield url
+    finally:
+        await _drop_database(name)
+
+
+@contextmanager
+def postgres_database_sync(prefix: str = "aw_test") -> Iterator[str]:
+    """`postgres_database` for code without an event loop."""
+    import asyncio
+
+    ensure(POSTGRES)
+    name, url = asyncio.run(_create_database(prefix))
+    try:
+        yield url
+    finally:
+        asyncio.run(_drop_database(name))

@@ -14,6 +14,7 @@ before it; there are few of those.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from ..services import RABBITMQ, REDIS, ensure
+from ..services import RABBITMQ, REDIS, ensure, postgres_database_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -98,6 +99,15 @@ def test_every_block_is_run_or_says_why_not() -> None:
 def test_readme_section_runs_as_written(section: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "AIOWORKERS_BROKER_URL"}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    with contextlib.ExitStack() as stack:
+        if any("postgresql://" in b.text for b in RUN if b.section == section):
+            # Blocks read DATABASE_URL (default: the local server's postgres database):
+            # here a database of the test's own, dropped afterwards.
+            env["DATABASE_URL"] = stack.enter_context(postgres_database_sync("aw_readme"))
+        _run_section(section, tmp_path, env)
+
+
+def _run_section(section: str, tmp_path: Path, env: dict[str, str]) -> None:
     for block in (b for b in RUN if b.section == section):
         if "redis://" in block.text:
             ensure(REDIS)
@@ -131,6 +141,6 @@ def test_install_lines_name_this_distribution_not_the_unrelated_aioworkers() -> 
     for line in named:
         assert f"'{name}[" in line, line
     extras = PYPROJECT["project"]["optional-dependencies"]
-    assert extras["all"] == [f"{name}[redis,amqp,sqs,otel,uvloop]"]
+    assert extras["all"] == [f"{name}[redis,amqp,sqs,postgres,otel,uvloop]"]
     assert f"{name}[all]" in extras["dev"]
     assert "can't be installed in one environment" in README
