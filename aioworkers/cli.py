@@ -23,6 +23,7 @@ import orjson
 
 from . import __version__, monitor, supervisor
 from .app import App, DeadLetterQueue
+from .brokers import FileBacked, MessagingSystem
 from .errors import AioworkersError, ConfigError, redact
 from .worker import Worker
 
@@ -419,8 +420,14 @@ def _letters(n: int) -> str:
     return f"{n} dead letter" if n == 1 else f"{n} dead letters"
 
 
+def _in_process(app: App) -> bool:
+    """The broker lives inside this process (memory://): nothing else can reach it."""
+    broker = app.broker
+    return isinstance(broker, MessagingSystem) and broker.messaging_system == "memory"
+
+
 def _require_shared_broker(app: App, what: str) -> None:
-    if app.broker_name.startswith("memory:"):
+    if _in_process(app):
         raise UsageError(
             f"the memory:// broker lives inside one process, so '{what}' from the command line "
             "cannot reach a worker: use a shared broker (--broker URL or AIOWORKERS_BROKER_URL)"
@@ -428,7 +435,7 @@ def _require_shared_broker(app: App, what: str) -> None:
 
 
 def _warn_private_broker(app: App) -> None:
-    if app.broker_name.startswith("memory:"):
+    if _in_process(app):
         print("note: memory:// is private to this process; these are its numbers", file=sys.stderr)
     # Reading must not create an empty file that says "nothing queued".
     _require_queue_file(app, hint="")
@@ -437,11 +444,11 @@ def _warn_private_broker(app: App) -> None:
 def _require_queue_file(app: App, hint: str = " (or --create to make a new one)") -> None:
     """A command run from another directory than the worker's must not create a file of
     its own: a job enqueued there would wait for a worker that never reads it."""
-    path = getattr(app.broker, "path", None)
-    if app.broker_name.startswith("sqlite:") and path and not os.path.exists(path):
+    broker = app.broker
+    if isinstance(broker, FileBacked) and not broker.path.exists():
         raise UsageError(
-            f"no queue file at {path}: run this where the worker runs, or point both at one "
-            f"file (--broker or AIOWORKERS_BROKER_URL=sqlite:////absolute/path.db){hint}"
+            f"no queue file at {broker.path}: run this where the worker runs, or point both at "
+            f"one file (--broker or AIOWORKERS_BROKER_URL=sqlite:////absolute/path.db){hint}"
         )
 
 

@@ -256,3 +256,16 @@ def test_a_broker_built_with_another_lease_than_the_apps_is_a_config_error() -> 
     App(MemoryBroker(visibility_timeout=10), visibility_timeout=10)
     # A URL: the App builds its broker with its own.
     assert App("memory://", visibility_timeout=7).broker.visibility_timeout == 7  # type: ignore[attr-defined]
+
+
+def test_the_cli_tells_brokers_apart_by_capability_not_by_url(directory: str) -> None:
+    from aioworkers.brokers.sqlite import SqliteBroker
+    from aioworkers.cli import UsageError, _require_queue_file, _require_shared_broker
+
+    # An instance, not a URL: before, only a URL starting with sqlite: or memory: was seen.
+    missing = App(SqliteBroker(f"sqlite:///{directory}/missing.db"))
+    with pytest.raises(UsageError, match="no queue file at"):
+        _require_queue_file(missing)
+    with pytest.raises(UsageError, match="lives inside one process"):
+        _require_shared_broker(App(MemoryBroker()), "enqueue")
+    _require_shared_broker(missing, "enqueue")  # a shared broker
