@@ -18,7 +18,7 @@ from .worlds import Matrix, Restart, own_tracebacks, restartable
 CONCURRENCY = 20
 
 
-@pytest.fixture(params=["redis", "amqp", "sqs"])
+@pytest.fixture(params=["redis", "amqp", "sqs", "postgres"])
 async def world(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[tuple[Matrix, Restart]]:

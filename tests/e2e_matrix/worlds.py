@@ -22,11 +22,12 @@ import orjson
 
 from ..e2e.harness import E2E, RedisServer, WorkerProcess, wait_until
 from ..e2e_amqp.harness import AmqpE2E
+from ..e2e_postgres.harness import PostgresE2E
 from ..e2e_sqlite.harness import SqliteE2E
 from ..e2e_sqs.harness import SqsE2E
 from ..services import REDIS, REDIS_URL, close_amqp_connections, ensure, moto_endpoint
 
-BROKERS = ("redis", "amqp", "sqs", "sqlite")
+BROKERS = ("redis", "amqp", "sqs", "sqlite", "postgres")
 # SQS refuses a message over 256 KiB at publish: a worker never sees one.
 SQS_MAX_BODY = 256 * 1024
 
@@ -135,6 +136,15 @@ class SqliteWorld(Matrix, SqliteE2E):
         return {orjson.loads(body)["id"] for body in await asyncio.to_thread(read)}
 
 
+class PostgresWorld(Matrix, PostgresE2E):
+    """A database of the test's own (``host_port``: the server, or a forwarder to it)."""
+
+    name = "postgres"
+
+    async def held(self, worker: WorkerProcess) -> set[str] | None:
+        return await PostgresE2E.held(self, worker, self.queue_name("default"))
+
+
 def world(name: str, workdir: Path) -> Matrix:
     """The world of broker ``name`` on the shared local servers."""
     ensure(REDIS)
@@ -147,6 +157,8 @@ def world(name: str, workdir: Path) -> Matrix:
         return AmqpWorld(workdir)
     if name == "sqs":
         return SqsWorld(workdir, moto_endpoint())
+    if name == "postgres":
+        return PostgresWorld(workdir)
     return SqliteWorld(workdir)
 
 
@@ -185,6 +197,14 @@ async def restartable(name: str, workdir: Path) -> AsyncIterator[tuple[Matrix, R
             _closing(SqsWorld(workdir, proxy.url)) as sqs,
         ):
             yield sqs, proxy.restart
+    elif name == "postgres":
+        # A failover as the workers see it: every connection cut, new ones refused for a
+        # second, then a server on the same address (the shared server stays up).
+        async with (
+            Endpoint("127.0.0.1", 5432) as proxy,
+            _closing(PostgresWorld(workdir, host_port=f"127.0.0.1:{proxy.port}")) as pg,
+        ):
+            yield pg, proxy.restart
     else:
         raise ValueError(f"{name}: no restart")
 
