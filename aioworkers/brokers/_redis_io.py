@@ -1,13 +1,15 @@
 """The Redis I/O boundary, shared by the Redis broker and idempotency store: every round
-trip gets a deadline, and redis-py's errors become ours by one table (`map_error`)."""
+trip gets a deadline, and redis-py's errors become ours by one table (`map_error`); and
+how the broker's replies are read."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -16,6 +18,7 @@ from redis.asyncio.retry import Retry
 
 from ..errors import AioworkersError, BrokerUnavailable, ConfigError, redact
 from ._kit import map_exceptions
+from .base import DeadLetter
 
 REPLY_TIMEOUT = 5.0  # seconds a reply may take beyond the command's own blocking wait
 SEND_RATE = 1 << 20  # bytes/s a deadline allows for what a call sends or reads, at worst
@@ -209,3 +212,48 @@ def connect(url: str, query: dict[str, str], *, retry: Retry) -> tuple[aioredis.
         socket_keepalive_options=KEEPALIVE,
     )
     return client, reply_timeout
+
+
+# -- replies, read -----------------------------------------------------------------------
+
+
+def entries_added(info: Any) -> tuple[int, int]:
+    """``(entries-added, length)`` from an XINFO STREAM reply; zeros for a missing key."""
+    if not isinstance(info, list | dict):
+        return 0, 0  # no such key (an error reply)
+    fields = info if isinstance(info, dict) else pairs(info)
+    get = {text(key): value for key, value in fields.items()}
+    length = int(get.get("length", 0))
+    # entries-added needs Redis >= 7; before that, the length is the best there is.
+    return int(get.get("entries-added", length)), length
+
+
+def text(value: bytes | str) -> str:
+    """A reply's bytes (or text, on RESP3 with decoding) as text."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def pairs(flat: Sequence[Any]) -> dict[bytes, bytes]:
+    """A flat ``[name, value, ...]`` reply as a dict."""
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def body_of(fields: dict[Any, Any]) -> bytes:
+    """The job's bytes in a stream entry's fields."""
+    body = fields.get(b"b")
+    if isinstance(body, bytes):
+        return body
+    # Not written by aioworkers (someone XADDed by hand): pass the fields on as they are,
+    # so the decode pipeline dead-letters it with a reason instead of dropping it.
+    return repr({text(k): v for k, v in fields.items()}).encode()
+
+
+def read_dead_letter(queue: str, entry_id: str, raw: dict[bytes, bytes]) -> DeadLetter:
+    """A DLQ stream entry as a `DeadLetter`."""
+    f = {text(k): v for k, v in raw.items()}
+
+    def fact(name: str) -> str | None:
+        value = f.get(name)
+        return None if value is None else text(value)
+
+    return DeadLetter.from_facts(fact, queue=queue, entry_id=entry_id, body=f.get("b", b""))

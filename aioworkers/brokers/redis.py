@@ -49,10 +49,15 @@ from ._redis_io import (
     SEND_RATE,
     TRANSIENT_CODES,
     _GroupLost,
+    body_of,
     connect,
+    entries_added,
     error_code,
     map_error,
+    pairs,
+    read_dead_letter,
     redis_io,
+    text,
 )
 from .base import DEFAULT_LEASE, DeadLetter, Delivery, QueueDepth
 
@@ -172,7 +177,7 @@ class RedisBroker:
         async with self._io():
             refused = await self._probe(keys=[f"{stream}:probe"], args=[self.group, self.consumer])
         if refused:
-            names = ", ".join(_s(name) for name in refused)
+            names = ", ".join(text(name) for name in refused)
             raise ConfigError(
                 f"redis: the user in the URL may not run {names}, which aioworkers needs on "
                 f"keys {self.prefix}:*: grant them (ACL SETUSER), or use another user"
@@ -257,7 +262,7 @@ class RedisBroker:
         if isinstance(reply, dict):  # RESP3
             reply = list(reply.items())
         return [
-            Delivery(queue, _s(entry_id), _body(fields), 1)
+            Delivery(queue, text(entry_id), body_of(fields), 1)
             for _stream, entries in reply or ()
             for entry_id, fields in entries
         ]
@@ -275,7 +280,7 @@ class RedisBroker:
         async with self._io():
             k = self.keys(queue)
             cursor, entries = await self._reclaim(keys=[k.stream, k.leases], args=args)
-        cursor = _s(cursor)
+        cursor = text(cursor)
         self._cursor[queue] = cursor
         # Follow the cursor at once while it has more; rescan from the start later.
         pause = 0.0 if cursor != "0-0" else min(lease / 2, 5.0)
@@ -288,7 +293,7 @@ class RedisBroker:
                     keys=[self.keys(queue).stream], args=[self.group, idle_ms, self.consumer]
                 )
         return [
-            Delivery(queue, _s(entry_id), _body(_pairs(fields)), int(n))
+            Delivery(queue, text(entry_id), body_of(pairs(fields)), int(n))
             for entry_id, fields, n in entries
         ]
 
@@ -400,14 +405,14 @@ class RedisBroker:
                 # A missing key is zeros; any other error (BUSY, ...) is mapped, not zeros.
                 if isinstance(reply, rexc.ResponseError) and "no such key" not in str(reply):
                     raise reply
-        added, length = _added(stream)
-        return {"added": added, "left": added - length, "dead": _added(dead)[0]}
+        added, length = entries_added(stream)
+        return {"added": added, "left": added - length, "dead": entries_added(dead)[0]}
 
     async def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetter]:
         # Dead letters carry bodies and tracebacks: allow for reading a few KiB each.
         async with self._io(sent=limit * 16_384):
             entries: Any = await self._redis.xrange(self.keys(queue).dead, count=limit)
-        return [_dead_letter(queue, _s(entry_id), fields) for entry_id, fields in entries]
+        return [read_dead_letter(queue, text(entry_id), fields) for entry_id, fields in entries]
 
     async def remove_dead_letters(self, queue: str, entry_ids: Collection[str] | None) -> int:
         dead = self.keys(queue).dead
@@ -439,41 +444,3 @@ class RedisBroker:
             pass  # best effort: an idle consumer entry is harmless
         finally:
             await self._redis.aclose()
-
-
-def _added(info: Any) -> tuple[int, int]:
-    """``(entries-added, length)`` from an XINFO STREAM reply; zeros for a missing key."""
-    if not isinstance(info, list | dict):
-        return 0, 0  # no such key (an error reply)
-    fields = info if isinstance(info, dict) else _pairs(info)
-    get = {_s(key): value for key, value in fields.items()}
-    length = int(get.get("length", 0))
-    # entries-added needs Redis >= 7; before that, the length is the best there is.
-    return int(get.get("entries-added", length)), length
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _pairs(flat: Sequence[Any]) -> dict[bytes, bytes]:
-    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
-
-
-def _body(fields: dict[Any, Any]) -> bytes:
-    body = fields.get(b"b")
-    if isinstance(body, bytes):
-        return body
-    # Not written by aioworkers (someone XADDed by hand): pass the fields on as they are,
-    # so the decode pipeline dead-letters it with a reason instead of dropping it.
-    return repr({_s(k): v for k, v in fields.items()}).encode()
-
-
-def _dead_letter(queue: str, entry_id: str, raw: dict[bytes, bytes]) -> DeadLetter:
-    f = {_s(k): v for k, v in raw.items()}
-
-    def text(name: str) -> str | None:
-        value = f.get(name)
-        return None if value is None else _s(value)
-
-    return DeadLetter.from_facts(text, queue=queue, entry_id=entry_id, body=f.get("b", b""))
