@@ -10,7 +10,6 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, TypeVar, overload
-from urllib.parse import quote
 
 from ._runtime.clock import SYSTEM_CLOCK, Clock
 from ._sqlite import absolute_url
@@ -19,7 +18,6 @@ from .brokers import (
     ConfiguredLease,
     DeadLetter,
     DeadLetterAdmin,
-    FileBacked,
     QueueDepth,
     check_url,
     open_broker,
@@ -27,8 +25,8 @@ from .brokers import (
 from .brokers.postgres_capabilities import Migratable, TransactionalPublisher
 from .envelope import DEFAULT_MAX_SIZE, Envelope, encode, new_id, now_ms, reset_attempt
 from .errors import ConfigError, redact_url
-from .idempotency import IdempotencyStore, MemoryStore, default_url_for, open_store
-from .idempotency import check_url as check_store_url
+from .store import IdempotencyStore, Store
+from .store._choice import StoreChoice, missing
 from .task import Call, Policy, Task
 from .telemetry import Producer, Telemetry, messaging_system
 from .worker import Worker
@@ -56,11 +54,10 @@ class App:
     and falls back to the embedded default, ``sqlite:///aioworkers.db`` (a file in the
     working directory, created on first use with a WARNING that names it).
 
-    ``idempotency`` is where the keys of ``@app.task(idempotent=True)`` tasks live: an
-    `IdempotencyStore` or a URL (``memory://``, ``redis://...``, ``sqlite:///...``);
-    ``None`` uses the broker's Redis server on a Redis broker, its file on a SQLite
-    broker, else this process's memory. A done key is
-    remembered ``idempotency_ttl`` seconds.
+    ``store``: the state workers share beyond the queue, a URL (``redis://``, ``sqlite:///``,
+    ``memory://``) or a `Store`; ``None`` reads ``AIOWORKERS_STORE_URL``, else takes the
+    broker's (none on RabbitMQ and SQS: see `store`). ``idempotency`` is its old name. A
+    done idempotency key is remembered ``idempotency_ttl`` seconds.
     """
 
     def __init__(
@@ -73,6 +70,7 @@ class App:
         max_deliveries: int = 5,
         max_message_size: int = DEFAULT_MAX_SIZE,
         grace: float = 30.0,
+        store: str | IdempotencyStore | None = None,
         idempotency: str | IdempotencyStore | None = None,
         idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
     ) -> None:
@@ -84,8 +82,6 @@ class App:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
         if not idempotency_ttl > 0:
             raise ConfigError(f"idempotency_ttl must be > 0 seconds, got {idempotency_ttl}")
-        if isinstance(idempotency, str) and check_store_url(idempotency) == "sqlite":
-            idempotency = absolute_url(idempotency)  # relative to where the app starts
         self.queue = queue
         self.concurrency = concurrency
         self.visibility_timeout = visibility_timeout
@@ -93,8 +89,7 @@ class App:
         self.max_message_size = max_message_size
         self.grace = grace
         self.idempotency_ttl = idempotency_ttl
-        self._store: IdempotencyStore | None = None if isinstance(idempotency, str) else idempotency
-        self._store_url = idempotency if isinstance(idempotency, str) else ""
+        self._store = StoreChoice(store, idempotency)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self._hooks: dict[str, list[Hook]] = {"startup": [], "shutdown": []}
         self._broker: Broker | None = None
@@ -165,22 +160,35 @@ class App:
         return type(self._broker).__name__
 
     @property
-    def idempotency(self) -> IdempotencyStore:
-        """The idempotency store, created from the URL (or in memory) on first use."""
-        if self._store is None:
-            url = self._store_url or default_url_for(self._broker_url)
-            # A broker instance that keeps its jobs in a file: its file too.
-            if not url and isinstance(self._broker, FileBacked):
-                url = f"sqlite:///{quote(str(self._broker.path))}"
-            self._store = open_store(url) if url else MemoryStore()
-        return self._store
+    def store(self) -> Store:
+        """The state store, created on first use: the one given, else the broker's Redis
+        server or SQLite file, or memory on ``memory://``. On RabbitMQ and SQS there is
+        none: a `ConfigError`, and a worker with a task that needs one (``idempotent=True``)
+        refuses to start until ``store=`` is given (``"memory://"``: one process only)."""
+        return self._store.require(self._broker_url, self._broker, self.broker_name)
+
+    @property
+    def idempotency(self) -> IdempotencyStore | None:
+        """The store, for the runtime: None if there is none and no task needs one; a
+        `ConfigError` (so a worker refuses to start) if a task needs one."""
+        store = self._store.open(self._broker_url, self._broker)
+        if store is None:
+            needs = self._store_needs()
+            if needs:
+                raise missing(needs, self.broker_name)
+        return store
+
+    def _store_needs(self) -> list[str]:
+        """What among the registered tasks needs a shared store, one entry each."""
+        return [f"task {t.name!r} (idempotent=True)" for t in self.tasks.values() if t.idempotent]
 
     async def aclose(self) -> None:
-        """Close the broker and idempotency store connections."""
+        """Close the broker and store connections."""
         if self._broker is not None:
             await self._broker.aclose()
-        if self._store is not None:
-            await self._store.aclose()
+        store = self._store.opened()
+        if store is not None:
+            await store.aclose()
 
     async def __aenter__(self) -> App:
         return self
@@ -245,7 +253,7 @@ class App:
         attempts in all); ``timeout`` bounds one attempt; the delay before attempt n+1 is
         uniform in ``[0, min(max_backoff, backoff * 2 ** (n - 1))]``. ``idempotent`` runs
         each job at most once to completion per idempotency key (the enqueue ``key``, else
-        the job id), never twice at once; see the ``idempotency`` store of the `App`.
+        the job id), never twice at once; its keys live in the `App`'s ``store``.
         """
         if retries < 0 or backoff < 0 or max_backoff < 0 or (timeout is not None and timeout <= 0):
             raise ConfigError("retries, backoff and max_backoff must be >= 0, timeout > 0")

@@ -59,13 +59,15 @@ TRANSIENT_CODES = frozenset(
     }
 )
 # What a Redis ACL user needs, besides its keys (~<prefix>:*), for everything the broker
-# and the idempotency store do.
+# and the state store do (the store's job waits: lists; its cancel marks: MGET).
 ACL_RULES = (
     "+@stream",
     "+@sortedset",
     "+@hash",
+    "+@list",
     "+@scripting",
     "+get",
+    "+mget",
     "+set",
     "+pexpire",
     "+del",

@@ -252,7 +252,7 @@ async def test_huge_fields_give_bounded_log_lines_and_dlq_records(
     make_app: MakeApp, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="aioworkers")
-    app, faulty = make_app(max_message_size=8 * MiB)
+    app, faulty = make_app(max_message_size=8 * MiB, store="memory://")
     huge = "y" * (1000 * 1000)
 
     @app.task(retries=0)

@@ -498,7 +498,7 @@ async def test_the_default_store_is_one_memory_store_per_app() -> None:
 
 
 async def test_two_workers_of_one_app_share_its_store(make_app: MakeApp) -> None:
-    app, _ = make_app()
+    app, _ = make_app(store="memory://")  # a wrapped broker implies no store
     runs: list[int] = []
 
     @app.task(idempotent=True)

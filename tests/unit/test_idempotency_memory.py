@@ -210,5 +210,5 @@ async def test_expired_keys_are_swept_so_memory_stays_bounded() -> None:
             assert await store.claim(key, "a", lease=LEASE) == "claimed"
             assert await store.complete(key, "a", ttl=TTL)
         clock.now += TTL  # every key of this round is now expired and never read again
-    assert len(store._records) <= 2048
+    assert len(store._claims) <= 2048
     assert isinstance(store, IdempotencyStore)
