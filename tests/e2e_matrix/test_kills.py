@@ -61,9 +61,10 @@ async def test_sigkill_mid_run_loses_nothing_and_duplicates_only_jobs_in_flight(
     # Plain jobs and jobs under an idempotency key, interleaved: a killed worker's claims
     # hold their jobs back for one lease, and they run once more at most.
     ids: list[str] = []
-    for _ in range(0, jobs, 20):
+    half = max(10, jobs // 100)
+    for _ in range(0, jobs, 2 * half):
         for task in ("work", "once"):
-            ids += await e2e.enqueue(10, seconds=0.005, track=True, task=task)
+            ids += await e2e.enqueue(half, seconds=0.005, track=True, task=task)
     jobs = len(ids)
     may_run_twice: set[str] = set()
     held = 0
