@@ -59,7 +59,7 @@ TRANSIENT_CODES = frozenset(
     }
 )
 # What a Redis ACL user needs, besides its keys (~<prefix>:*), for everything the broker
-# and the state store do (the store's job waits: lists; its cancel marks: MGET).
+# and the state store do (the store's job waits: lists).
 ACL_RULES = (
     "+@stream",
     "+@sortedset",
@@ -67,7 +67,6 @@ ACL_RULES = (
     "+@list",
     "+@scripting",
     "+get",
-    "+mget",
     "+set",
     "+pexpire",
     "+del",

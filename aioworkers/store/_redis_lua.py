@@ -29,13 +29,6 @@ if v == 'd' then return 'done' end
 return 'busy'
 """
 
-# KEYS: key. ARGV: owner, lease ms -> 1 if extended, 0 if the owner no longer holds it
-EXTEND = """
-if redis.call('GET', KEYS[1]) ~= 'c:' .. ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-
 # KEYS: key. ARGV: owner, ttl ms -> 1 if completed, 0 if the owner no longer holds it
 COMPLETE = """
 if redis.call('GET', KEYS[1]) ~= 'c:' .. ARGV[1] then return 0 end
@@ -120,13 +113,15 @@ return out
 """
 )
 
-# KEYS: record, notify, mark. ARGV: ttl ms, now (epoch seconds) -> 1 if marked, 0 if the
-# job has ended. A job not running yet ends as cancelled here; a running one is marked.
+# KEYS: record, notify, mark. ARGV: ttl ms, now (epoch seconds), known only (0/1) -> 1 if
+# marked, 0 if the job has ended (or, known only, has no record). A job not running yet
+# ends as cancelled here; a running one is marked.
 MARK_CANCELLED = (
     _FINAL
     + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s and FINAL[s] then return 0 end
+if not s and ARGV[3] == '1' then return 0 end
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[1])
 if s and s ~= 'running' then
   redis.call('HDEL', KEYS[1], 'error_type', 'error', 'traceback', 'result', 'result_error')
@@ -181,20 +176,39 @@ return 1
 """
 )
 
-# KEYS: set. ARGV: owner, lease ms -> 1 if extended, 0 if not held (lapsed or released)
-EXTEND_LEASE = (
+# The heartbeat, one round trip. KEYS: claims (nc), lease sets (nl), cancel marks.
+# ARGV: lease ms, nc, nl, the claims' owners, the leases' owners.
+# -> {per claim 1/0 (kept), per lease 1/0 (kept), per mark 1/0 (set)}
+BEAT = (
     _NOW_MS
     + _KEEP_UNTIL_LAST
     + """
-local now = now_ms()
-local until_ = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not until_ or tonumber(until_) <= now then
-  if until_ then redis.call('ZREM', KEYS[1], ARGV[1]) end
-  return 0
+local ms, nc, nl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local claims, leases, marks = {}, {}, {}
+for i = 1, nc do
+  claims[i] = 0
+  if redis.call('GET', KEYS[i]) == 'c:' .. ARGV[3 + i] then
+    redis.call('PEXPIRE', KEYS[i], ms)
+    claims[i] = 1
+  end
 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-keep_until_last(KEYS[1], now)
-return 1
+local now = now_ms()
+for j = 1, nl do
+  local key, owner = KEYS[nc + j], ARGV[3 + nc + j]
+  local until_ = redis.call('ZSCORE', key, owner)
+  leases[j] = 0
+  if until_ and tonumber(until_) > now then
+    redis.call('ZADD', key, now + ms, owner)
+    keep_until_last(key, now)
+    leases[j] = 1
+  elseif until_ then
+    redis.call('ZREM', key, owner)
+  end
+end
+for k = nc + nl + 1, #KEYS do
+  marks[#marks + 1] = redis.call('GET', KEYS[k]) and 1 or 0
+end
+return {claims, leases, marks}
 """
 )
 

@@ -205,7 +205,8 @@ class Store(IdempotencyStore, Protocol):
     is queued, delayed or retrying becomes ``cancelled`` at once (final: waiters wake, a
     worker that fetches it later finds it so); a running one stays ``running`` (its worker
     sees the mark, stops it and finishes it). With no record (a task without results)
-    the mark is still written: ids are unique, so it affects that job only.
+    the mark is still written (ids are unique, so it affects that job only), unless
+    ``known_only``: then nothing is written and it returns False.
     ``cancelled(ids)``: the subset of ``ids`` with a live mark, in one round trip.
 
     **Schedule slots.** ``claim_slot(name, slot, ttl=)``: True for the first caller of
@@ -246,7 +247,9 @@ class Store(IdempotencyStore, Protocol):
 
     async def wait_job(self, job_id: str, *, timeout: float | None) -> JobRecord | None: ...  # noqa: ASYNC109 (a store error inside is retried)
 
-    async def mark_cancelled(self, job_id: str, *, ttl: float) -> bool: ...
+    async def mark_cancelled(
+        self, job_id: str, *, ttl: float, known_only: bool = False
+    ) -> bool: ...
 
     async def cancelled(self, job_ids: Collection[str]) -> set[str]: ...
 

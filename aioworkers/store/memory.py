@@ -207,10 +207,10 @@ class MemoryStore:
 
     # -- cancel marks ---------------------------------------------------------------------
 
-    async def mark_cancelled(self, job_id: str, *, ttl: float) -> bool:
+    async def mark_cancelled(self, job_id: str, *, ttl: float, known_only: bool = False) -> bool:
         check_times(ttl=ttl)
         entry = self._jobs.entry(job_id)
-        if entry is not None and entry.value.final:
+        if (entry is None and known_only) or (entry is not None and entry.value.final):
             return False
         self._marks.put(("cancel", job_id), "", ttl)
         if entry is not None and entry.value.status != "running":

@@ -142,7 +142,6 @@ class RedisStore:
         self._redis, self._reply_timeout = connect(url, query, retry=retry)
         register = self._redis.register_script
         self._claim = register(lua.CLAIM)
-        self._extend = register(lua.EXTEND)
         self._complete = register(lua.COMPLETE)
         self._release = register(lua.RELEASE)
         self._put_jobs = register(lua.PUT_JOBS)
@@ -152,7 +151,7 @@ class RedisStore:
         self._hold_unique = register(lua.HOLD_UNIQUE)
         self._free_unique = register(lua.FREE_UNIQUE)
         self._acquire_lease = register(lua.ACQUIRE_LEASE)
-        self._extend_lease = register(lua.EXTEND_LEASE)
+        self._beat = register(lua.BEAT)
         self._release_lease = register(lua.RELEASE_LEASE)
         self._take = register(lua.TAKE)
 
@@ -278,12 +277,13 @@ class RedisStore:
 
     # -- cancel marks ---------------------------------------------------------------------
 
-    async def mark_cancelled(self, job_id: str, *, ttl: float) -> bool:
+    async def mark_cancelled(self, job_id: str, *, ttl: float, known_only: bool = False) -> bool:
         check_times(ttl=ttl)
         kinds = ("job", "end", "cancel")
         keys = [self._state(kind, job_id) for kind in kinds]
         async with self._io():
-            marked = await self._mark_cancelled(keys=keys, args=[_ms(ttl), repr(time.time())])
+            args: list[str | int] = [_ms(ttl), repr(time.time()), int(known_only)]
+            marked = await self._mark_cancelled(keys=keys, args=args)
         return bool(marked == 1)
 
     async def cancelled(self, job_ids: Collection[str]) -> set[str]:
@@ -354,22 +354,18 @@ class RedisStore:
         ids = list(watch)
         if not (claims or leases or ids):
             return Beat()
-        ms = _ms(lease)
-        async with self._io(), self._redis.pipeline(transaction=False) as pipe:
-            for key, owner in claims:
-                await self._extend(keys=[self._key(key)], args=[owner, ms], client=pipe)
-            for key, owner in leases:
-                keys = [self._state("lease", key)]
-                await self._extend_lease(keys=keys, args=[owner, ms], client=pipe)
-            if ids:
-                pipe.mget([self._state("cancel", job_id) for job_id in ids])
-            replies: list[Any] = await pipe.execute()
-        kept = replies[: len(claims) + len(leases)]
-        marks: list[bytes | None] = replies[-1] if ids else []
+        keys = [self._key(key) for key, _ in claims]
+        keys += [self._state("lease", key) for key, _ in leases]
+        keys += [self._state("cancel", job_id) for job_id in ids]
+        args: list[Any] = [_ms(lease), len(claims), len(leases)]
+        args += [owner for _, owner in claims] + [owner for _, owner in leases]
+        # One script, so one round trip (a pipeline of scripts costs a SCRIPT EXISTS more).
+        async with self._io():
+            kept_claims, kept_leases, marks = await self._beat(keys=keys, args=args)
         return Beat(
-            [c for c, ok in zip(claims, kept[: len(claims)], strict=True) if ok != 1],
-            [h for h, ok in zip(leases, kept[len(claims) :], strict=True) if ok != 1],
-            {i for i, mark in zip(ids, marks, strict=True) if mark is not None},
+            [c for c, ok in zip(claims, kept_claims, strict=True) if ok != 1],
+            [h for h, ok in zip(leases, kept_leases, strict=True) if ok != 1],
+            {i for i, mark in zip(ids, marks, strict=True) if mark == 1},
         )
 
     async def aclose(self) -> None:

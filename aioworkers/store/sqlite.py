@@ -194,12 +194,12 @@ class SqliteStore:
 
     # -- cancel marks ---------------------------------------------------------------------
 
-    async def mark_cancelled(self, job_id: str, *, ttl: float) -> bool:
+    async def mark_cancelled(self, job_id: str, *, ttl: float, known_only: bool = False) -> bool:
         check_times(ttl=ttl)
 
         def mark(db: sqlite3.Connection, now: float) -> tuple[bool, bool]:
             status = _status(db, job_id, now)
-            if status in FINAL:
+            if status in FINAL or (known_only and status is None):
                 return False, False
             db.execute(sql.STATE_PUT, ("cancel", job_id, "", None, None, None, now + ttl))
             ended = status is not None and status != "running"

@@ -220,7 +220,8 @@ async def check_a_wait_wakes_when_another_client_ends_the_job(ex: StoreExercise)
 async def check_cancel_marks(ex: StoreExercise) -> None:
     """A job not started yet is cancelled at once (its waiters wake, a start finds it
     cancelled); a running one is only marked; an ended one is not marked (False); an id
-    without a record is marked; marks are read in one call and expire."""
+    without a record is marked, unless ``known_only``; marks are read in one call and
+    expire."""
     s = ex.store
     queued, running, ended, bare = (ex.name("job") for _ in range(4))
     await s.put_jobs([ex.record(queued), ex.record(running, "running")], ttl=60)
@@ -241,9 +242,13 @@ async def check_cancel_marks(ex: StoreExercise) -> None:
     assert still is not None
     assert still.status == "running"
     assert await s.mark_cancelled(ended, ttl=ex.ttl) is False
+    assert await s.mark_cancelled(ended, ttl=ex.ttl, known_only=True) is False
+    unknown = ex.name("job")
+    assert await s.mark_cancelled(unknown, ttl=60, known_only=True) is False
+    assert await s.mark_cancelled(running, ttl=ex.ttl, known_only=True) is True
     assert await s.mark_cancelled(bare, ttl=ex.ttl) is True
     assert await s.get_job(bare) is None
-    watched = [queued, running, ended, bare, ex.name("job")]
+    watched = [queued, running, ended, bare, unknown]
     assert await s.cancelled(watched) == {queued, running, bare}
     assert await s.cancelled([]) == set()
     await ex.lapse()
