@@ -27,17 +27,15 @@ class SystemClock:
 
     __slots__ = ()
 
+    # The functions themselves, not methods calling them: read on every job.
+    monotonic = staticmethod(time.monotonic)
+    time = staticmethod(time.time)
+
     def __repr__(self) -> str:
         return "SYSTEM_CLOCK"
 
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(seconds)
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def time(self) -> float:
-        return time.time()
 
 
 SYSTEM_CLOCK: Clock = SystemClock()

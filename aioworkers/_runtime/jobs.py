@@ -98,17 +98,14 @@ class Jobs:
         except Exception:
             log.exception("internal error while running %r; the broker will redeliver it", delivery)
         finally:
-            self._free(delivery)
+            # Free the slot (inline: this runs once a job), and start the next delivery.
+            if not self._keep_held:
+                self._inflight.remove(delivery)
+                if self._scheduler is not None:
+                    ready = self._scheduler.done()
+                    if ready is not None:
+                        self.start(*ready)
         return None
-
-    def _free(self, delivery: Delivery) -> None:
-        if self._keep_held:
-            return
-        self._inflight.remove(delivery)
-        if self._scheduler is not None:
-            ready = self._scheduler.done()
-            if ready is not None:
-                self.start(*ready)
 
     async def _traced(
         self, delivery: Delivery, run: Run, prepared: Prepared | None = None

@@ -101,7 +101,7 @@ class Scheduler:
         """A job finished and was settled: its slot is free. Returns the buffered delivery
         to start in it, if any."""
         self.running -= 1
-        ready = self._next()
+        ready = self._next() if self._buffer else None
         self._next_turn()
         return ready
 
