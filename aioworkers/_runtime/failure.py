@@ -4,6 +4,7 @@ the message or the error is cut and escaped, so neither can be forged or flooded
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 
 from ..brokers.base import DeadLetter, Delivery
@@ -18,9 +19,10 @@ MAX_TRACEBACK_CHARS = 8000
 
 
 def dead_letter_for(
-    delivery: Delivery, outcome: Outcome, reason: str, *, dead_at: float
+    delivery: Delivery, outcome: Outcome, reason: str, *, dead_at: float | None = None
 ) -> DeadLetter:
-    """The record of a dead job (the body itself is kept whole beside it, for replay)."""
+    """The record of a dead job (the body itself is kept whole beside it, for replay);
+    ``dead_at`` in epoch seconds (the settler passes its clock's; default: now)."""
     env = outcome.envelope
     error = outcome.error
     return DeadLetter(
@@ -31,7 +33,7 @@ def dead_letter_for(
         error_type=type(error).__name__ if error is not None else None,
         traceback=_traceback(error),
         attempts=env.attempt if env else 1,
-        dead_at=dead_at,
+        dead_at=time.time() if dead_at is None else dead_at,
         queue=delivery.queue,
     )
 
