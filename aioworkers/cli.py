@@ -1,4 +1,4 @@
-"""The command line: ``aioworkers run | enqueue | stats | dlq | migrate``.
+"""The command line: ``aioworkers run | enqueue | stats | dlq | migrate | web``.
 
 The CLI owns the process: it installs the signal handlers and the event loop, then calls
 the same `Worker.run()` an embedding service calls.
@@ -260,6 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("migrate", "create or upgrade the broker's tables (postgresql://), then exit")
 
+    web = command(
+        "web",
+        f"serve the dashboard ({DISTRIBUTION}[web]); login from AIOWORKERS_WEB_USER and "
+        "AIOWORKERS_WEB_PASSWORD, or AIOWORKERS_WEB_TOKEN",
+    )
+    web.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    web.add_argument("--port", type=_port, default=8080, help="default 8080")
+    web.add_argument(
+        "--read-only",
+        action="store_true",
+        help="no replay, purge or cancel; the only way to serve without a login (on loopback)",
+    )
+    web.add_argument("--show-args", action="store_true", help="show dead jobs' arguments")
+
     dlq = sub.add_parser("dlq", help="list, replay or purge dead letters")
     dlq_sub = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
     for action, text in (
@@ -350,6 +364,17 @@ async def cmd_stats(app: App, args: argparse.Namespace) -> int:
     _warn_private_broker(app)
     _note_unknown_queues(app, args.queues)
     return await monitor.stats(app, args.queues or app.queues(), args)
+
+
+async def cmd_web(app: App, args: argparse.Namespace) -> int:
+    try:
+        from .web._serve import serve
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    _warn_private_broker(app)
+    return await serve(
+        app, host=args.host, port=args.port, read_only=args.read_only, show_args=args.show_args
+    )
 
 
 def _note_unknown_queues(app: App, queues: list[str] | None) -> None:
@@ -458,6 +483,7 @@ COMMANDS: dict[str, Callable[[App, argparse.Namespace], Coroutine[Any, Any, int]
     "stats": cmd_stats,
     "dlq": cmd_dlq,
     "migrate": cmd_migrate,
+    "web": cmd_web,
 }
 
 

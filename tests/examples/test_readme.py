@@ -141,6 +141,6 @@ def test_install_lines_name_this_distribution_not_the_unrelated_aioworkers() -> 
     for line in named:
         assert f"'{name}[" in line, line
     extras = PYPROJECT["project"]["optional-dependencies"]
-    assert extras["all"] == [f"{name}[redis,amqp,sqs,postgres,otel,uvloop]"]
+    assert extras["all"] == [f"{name}[redis,amqp,sqs,postgres,otel,uvloop,web]"]
     assert f"{name}[all]" in extras["dev"]
     assert "can't be installed in one environment" in README
