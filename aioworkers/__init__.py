@@ -12,10 +12,15 @@ from .errors import (
     BrokerUnavailable,
     ConfigError,
     DecodeError,
+    JobCancelled,
+    JobFailed,
     LeaseLost,
     Reject,
+    ResultUnavailable,
     Retry,
+    Snooze,
 )
+from .handles import JobHandle, JobInfo
 from .job import Job, current_job
 from .serverless import lambda_handler
 from .task import Call, Task
@@ -35,10 +40,16 @@ __all__ = [
     "DecodeError",
     "Delivery",
     "Job",
+    "JobCancelled",
+    "JobFailed",
+    "JobHandle",
+    "JobInfo",
     "LeaseLost",
     "QueueDepth",
     "Reject",
+    "ResultUnavailable",
     "Retry",
+    "Snooze",
     "Task",
     "Worker",
     "current_job",
