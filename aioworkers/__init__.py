@@ -12,16 +12,12 @@ from .errors import (
     BrokerUnavailable,
     ConfigError,
     DecodeError,
-    JobCancelled,
-    JobFailed,
     LeaseLost,
     Reject,
-    ResultUnavailable,
     Retry,
-    Snooze,
 )
-from .handles import JobHandle, JobInfo
 from .job import Job, current_job
+from .push import push_app
 from .serverless import lambda_handler
 from .task import Call, Task
 from .worker import Worker
@@ -40,18 +36,13 @@ __all__ = [
     "DecodeError",
     "Delivery",
     "Job",
-    "JobCancelled",
-    "JobFailed",
-    "JobHandle",
-    "JobInfo",
     "LeaseLost",
     "QueueDepth",
     "Reject",
-    "ResultUnavailable",
     "Retry",
-    "Snooze",
     "Task",
     "Worker",
     "current_job",
     "lambda_handler",
+    "push_app",
 ]

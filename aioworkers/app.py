@@ -25,7 +25,6 @@ from .brokers import (
 from .brokers.postgres_capabilities import Migratable, TransactionalPublisher
 from .envelope import DEFAULT_MAX_SIZE, Envelope, encode, new_id, now_ms, reset_attempt
 from .errors import ConfigError, redact_url
-from .handles import JobHandle, record_enqueued
 from .store import IdempotencyStore, Store
 from .store._choice import StoreChoice, missing
 from .task import Call, Policy, Task
@@ -43,7 +42,6 @@ ENV_BROKER_URL = "AIOWORKERS_BROKER_URL"
 DEFAULT_BROKER_URL = "sqlite:///aioworkers.db"
 # A done key is remembered this long: longer than any redelivery or retry of its job.
 DEFAULT_IDEMPOTENCY_TTL = 24 * 3600.0
-DEFAULT_MAX_RESULT_SIZE = 1024 * 1024  # bytes of a job's JSON result kept at most
 
 Hook = Callable[[], Awaitable[None]]
 
@@ -59,10 +57,7 @@ class App:
     ``store``: the state workers share beyond the queue, a URL (``redis://``, ``sqlite:///``,
     ``memory://``) or a `Store`; ``None`` reads ``AIOWORKERS_STORE_URL``, else takes the
     broker's (none on RabbitMQ and SQS: see `store`). ``idempotency`` is its old name. A
-    done idempotency key is remembered ``idempotency_ttl`` seconds (cancel marks too).
-
-    ``result_ttl``: the default of `task`'s (None: tasks keep no results); a result whose
-    JSON is over ``max_result_size`` bytes is not kept (the job still succeeds).
+    done idempotency key is remembered ``idempotency_ttl`` seconds.
     """
 
     def __init__(
@@ -78,8 +73,6 @@ class App:
         store: str | IdempotencyStore | None = None,
         idempotency: str | IdempotencyStore | None = None,
         idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
-        result_ttl: float | None = None,
-        max_result_size: int = DEFAULT_MAX_RESULT_SIZE,
     ) -> None:
         if visibility_timeout <= 0:
             raise ConfigError(f"visibility_timeout must be > 0 seconds, got {visibility_timeout}")
@@ -96,8 +89,6 @@ class App:
         self.max_message_size = max_message_size
         self.grace = grace
         self.idempotency_ttl = idempotency_ttl
-        self.result_ttl = result_ttl or None
-        self.max_result_size = max_result_size
         self._store = StoreChoice(store, idempotency)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self._hooks: dict[str, list[Hook]] = {"startup": [], "shutdown": []}
@@ -189,9 +180,7 @@ class App:
 
     def _store_needs(self) -> list[str]:
         """What among the registered tasks needs a shared store, one entry each."""
-        tasks = self.tasks.values()
-        needs = [f"task {t.name!r} (idempotent=True)" for t in tasks if t.idempotent]
-        return needs + [f"task {t.name!r} (result_ttl=)" for t in tasks if t.result_ttl]
+        return [f"task {t.name!r} (idempotent=True)" for t in self.tasks.values() if t.idempotent]
 
     async def aclose(self) -> None:
         """Close the broker and store connections."""
@@ -245,8 +234,6 @@ class App:
         backoff: float = 1.0,
         max_backoff: float = 3600.0,
         idempotent: bool = False,
-        result_ttl: float | None = None,
-        max_snoozes: int = 100,
     ) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Task[P, R]]: ...
 
     def task(
@@ -259,8 +246,6 @@ class App:
         backoff: float = 1.0,
         max_backoff: float = 3600.0,
         idempotent: bool = False,
-        result_ttl: float | None = None,
-        max_snoozes: int = 100,
     ) -> Any:
         """Register an ``async def`` handler: ``@app.task`` or ``@app.task(retries=5, ...)``.
 
@@ -269,16 +254,10 @@ class App:
         uniform in ``[0, min(max_backoff, backoff * 2 ** (n - 1))]``. ``idempotent`` runs
         each job at most once to completion per idempotency key (the enqueue ``key``, else
         the job id), never twice at once; its keys live in the `App`'s ``store``.
-        ``result_ttl`` keeps each job's status and return value that many seconds (None:
-        the App's ``result_ttl``; 0: none), see `JobHandle`. A job that raises
-        `aioworkers.Snooze` more than ``max_snoozes`` times is dead-lettered.
         """
         if retries < 0 or backoff < 0 or max_backoff < 0 or (timeout is not None and timeout <= 0):
             raise ConfigError("retries, backoff and max_backoff must be >= 0, timeout > 0")
-        if max_snoozes < 0 or (result_ttl is not None and result_ttl < 0):
-            raise ConfigError("max_snoozes and result_ttl must be >= 0")
-        ttl = self.result_ttl if result_ttl is None else (result_ttl or None)
-        policy = Policy(retries, backoff, max_backoff, timeout, max_snoozes)
+        policy = Policy(retries=retries, backoff=backoff, max_backoff=max_backoff, timeout=timeout)
 
         def register(fn: Callable[P, Coroutine[Any, Any, R]]) -> Task[P, R]:
             if not inspect.iscoroutinefunction(fn):
@@ -287,7 +266,6 @@ class App:
             if task_name in self.tasks:
                 raise ConfigError(f"a task named {task_name!r} is already registered")
             task = Task(self, fn, name=task_name, queue=queue, policy=policy, idempotent=idempotent)
-            task.result_ttl = ttl
             self.tasks[task_name] = task
             return task
 
@@ -323,17 +301,16 @@ class App:
         key: str | None = None,
         queue: str | None = None,
         conn: object = None,
-    ) -> JobHandle:
+    ) -> str:
         """Enqueue a job by task name (the handler need not be importable here); ``conn``
         as in `enqueue_many`."""
         call = Call(task, tuple(args), dict(kwargs or {}), delay, key, queue)
-        (job,) = await self.enqueue_many([call], conn=conn)
-        return job
+        (job_id,) = await self.enqueue_many([call], conn=conn)
+        return job_id
 
-    async def enqueue_many(self, calls: Iterable[Call], *, conn: object = None) -> list[JobHandle]:
+    async def enqueue_many(self, calls: Iterable[Call], *, conn: object = None) -> list[str]:
         """Enqueue a batch (``[task.call(...), ...]``): one broker round trip per queue and
-        delay. Returns a `JobHandle` (a ``str``, the job id) per job, in order; the jobs
-        of tasks with ``result_ttl`` get their records first (one store round trip).
+        delay. Returns the job ids in order.
 
         ``conn``: a connection of the application (asyncpg, or SQLAlchemy's
         ``AsyncConnection`` / ``AsyncSession``) in an open transaction, on a PostgreSQL
@@ -342,20 +319,13 @@ class App:
         publish = self.broker.publish if conn is None else self._publish_in(conn)
         groups: dict[tuple[str, float], list[bytes]] = defaultdict(list)
         ids = []
-        kept: list[tuple[JobHandle, float, float]] = []  # jobs with records: ttl, delay
         now = now_ms()
         producer = self.telemetry.producer(lambda: messaging_system(self.broker))
         try:
             for call in calls:
                 queue, body, job_id = self._encode(call, now, producer)
                 groups[(queue, call.delay)].append(body)
-                job = JobHandle(job_id, app=self, task=call.task, queue=queue)
-                ids.append(job)
-                task = self.tasks.get(call.task)
-                if task is not None and task.result_ttl is not None:
-                    kept.append((job, task.result_ttl, call.delay))
-            if kept:
-                await record_enqueued(self.store, kept)
+                ids.append(job_id)
             for (queue, delay), bodies in groups.items():
                 await publish(queue, bodies, delay=delay)
                 if producer is not None:
@@ -427,15 +397,6 @@ class App:
             job_timeout=job_timeout,
             clock=clock,
         )
-
-    def job(self, job_id: str) -> JobHandle:
-        """A handle of the job ``job_id`` (in any process: its status and result are in the
-        state store)."""
-        return JobHandle(job_id, app=self)
-
-    async def cancel(self, job_id: str) -> bool:
-        """Cancel the job ``job_id``: True if it had not finished (see `JobHandle.cancel`)."""
-        return await self.job(job_id).cancel()
 
     def queues(self) -> list[str]:
         """The app's queue and every queue a registered task names, in order."""

@@ -21,7 +21,6 @@ class Job:
     enqueued_at: datetime
     delivery_count: int = 1
     headers: dict[str, str] = field(default_factory=dict)
-    snoozes: int = 0  # times this job snoozed (`aioworkers.Snooze`); attempts are unchanged
 
     def __repr__(self) -> str:
         return f"<Job {self.task} {self.id} attempt={self.attempt}>"

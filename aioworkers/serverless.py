@@ -147,7 +147,10 @@ class LambdaHandler:
         broker = self.app.broker
         # Retries and dead letters go through the broker when it is the records' own
         # queue's (sqs://, which writes dead letters directly); else SQS redelivers them.
-        writer = broker if isinstance(broker, DeadLetterWriter) else None
+        # (Other brokers write dead letters directly too, for HTTP push: not SQS's queues.)
+        writer: DeadLetterWriter | None = None
+        if isinstance(broker, DeadLetterWriter) and isinstance(broker, _SqsClient):
+            writer = broker
         completer = InlineCompleter(broker if writer is not None else None, writer)
         settler = Settler(completer, clock=self.clock)
         return Jobs(self.executor(), settler, inflight, keep_held=True)

@@ -254,6 +254,13 @@ class MemoryBroker:
                 self._q(d.queue).leases.extend(held, lease)
         return lost
 
+    async def send_dead_letter(self, queue: str, body: bytes, letter: DeadLetter) -> None:
+        """`DeadLetterWriter`: a body that was never a delivery here (a push request)."""
+        entry_id = str(next(self._ids))
+        dead_at = letter.dead_at or self._clock.time()
+        filed = replace(letter, entry_id=entry_id, queue=queue, body=body, dead_at=dead_at)
+        self._q(queue).dead[entry_id] = filed
+
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         held = self._not_held(delivery)
         if held is None:

@@ -349,6 +349,12 @@ class RedisBroker:
                 with contextlib.suppress(LeaseLost):  # not ours any more: nothing to hand back
                     await self._owned_call(self._release, [stream], chunk)
 
+    async def send_dead_letter(self, queue: str, body: bytes, letter: DeadLetter) -> None:
+        """`DeadLetterWriter`: a body that was never a delivery here (a push request)."""
+        async with self._io(sent=len(body)):
+            fields: dict[Any, Any] = {"b": body, **letter.facts()}
+            await self._redis.xadd(self.keys(queue).dead, fields)
+
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         k = self.keys(delivery.queue)
         fields: dict[str, Any] = {"b": delivery.body, **letter.facts()}

@@ -287,6 +287,20 @@ class SqliteBroker:
         lost = await self._call(extend)
         return [deliveries[i] for i in lost]
 
+    async def send_dead_letter(self, queue: str, body: bytes, letter: DeadLetter) -> None:
+        """`DeadLetterWriter`: a body that was never a delivery here (a push request)."""
+        facts = orjson.dumps(letter.facts())
+
+        def write(db: sqlite3.Connection) -> None:
+            with transaction(db):
+                db.execute(
+                    "INSERT INTO aioworkers_dead (queue, body, facts) VALUES (?, ?, ?)",
+                    (queue, bytes(body), facts),
+                )
+                db.execute(_TOTALS, (queue, 0, 0, 1))
+
+        await self._call(write)
+
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         facts = orjson.dumps(letter.facts())
 
