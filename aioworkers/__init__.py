@@ -12,10 +12,15 @@ from .errors import (
     BrokerUnavailable,
     ConfigError,
     DecodeError,
+    JobCancelled,
+    JobFailed,
     LeaseLost,
     Reject,
+    ResultUnavailable,
     Retry,
+    Snooze,
 )
+from .handles import JobHandle, JobInfo
 from .job import Job, current_job
 from .push import push_app
 from .serverless import lambda_handler
@@ -36,10 +41,16 @@ __all__ = [
     "DecodeError",
     "Delivery",
     "Job",
+    "JobCancelled",
+    "JobFailed",
+    "JobHandle",
+    "JobInfo",
     "LeaseLost",
     "QueueDepth",
     "Reject",
+    "ResultUnavailable",
     "Retry",
+    "Snooze",
     "Task",
     "Worker",
     "current_job",

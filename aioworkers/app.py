@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from ._runtime.clock import SYSTEM_CLOCK, Clock
+from ._runtime.cron import periodic_for
 from ._sqlite import absolute_url
 from .brokers import (
     Broker,
@@ -25,6 +26,8 @@ from .brokers import (
 from .brokers.postgres_capabilities import Migratable, TransactionalPublisher
 from .envelope import DEFAULT_MAX_SIZE, Envelope, encode, new_id, now_ms, reset_attempt
 from .errors import ConfigError, redact_url
+from .handles import JobHandle, record_enqueued
+from .periodic import Overlap, Schedule, decorator
 from .store import IdempotencyStore, Store
 from .store._choice import StoreChoice, missing
 from .task import Call, Policy, Task
@@ -42,6 +45,7 @@ ENV_BROKER_URL = "AIOWORKERS_BROKER_URL"
 DEFAULT_BROKER_URL = "sqlite:///aioworkers.db"
 # A done key is remembered this long: longer than any redelivery or retry of its job.
 DEFAULT_IDEMPOTENCY_TTL = 24 * 3600.0
+DEFAULT_MAX_RESULT_SIZE = 1024 * 1024  # bytes of a job's JSON result kept at most
 
 Hook = Callable[[], Awaitable[None]]
 
@@ -57,7 +61,10 @@ class App:
     ``store``: the state workers share beyond the queue, a URL (``redis://``, ``sqlite:///``,
     ``memory://``) or a `Store`; ``None`` reads ``AIOWORKERS_STORE_URL``, else takes the
     broker's (none on RabbitMQ and SQS: see `store`). ``idempotency`` is its old name. A
-    done idempotency key is remembered ``idempotency_ttl`` seconds.
+    done idempotency key is remembered ``idempotency_ttl`` seconds (cancel marks too).
+
+    ``result_ttl``: the default of `task`'s (None: tasks keep no results); a result whose
+    JSON is over ``max_result_size`` bytes is not kept (the job still succeeds).
     """
 
     def __init__(
@@ -73,6 +80,8 @@ class App:
         store: str | IdempotencyStore | None = None,
         idempotency: str | IdempotencyStore | None = None,
         idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
+        result_ttl: float | None = None,
+        max_result_size: int = DEFAULT_MAX_RESULT_SIZE,
     ) -> None:
         if visibility_timeout <= 0:
             raise ConfigError(f"visibility_timeout must be > 0 seconds, got {visibility_timeout}")
@@ -89,8 +98,11 @@ class App:
         self.max_message_size = max_message_size
         self.grace = grace
         self.idempotency_ttl = idempotency_ttl
+        self.result_ttl = result_ttl or None
+        self.max_result_size = max_result_size
         self._store = StoreChoice(store, idempotency)
         self.tasks: dict[str, Task[Any, Any]] = {}
+        self.schedules: dict[str, Schedule] = {}  # periodic jobs, by name
         self._hooks: dict[str, list[Hook]] = {"startup": [], "shutdown": []}
         self._broker: Broker | None = None
         self._broker_url = ""
@@ -180,7 +192,9 @@ class App:
 
     def _store_needs(self) -> list[str]:
         """What among the registered tasks needs a shared store, one entry each."""
-        return [f"task {t.name!r} (idempotent=True)" for t in self.tasks.values() if t.idempotent]
+        tasks = self.tasks.values()
+        needs = [f"task {t.name!r} (idempotent=True)" for t in tasks if t.idempotent]
+        return needs + [f"task {t.name!r} (result_ttl=)" for t in tasks if t.result_ttl]
 
     async def aclose(self) -> None:
         """Close the broker and store connections."""
@@ -234,6 +248,8 @@ class App:
         backoff: float = 1.0,
         max_backoff: float = 3600.0,
         idempotent: bool = False,
+        result_ttl: float | None = None,
+        max_snoozes: int = 100,
     ) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Task[P, R]]: ...
 
     def task(
@@ -246,6 +262,8 @@ class App:
         backoff: float = 1.0,
         max_backoff: float = 3600.0,
         idempotent: bool = False,
+        result_ttl: float | None = None,
+        max_snoozes: int = 100,
     ) -> Any:
         """Register an ``async def`` handler: ``@app.task`` or ``@app.task(retries=5, ...)``.
 
@@ -254,10 +272,16 @@ class App:
         uniform in ``[0, min(max_backoff, backoff * 2 ** (n - 1))]``. ``idempotent`` runs
         each job at most once to completion per idempotency key (the enqueue ``key``, else
         the job id), never twice at once; its keys live in the `App`'s ``store``.
+        ``result_ttl`` keeps each job's status and return value that many seconds (None:
+        the App's ``result_ttl``; 0: none), see `JobHandle`. A job that raises
+        `aioworkers.Snooze` more than ``max_snoozes`` times is dead-lettered.
         """
         if retries < 0 or backoff < 0 or max_backoff < 0 or (timeout is not None and timeout <= 0):
             raise ConfigError("retries, backoff and max_backoff must be >= 0, timeout > 0")
-        policy = Policy(retries=retries, backoff=backoff, max_backoff=max_backoff, timeout=timeout)
+        if max_snoozes < 0 or (result_ttl is not None and result_ttl < 0):
+            raise ConfigError("max_snoozes and result_ttl must be >= 0")
+        ttl = self.result_ttl if result_ttl is None else (result_ttl or None)
+        policy = Policy(retries, backoff, max_backoff, timeout, max_snoozes)
 
         def register(fn: Callable[P, Coroutine[Any, Any, R]]) -> Task[P, R]:
             if not inspect.iscoroutinefunction(fn):
@@ -266,12 +290,36 @@ class App:
             if task_name in self.tasks:
                 raise ConfigError(f"a task named {task_name!r} is already registered")
             task = Task(self, fn, name=task_name, queue=queue, policy=policy, idempotent=idempotent)
+            task.result_ttl = ttl
             self.tasks[task_name] = task
             return task
 
         if callable(name):
             return register(name)
         return register
+
+    def periodic(
+        self,
+        cron: str | None = None,
+        every: float | None = None,
+        *,
+        name: str | None = None,
+        tz: str = "UTC",
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        queue: str | None = None,
+        overlap: Overlap = "allow",
+        catchup: float = 0.0,
+        **task_options: Any,
+    ) -> Callable[[Any], Task[Any, Any]]:
+        """Enqueue a task on a schedule, ``cron`` (5 fields, or 6 with seconds first, in
+        ``tz``) or ``every`` seconds: every worker schedules, and each slot is enqueued
+        once (README, "Periodic jobs"). Registers the function as a task (``task_options``
+        as for `task`), or schedules a `Task` given as it is."""
+        options: dict[str, Any] = {"cron": cron, "every": every, "name": name, "tz": tz}
+        options |= {"args": args}
+        options |= {"kwargs": kwargs, "queue": queue, "overlap": overlap, "catchup": catchup}
+        return decorator(self, options, {"queue": queue, **task_options})
 
     def on_startup(self, fn: Hook) -> Hook:
         """Register ``async def fn()`` to run when a worker starts, before it fetches."""
@@ -301,16 +349,17 @@ class App:
         key: str | None = None,
         queue: str | None = None,
         conn: object = None,
-    ) -> str:
+    ) -> JobHandle:
         """Enqueue a job by task name (the handler need not be importable here); ``conn``
         as in `enqueue_many`."""
         call = Call(task, tuple(args), dict(kwargs or {}), delay, key, queue)
-        (job_id,) = await self.enqueue_many([call], conn=conn)
-        return job_id
+        (job,) = await self.enqueue_many([call], conn=conn)
+        return job
 
-    async def enqueue_many(self, calls: Iterable[Call], *, conn: object = None) -> list[str]:
+    async def enqueue_many(self, calls: Iterable[Call], *, conn: object = None) -> list[JobHandle]:
         """Enqueue a batch (``[task.call(...), ...]``): one broker round trip per queue and
-        delay. Returns the job ids in order.
+        delay. Returns a `JobHandle` (a ``str``, the job id) per job, in order; the jobs
+        of tasks with ``result_ttl`` get their records first (one store round trip).
 
         ``conn``: a connection of the application (asyncpg, or SQLAlchemy's
         ``AsyncConnection`` / ``AsyncSession``) in an open transaction, on a PostgreSQL
@@ -319,13 +368,20 @@ class App:
         publish = self.broker.publish if conn is None else self._publish_in(conn)
         groups: dict[tuple[str, float], list[bytes]] = defaultdict(list)
         ids = []
+        kept: list[tuple[JobHandle, float, float]] = []  # jobs with records: ttl, delay
         now = now_ms()
         producer = self.telemetry.producer(lambda: messaging_system(self.broker))
         try:
             for call in calls:
                 queue, body, job_id = self._encode(call, now, producer)
                 groups[(queue, call.delay)].append(body)
-                ids.append(job_id)
+                job = JobHandle(job_id, app=self, task=call.task, queue=queue)
+                ids.append(job)
+                task = self.tasks.get(call.task)
+                if task is not None and task.result_ttl is not None:
+                    kept.append((job, task.result_ttl, call.delay))
+            if kept:
+                await record_enqueued(self.store, kept)
             for (queue, delay), bodies in groups.items():
                 await publish(queue, bodies, delay=delay)
                 if producer is not None:
@@ -355,6 +411,7 @@ class App:
             enqueued_at=now,
             eta=now + int(call.delay * 1000) if call.delay else None,
             key=call.key,
+            headers=dict(call.headers) if call.headers else {},
         )
         if producer is not None:
             producer.start(queue, call.delay, env)  # its trace context goes into env.headers
@@ -378,6 +435,7 @@ class App:
         max_jobs: int | None = None,
         job_timeout: float | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        scheduler: bool = True,
     ) -> Worker:
         """A worker for ``queues`` (default: the app's queue and every task's queue).
 
@@ -386,6 +444,7 @@ class App:
         jobs; ``job_timeout`` bounds each attempt of tasks registered without a timeout.
         ``clock`` is the time the worker's runtime runs on (leases, backoff, shutdown
         waits): tests pass `aioworkers.testing.FakeClock` to move it themselves.
+        ``scheduler=False``: this worker fires no periodic jobs (others do).
         """
         return Worker(
             self,
@@ -396,7 +455,17 @@ class App:
             max_jobs=max_jobs,
             job_timeout=job_timeout,
             clock=clock,
+            periodic=periodic_for(self, clock) if scheduler and self.schedules else None,
         )
+
+    def job(self, job_id: str) -> JobHandle:
+        """A handle of the job ``job_id`` (in any process: its status and result are in the
+        state store)."""
+        return JobHandle(job_id, app=self)
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel the job ``job_id``: True if it had not finished (see `JobHandle.cancel`)."""
+        return await self.job(job_id).cancel()
 
     def queues(self) -> list[str]:
         """The app's queue and every queue a registered task names, in order."""

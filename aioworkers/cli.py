@@ -21,7 +21,7 @@ from typing import Any, NoReturn, TypeVar
 
 import orjson
 
-from . import __version__, monitor, supervisor
+from . import __version__, _cli_schedules, monitor, supervisor
 from .app import App, DeadLetterQueue
 from .brokers import FileBacked, MessagingSystem
 from .errors import AioworkersError, ConfigError, redact
@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--concurrency", type=_positive_int, help="jobs in flight at most")
     run.add_argument("--grace", type=_seconds, help="seconds to finish jobs on shutdown")
     run.add_argument("--burst", action="store_true", help="exit once the queues are empty")
+    run.add_argument("--no-scheduler", action="store_true", help="fire no periodic jobs here")
     # Monitoring (issue 6): Prometheus /metrics and /healthz, OTLP export.
     run.add_argument("--metrics-port", type=_port, help="serve /metrics and /healthz on PORT")
     run.add_argument("--metrics-host", default="127.0.0.1", help="default 127.0.0.1")
@@ -259,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     command("migrate", "create or upgrade the broker's tables (postgresql://), then exit")
+    _cli_schedules.add_parser(command)
 
     web = command(
         "web",
@@ -309,6 +311,7 @@ async def cmd_run(app: App, args: argparse.Namespace) -> int:
         grace=args.grace,
         max_jobs=args.max_jobs_per_child,
         job_timeout=args.max_job_seconds,
+        scheduler=not args.no_scheduler,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -483,6 +486,7 @@ COMMANDS: dict[str, Callable[[App, argparse.Namespace], Coroutine[Any, Any, int]
     "stats": cmd_stats,
     "dlq": cmd_dlq,
     "migrate": cmd_migrate,
+    "schedules": _cli_schedules.cmd_schedules,
     "web": cmd_web,
 }
 

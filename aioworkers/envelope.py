@@ -1,7 +1,8 @@
 """Envelope v1, the wire format: the only module that knows the bytes.
 
 A JSON object (orjson): ``v``, ``id``, ``task``, ``args``, ``kwargs``, ``attempt`` (1-based),
-``enqueued_at`` (epoch ms), and optionally ``eta`` (epoch ms), ``key`` and ``headers``.
+``enqueued_at`` (epoch ms), and optionally ``eta`` (epoch ms), ``key``, ``headers`` and
+``snoozes`` (how many times the handler snoozed it; absent means 0, so older bodies decode).
 Decoding fails with a `DecodeError` whose reason is final: such a message is dead-lettered
 without retries.
 """
@@ -47,10 +48,15 @@ class Envelope:
     eta: int | None = None
     key: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    snoozes: int = 0
 
     def next_attempt(self) -> Envelope:
         """The same job, one attempt later."""
         return replace(self, attempt=self.attempt + 1)
+
+    def snoozed(self) -> Envelope:
+        """The same job and attempt, snoozed once more."""
+        return replace(self, snoozes=self.snoozes + 1)
 
 
 def new_id() -> str:
@@ -84,6 +90,10 @@ def encode(env: Envelope) -> bytes:
         doc["key"] = env.key
     if env.headers:
         doc["headers"] = env.headers
+    if env.snoozes:
+        if not 0 < env.snoozes <= MAX_ATTEMPT:
+            raise ValueError(f"field 'snoozes' out of range [0, {MAX_ATTEMPT}]: {env.snoozes}")
+        doc["snoozes"] = env.snoozes
     try:
         body = orjson.dumps(doc)
     except orjson.JSONEncodeError as exc:
@@ -173,7 +183,14 @@ def _from_doc(doc: dict[str, Any]) -> Envelope:
         eta,
         key,
         headers,
+        _snoozes(doc.get("snoozes", 0)),
     )
+
+
+def _snoozes(value: object) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_ATTEMPT:
+        raise DecodeError("schema_error", "field 'snoozes' is not an int in range")
+    return value
 
 
 def _out_of_range(attempt: int, enqueued_at: int, eta: int | None) -> str | None:

@@ -11,9 +11,13 @@ __all__ = [
     "BrokerUnavailable",
     "ConfigError",
     "DecodeError",
+    "JobCancelled",
+    "JobFailed",
     "LeaseLost",
     "Reject",
+    "ResultUnavailable",
     "Retry",
+    "Snooze",
     "clip",
     "printable",
     "redact",
@@ -63,6 +67,42 @@ class Reject(AioworkersError):
     """Raise in a handler to dead-letter the job at once, without further retries."""
 
     def __init__(self, reason: str = "rejected") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Snooze(AioworkersError):
+    """Raise in a handler for "not yet": the job runs again after ``delay`` seconds with
+    the same attempt (no retry is used). `current_job().snoozes` counts them; past the
+    task's ``max_snoozes`` the job is dead-lettered with reason ``max_snoozes``."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(f"snoozed for {delay}s")
+        self.delay = delay
+
+
+class JobFailed(AioworkersError):
+    """`JobHandle.result`: the job was dead-lettered (its retries spent, rejected, or a
+    message that cannot run); ``error_type``, ``error`` and ``traceback`` of its last try."""
+
+    def __init__(self, job_id: str, error_type: str, error: str, traceback: str = "") -> None:
+        super().__init__(f"job {job_id} failed: {error_type}: {error}")
+        self.job_id = job_id
+        self.error_type = error_type
+        self.error = error
+        self.traceback = traceback
+
+
+class JobCancelled(AioworkersError):
+    """`JobHandle.result`: the job was cancelled."""
+
+
+class ResultUnavailable(AioworkersError):
+    """`JobHandle.result`: there is no result to wait for: the task keeps none
+    (``result_ttl``), the id is unknown, the record expired, or the return value could not
+    be stored (``reason`` says which)."""
+
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 

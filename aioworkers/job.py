@@ -21,9 +21,23 @@ class Job:
     enqueued_at: datetime
     delivery_count: int = 1
     headers: dict[str, str] = field(default_factory=dict)
+    snoozes: int = 0  # times this job snoozed (`aioworkers.Snooze`); attempts are unchanged
 
     def __repr__(self) -> str:
         return f"<Job {self.task} {self.id} attempt={self.attempt}>"
+
+    @property
+    def schedule(self) -> str | None:
+        """The name of the periodic schedule that enqueued this job, or None."""
+        return self.headers.get("aioworkers-schedule")
+
+    @property
+    def scheduled_for(self) -> datetime | None:
+        """The slot a periodic job was enqueued for (an aware UTC datetime), or None."""
+        slot = self.headers.get("aioworkers-scheduled-for")
+        if slot is None or not slot.isdigit() or len(slot) > 15:
+            return None
+        return from_epoch_ms(int(slot))
 
 
 _current: ContextVar[Job] = ContextVar("aioworkers_current_job")

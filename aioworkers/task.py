@@ -6,9 +6,12 @@ import inspect
 import logging
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
 from ._runtime.policy import Policy
+
+if TYPE_CHECKING:
+    from .handles import JobHandle
 
 log = logging.getLogger("aioworkers")
 
@@ -27,6 +30,8 @@ class Call:
     delay: float = 0.0
     key: str | None = None
     queue: str | None = None
+    # Envelope headers to add (a periodic job's schedule and slot).
+    headers: dict[str, str] | None = None
 
 
 class Enqueues(Protocol):
@@ -36,7 +41,9 @@ class Enqueues(Protocol):
     @property
     def queue(self) -> str: ...
 
-    async def enqueue_many(self, calls: Iterable[Call], *, conn: object = None) -> list[str]: ...
+    async def enqueue_many(
+        self, calls: Iterable[Call], *, conn: object = None
+    ) -> list[JobHandle]: ...
 
 
 class Enqueuer(Generic[P]):
@@ -65,8 +72,9 @@ class Enqueuer(Generic[P]):
         self._task.check_arguments(args, kwargs)
         return Call(self._task.name, args, kwargs, self._delay, self._key, self._queue)
 
-    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """Publish one job; returns its id once the broker has it. A ``conn=`` keyword is
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle:
+        """Publish one job; returns its `JobHandle` (a ``str``: its id) once the broker
+        has it. A ``conn=`` keyword is
         the transaction to enqueue in (see `Task.options`), unless the handler itself has a
         parameter named ``conn``."""
         conn = self._conn
@@ -88,6 +96,7 @@ class Task(Generic[P, R]):
         queue: str | None,
         policy: Policy,
         idempotent: bool = False,
+        result_ttl: float | None = None,
     ) -> None:
         self.app = app
         self.fn = fn
@@ -95,6 +104,8 @@ class Task(Generic[P, R]):
         self.queue = queue
         self.policy = policy
         self.idempotent = idempotent
+        # Seconds its job records and results are kept (None: none are written).
+        self.result_ttl = result_ttl
         self.signature = inspect.signature(fn)
         self._fits = _fast_fit(self.signature)
         # A handler parameter named conn gets ``enqueue(conn=...)``; else it is the transaction.
@@ -145,8 +156,8 @@ class Task(Generic[P, R]):
         """A `Call` for `App.enqueue_many`."""
         return self.options().call(*args, **kwargs)
 
-    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """Publish one job with default options; returns its id."""
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle:
+        """Publish one job with default options; returns its `JobHandle`."""
         return await self.options().enqueue(*args, **kwargs)
 
 

@@ -31,6 +31,12 @@ log = logging.getLogger("aioworkers")
 BURST_POLL = 0.2
 
 
+class Service(Protocol):
+    """A loop the worker runs beside its jobs until it stops (the periodic scheduler)."""
+
+    async def run(self) -> None: ...
+
+
 class WorkerApp(ExecutorSettings, Protocol):
     """What a worker takes from its `App` (a structural type: the worker imports no app)."""
 
@@ -73,6 +79,7 @@ class Worker:
         max_jobs: int | None = None,
         job_timeout: float | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        periodic: Service | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
@@ -87,6 +94,7 @@ class Worker:
         self.poll = poll
         self.max_jobs = max_jobs
         self.clock = clock
+        self.periodic = periodic  # the scheduler loop of periodic jobs, if any
         self.state = "IDLE"
         self.recycled: str | None = None  # why the worker stopped itself, if it did
         self._inflight = InFlight()
@@ -205,6 +213,8 @@ class Worker:
                 service.start_soon(self._service, "polling queue depths", depths)
             if self.max_jobs is not None:
                 service.start_soon(self._recycle_when_exhausted)
+            if self.periodic is not None:
+                service.start_soon(self._service, "firing schedules", self.periodic.run)
             try:
                 async with anyio.create_task_group() as self._fetchers:
                     for queue in self.queues:

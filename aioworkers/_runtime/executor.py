@@ -19,12 +19,14 @@ from ..envelope import Envelope, decode
 from ..errors import MAX_FIELD_CHARS, DecodeError, clip
 from ..idempotency.base import IdempotencyStore, StoreUnavailable
 from ..job import Job, _current, from_epoch_ms
+from ..store.base import Store
 from . import policy
 from .backoff import backoff
 from .clock import SYSTEM_CLOCK, Clock
 from .inflight import Run
-from .outcome import ACK, RELEASE, Decision, Outcome, TaskInfo
+from .outcome import ACK, CANCELLED, RELEASE, Decision, Outcome, TaskInfo
 from .policy import DEFAULT_POLICY, MAX_DELIVERIES, Policy
+from .records import Records
 
 log = logging.getLogger("aioworkers")
 
@@ -45,6 +47,9 @@ class Runnable(TaskInfo, Protocol):
 
     @property
     def fn(self) -> Callable[..., Coroutine[Any, Any, Any]]: ...
+
+    @property
+    def result_ttl(self) -> float | None: ...
 
     def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None: ...
 
@@ -70,16 +75,26 @@ class ExecutorSettings(Protocol):
     @property
     def idempotency_ttl(self) -> float: ...
 
+    @property
+    def max_result_size(self) -> int: ...
+
 
 def executor_for(
     app: ExecutorSettings, *, job_timeout: float | None = None, clock: Clock = SYSTEM_CLOCK
 ) -> Executor:
     """The executor of ``app``'s tasks, for a worker or the Lambda adapter alike."""
+    store = app.idempotency
+    records = None
+    if isinstance(store, Store):  # cancel marks and job records (a keys-only store: none)
+        lease = app.visibility_timeout
+        size = app.max_result_size
+        records = Records(store, lease=lease, max_result_size=size, clock=clock)
     return Executor(
         app.tasks,
         max_message_size=app.max_message_size,
         max_deliveries=app.max_deliveries,
-        store=app.idempotency,
+        store=store,
+        records=records,
         lease=app.visibility_timeout,
         ttl=app.idempotency_ttl,
         default_timeout=job_timeout,
@@ -106,8 +121,10 @@ class Executor:
         ttl: float = 86400.0,
         default_timeout: float | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        records: Records | None = None,
     ) -> None:
         self._registry = registry
+        self._records = records
         self._max_size = max_message_size
         self._max_deliveries = max_deliveries
         self._store = store
@@ -144,12 +161,23 @@ class Executor:
             attempt = env.attempt if env is not None else 1
             return Outcome(env, task, policy.classify(invalid, attempt, DEFAULT_POLICY), invalid)
         gate = policy.before_start(delivery.count, self._max_deliveries, run.cancel_requested)
+        if gate is None and self._records is not None:
+            # The job's cancel mark (and, with results, its record): one round trip a batch.
+            with run.catch_cancel():
+                gate = await self._records.before(env, task, delivery)
+            if run.cancel_taken:
+                gate = RELEASE
         if gate is not None:
             detail = f"delivered {delivery.count} times" if gate is MAX_DELIVERIES else ""
-            return Outcome(env, task, gate, detail=detail)
-        if task.idempotent:
-            return await self._run_once(delivery, env, task, run)
-        return await self._run(delivery, env, task, run)
+            outcome = Outcome(env, task, gate, detail=detail)
+        elif task.idempotent:
+            outcome = await self._run_once(delivery, env, task, run)
+        else:
+            outcome = await self._run(delivery, env, task, run)
+        if task.result_ttl is not None and self._records is not None:
+            with run.catch_cancel():  # the outcome stands; the record is best effort then
+                await self._records.after(outcome, task, delivery)
+        return outcome
 
     async def _run_once(
         self, delivery: Delivery, env: Envelope, task: Runnable, run: Run
@@ -170,7 +198,7 @@ class Executor:
             return Outcome(env, task, policy.defer(self._lease), detail=why)
         if run.cancel_taken:
             await self._release(claim, run)  # the claim may have been made before the cancel
-            return Outcome(env, task, RELEASE)
+            return Outcome(env, task, CANCELLED if run.by_user else RELEASE)
         gate = policy.after_claim(state, self._lease)
         if gate is not None:
             why = "is done" if state == "done" else "is in progress elsewhere"
@@ -241,9 +269,11 @@ class Executor:
                 enqueued_at=from_epoch_ms(env.enqueued_at),
                 delivery_count=delivery.count,
                 headers=env.headers,
+                snoozes=env.snoozes,
             )
         )
         error: Exception | None = None
+        value: Any = None
         clock = self._clock
         started_at = clock.time()
         start = clock.monotonic()
@@ -252,15 +282,16 @@ class Executor:
         with run.catch_cancel():
             try:
                 timeout = task.policy.timeout or self._default_timeout
+                run.job_id = env.id  # from now a cancel mark stops it (the lease beat reads it)
                 if timeout is None:
-                    await task.fn(*env.args, **env.kwargs)
+                    value = await task.fn(*env.args, **env.kwargs)
                 else:
                     # The loop's own timer, not the injected clock: a timer task per job
                     # would cost more than the job. A task's timeout is a real-time bound.
                     limit = asyncio.timeout(timeout)
                     try:
                         async with limit:
-                            await task.fn(*env.args, **env.kwargs)
+                            value = await task.fn(*env.args, **env.kwargs)
                     except TimeoutError as exc:
                         if not limit.expired():
                             raise  # the handler's own timeout, not the task's
@@ -268,10 +299,13 @@ class Executor:
                         raise TimeoutError(f"task {name!r} timed out after {timeout}s") from exc
             except Exception as exc:
                 error = exc
+            finally:
+                run.job_id = None  # ended: a cancel can no longer stop it
         if run.cancel_taken:
-            decision: Decision = RELEASE
+            decision: Decision = CANCELLED if run.by_user else RELEASE
         elif error is None:
             decision = ACK
         else:
-            decision = policy.classify(error, env.attempt, task.policy)
-        return Outcome(env, task, decision, error, clock.monotonic() - start, started_at)
+            decision = policy.classify(error, env.attempt, task.policy, snoozes=env.snoozes)
+        duration = clock.monotonic() - start
+        return Outcome(env, task, decision, error, duration, started_at, value=value)

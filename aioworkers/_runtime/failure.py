@@ -31,7 +31,7 @@ def dead_letter_for(
         reason=reason,
         error=describe(outcome),
         error_type=type(error).__name__ if error is not None else None,
-        traceback=_traceback(error),
+        traceback=error_traceback(error),
         attempts=env.attempt if env else 1,
         dead_at=time.time() if dead_at is None else dead_at,
         queue=delivery.queue,
@@ -47,7 +47,7 @@ def describe(outcome: Outcome) -> str | None:
     return printable(redact(f"{type(error).__name__}: {error}", MAX_ERROR_CHARS), None)
 
 
-def _traceback(error: BaseException | None) -> str | None:
+def error_traceback(error: BaseException | None) -> str | None:
     """The traceback's last lines, redacted. Each part (a frame, an exception's message)
     is cut on its own first, so a huge message cannot push the frames out."""
     if error is None or error.__traceback__ is None:

@@ -12,7 +12,17 @@ from ..brokers.base import Delivery
 class Run:
     """The task running one delivery, and whether the runtime asked to cancel it."""
 
-    __slots__ = ("cancel_requested", "cancel_taken", "claim", "lost", "settling", "started", "task")
+    __slots__ = (
+        "by_user",
+        "cancel_requested",
+        "cancel_taken",
+        "claim",
+        "job_id",
+        "lost",
+        "settling",
+        "started",
+        "task",
+    )
 
     def __init__(self) -> None:
         self.task: asyncio.Task[Any] | None = None
@@ -26,6 +36,10 @@ class Run:
         # (key, owner) of the idempotency claim held while the handler runs; the lease
         # loop extends it with the delivery's lease.
         self.claim: tuple[str, str] | None = None
+        # The job's id once decoded (the lease beat reads its cancel mark), and whether a
+        # user cancelled it (`aioworkers.JobHandle.cancel`): acked as cancelled, not released.
+        self.job_id: str | None = None
+        self.by_user = False
 
     def cancel(self) -> None:
         if self.cancel_requested or self.settling:
@@ -112,6 +126,20 @@ class InFlight:
         if run is None or run.settling or (claim is not None and run.claim != claim):
             return False
         run.lost = True
+        run.cancel()
+        return True
+
+    def job_ids(self) -> dict[str, Delivery]:
+        """The jobs running now, ``id -> delivery`` (whose cancel marks the beat reads)."""
+        return {run.job_id: d for d, run in self._runs.items() if run.job_id is not None}
+
+    def cancel_by_user(self, delivery: Delivery) -> bool:
+        """A user cancelled the job of ``delivery``: stop its run (at the handler's next
+        await); it is then acked as cancelled. False if it is settling or gone."""
+        run = self._runs.get(delivery)
+        if run is None or run.settling or run.cancel_requested or run.job_id is None:
+            return False
+        run.by_user = True
         run.cancel()
         return True
 

@@ -10,6 +10,7 @@ import anyio
 from ..brokers.base import Delivery
 from ..errors import BrokerUnavailable
 from ..idempotency.base import IdempotencyStore, StoreUnavailable
+from ..store.base import Store
 from ..telemetry.worker import WorkerTelemetry
 from .clock import SYSTEM_CLOCK, Clock
 from .inflight import InFlight
@@ -76,10 +77,20 @@ async def _keep_claims(
     while True:
         await clock.sleep(lease / 3)
         held = inflight.claims()
-        if not held:
+        running = inflight.job_ids() if isinstance(store, Store) else {}
+        if not held and not running:
             continue
         try:
-            lost = await store.extend(list(held), lease=lease)
+            if isinstance(store, Store):
+                # One round trip: the claims extended, and the cancel marks of every job
+                # running here read (a cancelled one stops within one beat).
+                beat = await store.beat(lease=lease, claims=list(held), watch=list(running))
+                lost = beat.lost_claims
+                for job_id in beat.cancelled:
+                    if job_id in running and inflight.cancel_by_user(running[job_id]):
+                        log.info("job %s cancelled: stopping its run", job_id)
+            else:
+                lost = await store.extend(list(held), lease=lease)
         except StoreUnavailable as exc:
             log.warning("could not extend %d idempotency claims: %s", len(held), exc)
             continue

@@ -82,9 +82,19 @@ class Defer:
     name: ClassVar[OutcomeName] = OutcomeName.DEFERRED
 
 
-Decision = Ack | RetryLater | Dead | Release | Defer
+@dataclass(frozen=True, slots=True)
+class Snoozed:
+    """The handler asked to run again after ``delay``: same attempt, one more snooze."""
+
+    delay: float
+    name: ClassVar[OutcomeName] = OutcomeName.SNOOZED
+
+
+Decision = Ack | RetryLater | Dead | Release | Defer | Snoozed
 ACK = Ack()
 DUPLICATE = Ack(OutcomeName.DUPLICATE)
+# Cancelled by a user: acked, never retried or dead-lettered.
+CANCELLED = Ack(OutcomeName.CANCELLED)
 RELEASE = Release()
 
 
@@ -102,3 +112,4 @@ class Outcome:
     duration: float = 0.0  # seconds the handler ran; 0 if it did not run
     started_at: float = 0.0  # when it started, epoch seconds
     detail: str = ""
+    value: object = None  # what the handler returned (kept for tasks with results)

@@ -8,9 +8,9 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import DecodeError, Reject, Retry
+from ..errors import DecodeError, Reject, Retry, Snooze
 from ..idempotency.base import ClaimResult
-from .outcome import ACK, DUPLICATE, RELEASE, Dead, Decision, Defer, RetryLater
+from .outcome import ACK, DUPLICATE, RELEASE, Dead, Decision, Defer, RetryLater, Snoozed
 
 # A job whose key is busy, or whose store is unreachable, comes back after a pause of
 # about a third of the lease (how often a claim is extended), and never more than this.
@@ -19,6 +19,7 @@ MAX_DEFER = 5.0
 MAX_DELIVERIES = Dead("max_deliveries")
 REJECTED = Dead("rejected")
 MAX_RETRIES = Dead("max_retries")
+MAX_SNOOZES = Dead("max_snoozes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,7 @@ class Policy:
     backoff: float = 1.0
     max_backoff: float = 3600.0
     timeout: float | None = None
+    max_snoozes: int = 100
 
 
 DEFAULT_POLICY = Policy()
@@ -89,11 +91,16 @@ def classify(
     attempt: int,
     policy: Policy,
     rand: Callable[[], float] = random.random,
+    *,
+    snoozes: int = 0,
 ) -> Decision:
     """What attempt ``attempt`` (1-based) means when its handler ended with ``error``
-    (None: it returned), or when the message could not run (a `DecodeError`)."""
+    (None: it returned), or when the message could not run (a `DecodeError`). ``snoozes``:
+    how many times the job snoozed before (a `Snooze` uses no attempt)."""
     if error is None:
         return ACK
+    if isinstance(error, Snooze):
+        return MAX_SNOOZES if snoozes >= policy.max_snoozes else Snoozed(max(0.0, error.delay))
     if isinstance(error, DecodeError):
         return Dead(error.reason)
     if isinstance(error, Reject):

@@ -22,7 +22,7 @@ from ..telemetry.worker import WorkerTelemetry
 from .backoff import backoff
 from .clock import SYSTEM_CLOCK, Clock
 from .failure import MAX_ERROR_CHARS, dead_letter_for, job_fields, log_failure
-from .outcome import Ack, Dead, Defer, Outcome, OutcomeName, Release, RetryLater
+from .outcome import Ack, Dead, Defer, Outcome, OutcomeName, Release, RetryLater, Snoozed
 
 log = logging.getLogger("aioworkers")
 
@@ -141,6 +141,12 @@ class Settler:
                 why = printable(outcome.detail, MAX_ERROR_CHARS)
                 log.info("job deferred id=%s for %.2fs: %s", job_id, delay, why)
                 return await completer.retry(delivery, body=delivery.body, delay=delay)
+            case Snoozed(delay=delay):
+                assert outcome.envelope is not None
+                body = encode(outcome.envelope.snoozed())  # same attempt, one more snooze
+                job_id = printable(outcome.envelope.id)
+                log.info("job snoozed id=%s for %.2fs", job_id, delay)
+                return await completer.retry(delivery, body=body, delay=delay)
         return await completer.ack(delivery)
 
     async def hand_back(self, deliveries: Sequence[Delivery]) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+import signal
+from collections.abc import Iterator, Mapping
 
 import uvicorn
 
@@ -33,6 +36,21 @@ def auth_from_env(env: Mapping[str, str]) -> tuple[Auth | None, str]:
             raise ConfigError(f"set both {ENV_USER} and {ENV_PASSWORD} (HTTP Basic login)")
         return basic_auth(user, password), f"HTTP Basic as {user!r}"
     return None, "no login"
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn's own re-raises the signal once it has shut down, so the process would
+        # die by SIGTERM; a stop asked for is a clean exit (0), as for `aioworkers run`.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
 
 
 async def serve(
@@ -64,5 +82,5 @@ async def serve(
     shown = f"[{host}]" if ":" in host else host
     mode = "read-only" if read_only else "read-write"
     log.info("dashboard of %s on http://%s:%d/ (%s, %s)", app.broker_name, shown, port, login, mode)
-    await uvicorn.Server(config).serve()
+    await _Server(config).serve()
     return 0

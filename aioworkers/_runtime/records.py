@@ -1,0 +1,315 @@
+"""What the runtime tells the state store about a job: its cancel mark read before it
+starts, and, for a task with results (``result_ttl``), its record at start and at the end.
+
+Each kind of call is coalesced (`Coalesce`): the calls made by the jobs started in one turn
+of the event loop (a fetched batch) go to the store as one round trip. A task without
+results pays one coalesced cancel-mark read per batch, and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from functools import partial
+from typing import Any, Generic, Protocol, TypeVar
+
+import orjson
+
+from ..brokers.base import Delivery
+from ..envelope import Envelope
+from ..errors import printable, redact
+from ..store.base import FINAL, JobFinish, JobRecord, JobStatus, JobUpdate, Store, StoreUnavailable
+from .backoff import backoff
+from .clock import Clock
+from .failure import MAX_ERROR_CHARS, describe, error_traceback
+from .outcome import (
+    CANCELLED,
+    DUPLICATE,
+    Ack,
+    Dead,
+    Decision,
+    Defer,
+    Outcome,
+    OutcomeName,
+    Release,
+    RetryLater,
+    Snoozed,
+)
+
+log = logging.getLogger("aioworkers")
+
+I = TypeVar("I")  # noqa: E741 (an item)
+O = TypeVar("O")  # noqa: E741 (its answer)
+
+# A store write at the end of a job is retried with pauses of at most this long.
+MAX_PAUSE = 1.0
+
+
+def alias(task: str, key: str) -> str:
+    """The record id under which an idempotent task's result is kept for its key, so that
+    a later job with the same key (acked as a duplicate) answers with it."""
+    return f"key:{task}:{key}"
+
+
+class Recorded(Protocol):
+    """What records need of a task (`aioworkers.Task` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def result_ttl(self) -> float | None: ...
+
+    @property
+    def idempotent(self) -> bool: ...
+
+
+class Coalesce(Generic[I, O]):
+    """Calls of ``call(items)`` made in one turn of the event loop, as one call: each
+    caller gets the answers for its own items (``call`` answers one per item, in order)."""
+
+    def __init__(self, call: Callable[[list[I]], Awaitable[Sequence[O]]]) -> None:
+        self._call = call
+        self._items: list[I] = []
+        self._waiters: list[tuple[int, int, asyncio.Future[list[O]]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, items: Sequence[I]) -> list[O]:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[list[O]] = loop.create_future()
+        start = len(self._items)
+        self._items.extend(items)
+        self._waiters.append((start, len(self._items), answer))
+        if len(self._waiters) == 1:
+            # Runs after the other jobs started in this turn have added theirs.
+            flush = loop.create_task(self._flush())
+            self._flushes.add(flush)  # the loop holds tasks weakly
+            flush.add_done_callback(self._flushes.discard)
+        return await answer
+
+    async def _flush(self) -> None:
+        items, waiters = self._items, self._waiters
+        self._items, self._waiters = [], []
+        try:
+            answers = list(await self._call(items))
+        except BaseException as exc:  # each caller sees the error (or the cancel)
+            for _, _, answer in waiters:
+                if not answer.done():
+                    answer.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for start, end, answer in waiters:
+            if not answer.done():
+                answer.set_result(answers[start:end])
+
+
+class Records:
+    """The runtime's side of job records and cancel marks, on ``store``."""
+
+    def __init__(self, store: Store, *, lease: float, max_result_size: int, clock: Clock) -> None:
+        self._store = store
+        self._lease = lease
+        self._max_result_size = max_result_size
+        self._clock = clock
+        self._marks: Coalesce[str, bool] = Coalesce(self._read_marks)
+        self._updates: Coalesce[JobUpdate, JobStatus | None] = Coalesce(store.update_jobs)
+        self._finishes: Coalesce[JobFinish, JobStatus | None] = Coalesce(store.finish_jobs)
+
+    async def _read_marks(self, ids: list[str]) -> list[bool]:
+        marked = await self._store.cancelled(ids)
+        return [job_id in marked for job_id in ids]
+
+    async def before(self, env: Envelope, task: Recorded, delivery: Delivery) -> Decision | None:
+        """The gate before the handler: CANCELLED if the job was cancelled, DUPLICATE if
+        its record says it ended already (its ack was lost); None runs it. A store that
+        does not answer lets it run (cancel and status are then best effort)."""
+        try:
+            if task.result_ttl is None:
+                (marked,) = await self._marks([env.id])
+                return CANCELLED if marked else None
+            return await self._start(env, task, delivery, task.result_ttl)
+        except StoreUnavailable as exc:
+            log.warning("job %s runs unchecked: the store is unavailable: %s", env.id, exc)
+            return None
+
+    async def _start(
+        self, env: Envelope, task: Recorded, delivery: Delivery, ttl: float
+    ) -> Decision | None:
+        now = self._clock.time()
+        start = JobUpdate(env.id, ttl, status="running", attempt=env.attempt, started_at=now)
+        (before,) = await self._updates([start])
+        if before == "cancelled":
+            return CANCELLED
+        if before in FINAL:
+            return DUPLICATE
+        if before in ("queued", "delayed"):
+            # A cancel of a queued job ends its record at once: none came before this start
+            # (one that comes after leaves a mark the lease beat reads).
+            return None
+        (marked,) = await self._marks([env.id])  # cancelled while running, or no record
+        if marked:
+            return CANCELLED
+        if before is None:
+            # Enqueued where the task was not known (by name), or the record expired.
+            record = JobRecord(
+                env.id,
+                env.task,
+                delivery.queue,
+                "running",
+                attempt=env.attempt,
+                enqueued_at=env.enqueued_at / 1000,
+                started_at=now,
+            )
+            await self._store.put_jobs([record], ttl=ttl)
+        return None
+
+    async def after(self, outcome: Outcome, task: Recorded, delivery: Delivery) -> None:
+        """Write the record's change for ``outcome`` before it is settled (so a result
+        is stored before its job is acked). A store outage is retried for one lease."""
+        assert outcome.envelope is not None
+        assert task.result_ttl is not None
+        write = self._change(outcome, task, delivery, task.result_ttl)
+        if write is None:
+            return
+        try:
+            await backoff(
+                write,
+                what=f"recording job {outcome.envelope.id}",
+                clock=self._clock,
+                deadline=self._clock.monotonic() + self._lease,
+                retry_on=(StoreUnavailable,),
+                cap=MAX_PAUSE,
+            )
+        except StoreUnavailable as exc:
+            log.warning("job %s: its record was not written: %s", outcome.envelope.id, exc)
+
+    def _change(
+        self, outcome: Outcome, task: Recorded, delivery: Delivery, ttl: float
+    ) -> Callable[[], Awaitable[Any]] | None:
+        """The store call that records ``outcome`` (None: nothing to record)."""
+        env = outcome.envelope
+        assert env is not None
+        match outcome.decision:
+            case Ack(name=OutcomeName.OK):
+                return partial(self._succeeded, outcome, task, delivery, ttl)
+            case Ack(name=OutcomeName.CANCELLED):
+                return partial(self._finishes, [self._finish(outcome, delivery, "cancelled", ttl)])
+            case Ack(name=OutcomeName.DUPLICATE):
+                if task.idempotent and env.key is not None:
+                    return partial(self._copy, outcome, delivery, alias(task.name, env.key), ttl)
+                return None
+            case Dead():
+                return partial(self._finishes, [self._finish(outcome, delivery, "failed", ttl)])
+            case RetryLater():
+                return partial(self._updates, [self._update(outcome, "retrying", ttl)])
+            case Defer() | Snoozed():
+                return partial(self._updates, [self._update(outcome, "delayed", ttl)])
+            case Release():
+                return partial(self._updates, [self._update(outcome, "queued", ttl)])
+        return None
+
+    def _finish(
+        self,
+        outcome: Outcome,
+        delivery: Delivery,
+        status: Any,
+        ttl: float,
+        job_id: str | None = None,
+        result: bytes | None = None,
+        result_error: str | None = None,
+    ) -> JobFinish:
+        env = outcome.envelope
+        assert env is not None
+        error_type, error, trace = _error_fields(outcome)
+        return JobFinish(
+            job_id or env.id,
+            status,
+            ttl,
+            self._clock.time(),
+            task=env.task,
+            queue=delivery.queue,
+            attempt=env.attempt,
+            error_type=error_type,
+            error=error,
+            traceback=trace,
+            result=result,
+            result_error=result_error,
+        )
+
+    def _update(self, outcome: Outcome, status: JobStatus, ttl: float) -> JobUpdate:
+        env = outcome.envelope
+        assert env is not None
+        error_type, error, trace = _error_fields(outcome)
+        return JobUpdate(
+            env.id,
+            ttl,
+            status=status,
+            attempt=env.attempt,
+            error_type=error_type,
+            error=error,
+            traceback=trace,
+        )
+
+    async def _succeeded(
+        self, outcome: Outcome, task: Recorded, delivery: Delivery, ttl: float
+    ) -> None:
+        env = outcome.envelope
+        assert env is not None
+        result, why = self._encode(outcome.value)
+        if why is not None:
+            log.warning("job %s succeeded, but its result is not stored: %s", env.id, why)
+        finishes = [self._finish(outcome, delivery, "succeeded", ttl, None, result, why)]
+        if task.idempotent and env.key is not None:
+            # Kept under the key too: a later job with this key answers with this result.
+            key_id = alias(task.name, env.key)
+            finishes.append(self._finish(outcome, delivery, "succeeded", ttl, key_id, result, why))
+        await self._finishes(finishes)
+
+    async def _copy(self, outcome: Outcome, delivery: Delivery, source: str, ttl: float) -> None:
+        """A duplicate of a job that completed its key: it ends as that job did."""
+        first = await self._store.get_job(source)
+        if first is None or not first.final:
+            why = "the job ran before under the same key; its result is not kept"
+            finish = self._finish(outcome, delivery, "succeeded", ttl, result_error=why)
+        else:
+            finish = JobFinish(
+                outcome.envelope.id if outcome.envelope is not None else first.id,
+                "succeeded" if first.status == "succeeded" else "failed",
+                ttl,
+                self._clock.time(),
+                task=first.task,
+                queue=delivery.queue,
+                error_type=first.error_type,
+                error=first.error,
+                traceback=first.traceback,
+                result=first.result,
+                result_error=first.result_error,
+            )
+        await self._finishes([finish])
+
+    def _encode(self, value: object) -> tuple[bytes | None, str | None]:
+        """The result's bytes, or why it cannot be stored (the job succeeded all the same)."""
+        try:
+            body = orjson.dumps(value)
+        except (orjson.JSONEncodeError, TypeError) as exc:
+            return None, printable(f"the result is not JSON-serializable: {exc}", MAX_ERROR_CHARS)
+        if len(body) > self._max_result_size:
+            limit = self._max_result_size
+            return None, f"the result is {len(body)} bytes, over max_result_size {limit}"
+        return body, None
+
+    async def beat_marks(self, ids: Collection[str]) -> set[str]:
+        """The subset of ``ids`` that carry a cancel mark (for a store without `beat`)."""
+        return await self._store.cancelled(ids)
+
+
+def _error_fields(outcome: Outcome) -> tuple[str | None, str | None, str | None]:
+    """The error of ``outcome`` as the record keeps it, cut and redacted as in a dead letter
+    (or the outcome's detail, when no error was raised: too many deliveries)."""
+    error = outcome.error
+    if error is None:
+        return (None, describe(outcome), None) if outcome.detail else (None, None, None)
+    message = printable(redact(str(error), MAX_ERROR_CHARS), None)
+    return type(error).__name__, message, error_traceback(error)
