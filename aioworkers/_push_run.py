@@ -20,7 +20,7 @@ from ._runtime.outcome import OutcomeName
 from ._runtime.policy import Policy
 from ._runtime.settle import InlineCompleter, Settler
 from .app import App
-from .brokers.base import DeadLetterWriter, Delivery
+from .brokers.base import DeadLetter, DeadLetterWriter, Delivery
 from .envelope import encode
 
 log = logging.getLogger("aioworkers")
@@ -49,10 +49,15 @@ class _Later(InlineCompleter):
     def __init__(self, writer: DeadLetterWriter) -> None:
         super().__init__(None, writer)
         self.delay: float | None = None
+        self.reason: str | None = None
 
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> bool:
         self.delay = delay
         return False
+
+    async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> bool:
+        self.reason = letter.reason
+        return await super().dead_letter(delivery, letter)
 
 
 class _NoLeases:
@@ -182,18 +187,19 @@ class PushRunner:
         finally:
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
-        return _result(name, prepared, completer.delay)
+        return _result(name, prepared, completer)
 
 
-def _result(name: OutcomeName | None, prepared: Prepared, delay: float | None) -> Result:
-    env, _, invalid = prepared
+def _result(name: OutcomeName | None, prepared: Prepared, completer: _Later) -> Result:
+    env = prepared[0]
     body: dict[str, Any] = {"outcome": str(name)} if name is not None else {"outcome": "unknown"}
     if env is not None:
         body["job_id"] = env.id
     if name in ACKED:
-        if name is OutcomeName.DEAD and invalid is not None:
-            body["reason"] = invalid.reason
+        if name is OutcomeName.DEAD:
+            body["reason"] = completer.reason
         return Result(ACKED[name], body["outcome"], {} if name is OutcomeName.OK else body)
+    delay = completer.delay
     if delay is not None:
         body["outcome"] = "retry"
     # Whole seconds, at least one: the header takes no fractions.

@@ -130,6 +130,7 @@ async def test_failure_is_503_until_the_attempt_limit_then_one_dead_letter(
     reply = await world.send(job, platform=platform, attempt=3)
     assert reply.status_code == 200
     assert reply.json()["outcome"] == "dead"
+    assert reply.json()["reason"] == "max_retries"
     (letter,) = await world.dead()
     assert letter.reason == "max_retries"
     assert letter.error is not None
@@ -183,7 +184,7 @@ async def test_malformed_push_is_dead_lettered_and_acked(
     headers = {**AUTH, "content-type": content_type}
     reply = await world.client.post(path, content=content, headers=headers)
     assert reply.status_code == 200, reply.text
-    assert reply.json()["outcome"] == "dead"
+    assert reply.json() == {"outcome": "dead", "reason": reason}
     (letter,) = await world.dead()
     assert letter.reason == reason
     assert world.effects == {}
@@ -317,3 +318,12 @@ async def test_the_cloud_run_example_serves_pushes(
             )
             assert (await client.send(request)).status_code == 204
     await module.app.aclose()
+
+
+async def test_queue_in_the_push_url_names_the_dlq(world: World) -> None:
+    headers = {**AUTH, "content-type": "application/json"}
+    reply = await world.client.post("/pubsub?queue=images", content=b"{oops", headers=headers)
+    assert reply.status_code == 200
+    assert await world.dead() == []
+    (letter,) = await world.dead("images")
+    assert letter.reason == "decode_error"
