@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -66,43 +66,65 @@ class Recorded(Protocol):
 
 
 class Coalesce(Generic[I, O]):
-    """Calls of ``call(items)`` made in one turn of the event loop, as one call: each
-    caller gets the answers for its own items (``call`` answers one per item, in order)."""
+    """Calls of ``call(items)`` made in one turn of the event loop, as one call: `one`
+    returns a future of the answer for its item (``call`` answers one per item, in
+    order). A plain future, not a coroutine: the hot path awaits it with nothing between.
+    ``fallback``: the answer every item gets if ``call`` raises ``StoreUnavailable``
+    (None: the error is each caller's)."""
 
-    def __init__(self, call: Callable[[list[I]], Awaitable[Sequence[O]]]) -> None:
+    def __init__(
+        self,
+        call: Callable[[list[I]], Awaitable[Sequence[O]]],
+        fallback: Callable[[StoreUnavailable], O] | None = None,
+    ) -> None:
         self._call = call
+        self._fallback = fallback
         self._items: list[I] = []
-        self._waiters: list[tuple[int, int, asyncio.Future[list[O]]]] = []
+        self._answers: list[asyncio.Future[O]] = []
         self._flushes: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, items: Sequence[I]) -> list[O]:
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[list[O]] = loop.create_future()
-        start = len(self._items)
-        self._items.extend(items)
-        self._waiters.append((start, len(self._items), answer))
-        if len(self._waiters) == 1:
+    def one(self, item: I) -> asyncio.Future[O]:
+        answer: asyncio.Future[O] = asyncio.get_running_loop().create_future()
+        self._items.append(item)
+        self._answers.append(answer)
+        if len(self._answers) == 1:
             # Runs after the other jobs started in this turn have added theirs.
-            flush = loop.create_task(self._flush())
+            flush = asyncio.get_running_loop().create_task(self._flush())
             self._flushes.add(flush)  # the loop holds tasks weakly
             flush.add_done_callback(self._flushes.discard)
-        return await answer
+        return answer
+
+    async def many(self, items: Sequence[I]) -> list[O]:
+        return list(await asyncio.gather(*(self.one(item) for item in items)))
 
     async def _flush(self) -> None:
-        items, waiters = self._items, self._waiters
-        self._items, self._waiters = [], []
+        items, answers = self._items, self._answers
+        self._items, self._answers = [], []
         try:
-            answers = list(await self._call(items))
+            results = list(await self._call(items))
+        except StoreUnavailable as exc:
+            if self._fallback is None:
+                _fail(answers, exc)
+            else:
+                _answer(answers, [self._fallback(exc)] * len(answers))
         except BaseException as exc:  # each caller sees the error (or the cancel)
-            for _, _, answer in waiters:
-                if not answer.done():
-                    answer.set_exception(exc)
+            _fail(answers, exc)
             if not isinstance(exc, Exception):
                 raise
-            return
-        for start, end, answer in waiters:
-            if not answer.done():
-                answer.set_result(answers[start:end])
+        else:
+            _answer(answers, results)
+
+
+def _answer(answers: list[asyncio.Future[O]], results: Sequence[O]) -> None:
+    for answer, result in zip(answers, results, strict=True):
+        if not answer.done():  # a caller cancelled meanwhile
+            answer.set_result(result)
+
+
+def _fail(answers: list[asyncio.Future[O]], exc: BaseException) -> None:
+    for answer in answers:
+        if not answer.done():
+            answer.set_exception(exc)
 
 
 class Records:
@@ -113,25 +135,34 @@ class Records:
         self._lease = lease
         self._max_result_size = max_result_size
         self._clock = clock
-        self._marks: Coalesce[str, bool] = Coalesce(self._read_marks)
+        self._marks: Coalesce[str, Decision | None] = Coalesce(self._read_marks, _unchecked)
         self._updates: Coalesce[JobUpdate, JobStatus | None] = Coalesce(store.update_jobs)
         self._finishes: Coalesce[JobFinish, JobStatus | None] = Coalesce(store.finish_jobs)
 
-    async def _read_marks(self, ids: list[str]) -> list[bool]:
+    async def _read_marks(self, ids: list[str]) -> list[Decision | None]:
         marked = await self._store.cancelled(ids)
-        return [job_id in marked for job_id in ids]
+        return [CANCELLED if job_id in marked else None for job_id in ids]
 
-    async def before(self, env: Envelope, task: Recorded, delivery: Delivery) -> Decision | None:
+    def before(
+        self, env: Envelope, task: Recorded, delivery: Delivery
+    ) -> Awaitable[Decision | None]:
         """The gate before the handler: CANCELLED if the job was cancelled, DUPLICATE if
         its record says it ended already (its ack was lost); None runs it. A store that
-        does not answer lets it run (cancel and status are then best effort)."""
+        does not answer lets it run (cancel and status are then best effort).
+
+        A task without results awaits one future: its cancel mark, read with those of
+        the other jobs started in the same turn."""
+        if task.result_ttl is None:
+            return self._marks.one(env.id)
+        return self._start_checked(env, task, delivery, task.result_ttl)
+
+    async def _start_checked(
+        self, env: Envelope, task: Recorded, delivery: Delivery, ttl: float
+    ) -> Decision | None:
         try:
-            if task.result_ttl is None:
-                (marked,) = await self._marks([env.id])
-                return CANCELLED if marked else None
-            return await self._start(env, task, delivery, task.result_ttl)
+            return await self._start(env, task, delivery, ttl)
         except StoreUnavailable as exc:
-            log.warning("job %s runs unchecked: the store is unavailable: %s", env.id, exc)
+            _unchecked(exc)
             return None
 
     async def _start(
@@ -139,7 +170,7 @@ class Records:
     ) -> Decision | None:
         now = self._clock.time()
         start = JobUpdate(env.id, ttl, status="running", attempt=env.attempt, started_at=now)
-        (before,) = await self._updates([start])
+        before = await self._updates.one(start)
         if before == "cancelled":
             return CANCELLED
         if before in FINAL:
@@ -148,9 +179,9 @@ class Records:
             # A cancel of a queued job ends its record at once: none came before this start
             # (one that comes after leaves a mark the lease beat reads).
             return None
-        (marked,) = await self._marks([env.id])  # cancelled while running, or no record
-        if marked:
-            return CANCELLED
+        marked = await self._marks.one(env.id)  # cancelled while running, or no record
+        if marked is not None:
+            return marked
         if before is None:
             # Enqueued where the task was not known (by name), or the record expired.
             record = JobRecord(
@@ -195,19 +226,23 @@ class Records:
             case Ack(name=OutcomeName.OK):
                 return partial(self._succeeded, outcome, task, delivery, ttl)
             case Ack(name=OutcomeName.CANCELLED):
-                return partial(self._finishes, [self._finish(outcome, delivery, "cancelled", ttl)])
+                return partial(
+                    self._finishes.many, [self._finish(outcome, delivery, "cancelled", ttl)]
+                )
             case Ack(name=OutcomeName.DUPLICATE):
                 if task.idempotent and env.key is not None:
                     return partial(self._copy, outcome, delivery, alias(task.name, env.key), ttl)
                 return None
             case Dead():
-                return partial(self._finishes, [self._finish(outcome, delivery, "failed", ttl)])
+                return partial(
+                    self._finishes.many, [self._finish(outcome, delivery, "failed", ttl)]
+                )
             case RetryLater():
-                return partial(self._updates, [self._update(outcome, "retrying", ttl)])
+                return partial(self._updates.many, [self._update(outcome, "retrying", ttl)])
             case Defer() | Snoozed():
-                return partial(self._updates, [self._update(outcome, "delayed", ttl)])
+                return partial(self._updates.many, [self._update(outcome, "delayed", ttl)])
             case Release():
-                return partial(self._updates, [self._update(outcome, "queued", ttl)])
+                return partial(self._updates.many, [self._update(outcome, "queued", ttl)])
         return None
 
     def _finish(
@@ -265,7 +300,7 @@ class Records:
             # Kept under the key too: a later job with this key answers with this result.
             key_id = alias(task.name, env.key)
             finishes.append(self._finish(outcome, delivery, "succeeded", ttl, key_id, result, why))
-        await self._finishes(finishes)
+        await self._finishes.many(finishes)
 
     async def _copy(self, outcome: Outcome, delivery: Delivery, source: str, ttl: float) -> None:
         """A duplicate of a job that completed its key: it ends as that job did."""
@@ -287,7 +322,7 @@ class Records:
                 result=first.result,
                 result_error=first.result_error,
             )
-        await self._finishes([finish])
+        await self._finishes.one(finish)
 
     def _encode(self, value: object) -> tuple[bytes | None, str | None]:
         """The result's bytes, or why it cannot be stored (the job succeeded all the same)."""
@@ -300,9 +335,9 @@ class Records:
             return None, f"the result is {len(body)} bytes, over max_result_size {limit}"
         return body, None
 
-    async def beat_marks(self, ids: Collection[str]) -> set[str]:
-        """The subset of ``ids`` that carry a cancel mark (for a store without `beat`)."""
-        return await self._store.cancelled(ids)
+
+def _unchecked(exc: StoreUnavailable) -> None:
+    log.warning("jobs run unchecked for cancel marks: the store is unavailable: %s", exc)
 
 
 def _error_fields(outcome: Outcome) -> tuple[str | None, str | None, str | None]:
