@@ -1,5 +1,6 @@
-"""The push app the end-to-end test serves with uvicorn: a Redis app whose effects are
-counters in Redis (``<prefix>:effect:<tag>``), so the test process can count them."""
+"""The push app the end-to-end test serves with uvicorn: a Redis app (or the broker URL
+in PUSH_TEST_BROKER) whose effects are counters in Redis (``<prefix>:effect:<tag>``), so
+the test process can count them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import redis.asyncio as redis
 import aioworkers
 
 PREFIX = os.environ["PUSH_TEST_PREFIX"]
-app = aioworkers.App(f"redis://127.0.0.1:6379/0?prefix={PREFIX}")
+app = aioworkers.App(
+    os.environ.get("PUSH_TEST_BROKER", f"redis://127.0.0.1:6379/0?prefix={PREFIX}")
+)
 _redis = redis.Redis(host="127.0.0.1", port=6379)
 
 

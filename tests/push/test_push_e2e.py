@@ -1,5 +1,6 @@
 """End to end: the push app served by uvicorn in a subprocess, pushes over real HTTP,
-settled through the app's Redis broker (dead letters) and store (idempotency keys)."""
+settled through the app's broker (dead letters) and store (idempotency keys), on a Redis
+and a SQLite app."""
 
 from __future__ import annotations
 
@@ -50,12 +51,26 @@ class Served:
         return push.publish_request(self.app, call, url=self.url, token=TOKEN, **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def server() -> Iterator[tuple[str, str]]:
-    ensure(REDIS)
+@pytest.fixture(params=["redis", "sqlite"])
+def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    ensure(REDIS)  # the effects are counted in Redis either way
     prefix = "pushe2e" + secrets.token_hex(4)
+    if request.param == "redis":
+        yield f"redis://127.0.0.1:6379/0?prefix={prefix}"
+    else:
+        yield f"sqlite:///{tmp_path / 'jobs.db'}?prefix={prefix}"
+
+
+@pytest.fixture
+def server(broker_url: str) -> Iterator[tuple[str, str]]:
+    prefix = broker_url.rsplit("prefix=", 1)[1]
     port = free_port()
-    env = {**os.environ, "PUSH_TEST_PREFIX": prefix, "PUSH_TEST_TOKEN": TOKEN}
+    env = {
+        **os.environ,
+        "PUSH_TEST_PREFIX": prefix,
+        "PUSH_TEST_TOKEN": TOKEN,
+        "PUSH_TEST_BROKER": broker_url.split("?")[0] if "sqlite" in broker_url else broker_url,
+    }
     command = [sys.executable, "-m", "uvicorn", "tests.push.served:push", "--port", str(port)]
     proc = subprocess.Popen(
         [*command, "--log-level", "warning"], cwd=ROOT, env=env, stderr=subprocess.PIPE
@@ -81,9 +96,9 @@ def server() -> Iterator[tuple[str, str]]:
 
 
 @pytest.fixture
-async def served(server: tuple[str, str]) -> AsyncIterator[Served]:
+async def served(server: tuple[str, str], broker_url: str) -> AsyncIterator[Served]:
     url, prefix = server
-    app = aioworkers.App(f"redis://127.0.0.1:6379/0?prefix={prefix}")
+    app = aioworkers.App(broker_url.split("?")[0] if "sqlite" in broker_url else broker_url)
     app.task(name="record")(_record)
     app.task(name="fails")(_fails)
     conn = redis.Redis(host="127.0.0.1", port=6379)
@@ -131,9 +146,7 @@ async def test_pushes_over_http_settle_as_their_status_codes_promise(served: Ser
     wrong.headers["authorization"] = "Bearer nope"
     assert (await client.send(wrong)).status_code == 401
 
-    broker = served.app.broker
-    assert isinstance(broker, aioworkers.brokers.redis.RedisBroker)
-    letters = await broker.dead_letters("default")
+    letters = await served.app.broker.dead_letters("default")  # type: ignore[attr-defined]
     assert sorted(x.reason for x in letters) == ["decode_error", "max_retries"]
     (failed,) = [x for x in letters if x.reason == "max_retries"]
     assert failed.error is not None
