@@ -21,7 +21,7 @@ from typing import Any, NoReturn, TypeVar
 
 import orjson
 
-from . import __version__, _cli_schedules, monitor, supervisor
+from . import __version__, _cli_jobs, _cli_schedules, monitor, supervisor
 from .app import App, DeadLetterQueue
 from .brokers import FileBacked, MessagingSystem
 from .errors import AioworkersError, ConfigError, redact
@@ -261,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("migrate", "create or upgrade the broker's tables (postgresql://), then exit")
     _cli_schedules.add_parser(command)
+    _cli_jobs.add_parsers(command)
 
     web = command(
         "web",
@@ -487,6 +488,8 @@ COMMANDS: dict[str, Callable[[App, argparse.Namespace], Coroutine[Any, Any, int]
     "dlq": cmd_dlq,
     "migrate": cmd_migrate,
     "schedules": _cli_schedules.cmd_schedules,
+    "job": _cli_jobs.cmd_job,
+    "cancel": _cli_jobs.cmd_cancel,
     "web": cmd_web,
 }
 
