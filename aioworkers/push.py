@@ -18,6 +18,7 @@ wrong token; 429: ``max_concurrency`` jobs already in flight; 404/405: no such r
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
@@ -238,7 +239,7 @@ def envelope(app: App, call: Call) -> tuple[bytes, str]:
 
 def publish_request(
     app: App,
-    call: Call,
+    call: Call | bytes,
     *,
     platform: str = "pubsub",
     url: str = "http://localhost:8080",
@@ -246,13 +247,17 @@ def publish_request(
     attempt: int = 1,
 ) -> Any:
     """The ``httpx.Request`` a ``platform`` (``"pubsub"`` or ``"cloudtasks"``) would send
-    to the push app at ``url`` for ``call`` (``task.call(...)``) on its ``attempt``: for
-    testing a push deployment locally (``await client.send(request)``)."""
+    to the push app at ``url`` for ``call`` (``task.call(...)``, or an envelope from
+    `envelope`, to push one message again) on its ``attempt``: for testing a push
+    deployment locally (``await client.send(request)``)."""
     import base64
 
     import httpx
 
-    body, job_id = envelope(app, call)
+    if isinstance(call, bytes):
+        body, job_id = call, hashlib.sha256(call).hexdigest()[:32]
+    else:
+        body, job_id = envelope(app, call)
     headers = {"authorization": f"Bearer {token}"} if token is not None else {}
     if platform == "pubsub":
         doc = {

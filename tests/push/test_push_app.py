@@ -38,10 +38,10 @@ class World:
             await self.entered.wait()
             self.entered.clear()
 
-    def request(self, call: aioworkers.Call, **kw: Any) -> httpx.Request:
+    def request(self, call: aioworkers.Call | bytes, **kw: Any) -> httpx.Request:
         return push.publish_request(self.app, call, url="http://push", token=TOKEN, **kw)
 
-    async def send(self, call: aioworkers.Call, **kw: Any) -> httpx.Response:
+    async def send(self, call: aioworkers.Call | bytes, **kw: Any) -> httpx.Response:
         return await self.client.send(self.request(call, **kw))
 
     async def dead(self, queue: str = "default") -> list[aioworkers.DeadLetter]:
@@ -119,15 +119,14 @@ async def test_cloudevents_binary_and_structured(world: World) -> None:
 async def test_failure_is_503_until_the_attempt_limit_then_one_dead_letter(
     world: World, platform: str
 ) -> None:
-    job = call("fails", "f")
-    request = world.request(job)  # one message, redelivered with a growing attempt
+    body, _ = push.envelope(world.app, call("fails", "f"))  # one message, pushed again
     for attempt in (1, 2):
-        reply = await world.send(job, platform=platform, attempt=attempt)
+        reply = await world.send(body, platform=platform, attempt=attempt)
         assert reply.status_code == 503
         assert int(reply.headers["retry-after"]) >= 1
         assert reply.json()["outcome"] == "retry"
         assert await world.dead() == []
-    reply = await world.send(job, platform=platform, attempt=3)
+    reply = await world.send(body, platform=platform, attempt=3)
     assert reply.status_code == 200
     assert reply.json()["outcome"] == "dead"
     assert reply.json()["reason"] == "max_retries"
@@ -136,7 +135,6 @@ async def test_failure_is_503_until_the_attempt_limit_then_one_dead_letter(
     assert letter.error is not None
     assert "boom f" in letter.error
     assert world.effects == {"f": 3}
-    assert request.method == "POST"
 
 
 async def test_duplicate_push_runs_once(world: World) -> None:
@@ -327,3 +325,33 @@ async def test_queue_in_the_push_url_names_the_dlq(world: World) -> None:
     assert await world.dead() == []
     (letter,) = await world.dead("images")
     assert letter.reason == "decode_error"
+
+
+@pytest.mark.parametrize(
+    ("own", "cap", "limit"),
+    [(None, 0.2, "0.2s"), (100.0, 0.2, "0.2s"), (0.1, 30.0, "0.1s")],
+)
+async def test_the_shorter_of_the_task_timeout_and_the_cap_bounds_a_run(
+    tmp_path: Path, own: float | None, cap: float, limit: str
+) -> None:
+    # A real timer is under test: the loop's timeout on the handler.
+    app = aioworkers.App(f"sqlite:///{tmp_path / 'jobs.db'}")
+    never = asyncio.Event()
+
+    @app.task(timeout=own, retries=1)
+    async def stuck() -> None:
+        await never.wait()
+
+    pushed = aioworkers.push_app(app, auth=push.bearer_token(TOKEN), timeout=cap)
+    transport = httpx.ASGITransport(app=pushed)
+    async with httpx.AsyncClient(transport=transport) as client:
+        job, _ = push.envelope(app, aioworkers.Call("stuck"))
+        first = push.publish_request(app, job, url="http://p", token=TOKEN)
+        reply = await client.send(first)
+        assert reply.status_code == 503  # a retry is left: the platform redelivers
+        last = push.publish_request(app, job, url="http://p", token=TOKEN, attempt=2)
+        reply = await client.send(last)
+        assert reply.json()["reason"] == "max_retries"
+    (letter,) = await app.broker.dead_letters("default")  # type: ignore[attr-defined]
+    assert f"timed out after {limit}" in (letter.error or "")
+    await app.aclose()

@@ -47,7 +47,7 @@ class Served:
         value = await self.redis.get(f"{self.prefix}:effect:{tag}")
         return int(value or 0)
 
-    def request(self, call: aioworkers.Call, **kw: object) -> httpx.Request:
+    def request(self, call: aioworkers.Call | bytes, **kw: object) -> httpx.Request:
         return push.publish_request(self.app, call, url=self.url, token=TOKEN, **kw)  # type: ignore[arg-type]
 
 
@@ -130,7 +130,7 @@ async def test_pushes_over_http_settle_as_their_status_codes_promise(served: Ser
 
     # A failing job: 503 while the platform's attempt is within the retries, then acked
     # with its dead letter in the broker's DLQ.
-    job = aioworkers.Call("fails", ("f",))
+    job, _ = push.envelope(served.app, aioworkers.Call("fails", ("f",)))
     codes = [
         (await client.send(served.request(job, attempt=a, platform=p))).status_code
         for a, p in ((1, "pubsub"), (2, "cloudtasks"), (3, "pubsub"))
