@@ -179,7 +179,7 @@ class Dashboard:
     # -- pages ----------------------------------------------------------------------------
 
     async def overview(self, request: Request) -> Response:
-        rows = await self.history.poll(self.app.queues())
+        rows = await self.history.poll(self.app.queues(), fresh=True)
         return self.render(request, "overview.html", title="Overview", rows=rows.values())
 
     async def stats(self, request: Request) -> Response:
@@ -201,7 +201,7 @@ class Dashboard:
         queue = self._known(request)
         if queue is None:
             return self.not_found(request, "No such queue in this app.")
-        row = (await self.history.poll([queue]))[queue]
+        row = (await self.history.poll([queue], fresh=True))[queue]
         failures = await _dead.read_page(
             self.app,
             queue,
@@ -219,7 +219,7 @@ class Dashboard:
         if queue is None:
             return self.not_found(request, "No such queue in this app.")
         page = _int(request.query_params.get("page"), 1)
-        row = (await self.history.poll([queue]))[queue]
+        row = (await self.history.poll([queue], fresh=True))[queue]
         listing = await _dead.read_page(
             self.app,
             queue,

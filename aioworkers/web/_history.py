@@ -73,10 +73,11 @@ class History:
         self._polled = 0.0
         self._lock = asyncio.Lock()
 
-    async def poll(self, queues: Sequence[str]) -> dict[str, QueueNow]:
-        """Every queue's latest numbers, polling the broker unless that was just done."""
+    async def poll(self, queues: Sequence[str], *, fresh: bool = False) -> dict[str, QueueNow]:
+        """Every queue's latest numbers, polling the broker unless that was just done
+        (``fresh``: poll anyway, for a page someone just loaded)."""
         async with self._lock:  # two viewers at once make one poll
-            due = time.monotonic() - self._polled >= MIN_INTERVAL
+            due = fresh or time.monotonic() - self._polled >= MIN_INTERVAL
             missing = any(q not in self._samples and q not in self._errors for q in queues)
             if due or missing:
                 self._polled = time.monotonic()
@@ -95,7 +96,11 @@ class History:
             return
         self._errors.pop(queue, None)
         samples = self._samples.setdefault(queue, deque(maxlen=MAX_SAMPLES))
-        samples.append(Sample(time.time(), depth, totals))
+        sample = Sample(time.time(), depth, totals)
+        if samples and sample.at - samples[-1].at < MIN_INTERVAL / 2:
+            samples[-1] = sample  # a page load right after a poll: no spike in the rates
+        else:
+            samples.append(sample)
         while samples and samples[0].at < samples[-1].at - KEEP:
             samples.popleft()
 

@@ -354,3 +354,12 @@ async def test_no_secret_in_any_page(tmp_path: object) -> None:
     assert "other-secret" not in page.text
     assert "127.0.0.1:1" in page.text  # the broker is still named, credentials hidden
     assert page.headers["content-security-policy"].startswith("default-src 'none'")
+
+
+async def test_a_page_load_shows_the_numbers_of_now(app: App) -> None:
+    async with client(board(app)) as c:
+        before = (await c.get("/")).text
+        await app.enqueue("charge", ["x", 1])
+        after = (await c.get("/")).text  # within the second: polled again all the same
+    assert 'data-field="ready">0<' in before
+    assert 'data-field="ready">1<' in after
