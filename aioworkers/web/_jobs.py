@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol, runtime_checkable
 
 import orjson
 
@@ -69,15 +68,6 @@ async def read_job(app: App, job_id: str) -> JobView:
     return JobView(job_id, record, _result(record.result), times=_times(record))
 
 
-@runtime_checkable
-class _Cancels(Protocol):
-    async def cancel(self, job_id: str) -> bool: ...
-
-
 async def cancel(app: App, job_id: str) -> bool:
-    """The app's own cancel (`App.cancel`) where it has one; else the job's cancel mark
-    in the store, kept as long as idempotency keys (past any redelivery). False if the
-    job already ended."""
-    if isinstance(app, _Cancels):
-        return await app.cancel(job_id)
-    return await app.store.mark_cancelled(job_id, ttl=app.idempotency_ttl)
+    """`App.cancel`: True if the job had not finished (see `JobHandle.cancel`)."""
+    return await app.cancel(job_id)

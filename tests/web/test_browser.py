@@ -298,10 +298,6 @@ def _registry_hooked() -> bool:
 
 
 def test_a_job_cancelled_from_the_page_does_not_run(shop: Shop, tmp_path: Path) -> None:
-    import aioworkers
-
-    if not hasattr(aioworkers.App, "cancel"):
-        pytest.skip("the runtime does not check cancel marks yet (job handles, issue 14)")
     # Due in 8 s: time enough to open the page and cancel one before either is due.
     kept = shop.cli("enqueue", "shop:app", "later", "--args", "[1]", "--delay", "8").strip()
     doomed = shop.cli("enqueue", "shop:app", "later", "--args", "[2]", "--delay", "8").strip()
