@@ -7,6 +7,7 @@ and end in a dead-letter queue.
 
 from .app import App, DeadLetterQueue
 from .brokers.base import Broker, DeadLetter, Delivery, QueueDepth
+from .dependencies import Depends
 from .errors import (
     AioworkersError,
     BrokerUnavailable,
@@ -40,6 +41,7 @@ __all__ = [
     "DeadLetterQueue",
     "DecodeError",
     "Delivery",
+    "Depends",
     "Job",
     "JobCancelled",
     "JobFailed",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import os
 from collections import defaultdict
@@ -11,6 +10,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
+from ._app_handlers import DEFAULT_SYNC_THREADS, HandlerOptions
 from ._runtime.clock import SYSTEM_CLOCK, Clock
 from ._runtime.cron import periodic_for
 from ._sqlite import absolute_url
@@ -30,7 +30,7 @@ from .handles import JobHandle, record_enqueued
 from .periodic import Overlap, Schedule, decorator
 from .store import IdempotencyStore, Store
 from .store._choice import StoreChoice, missing
-from .task import Call, Policy, Task
+from .task import Call, Task
 from .telemetry import Producer, Telemetry, messaging_system
 from .worker import Worker
 
@@ -50,7 +50,7 @@ DEFAULT_MAX_RESULT_SIZE = 1024 * 1024  # bytes of a job's JSON result kept at mo
 Hook = Callable[[], Awaitable[None]]
 
 
-class App:
+class App(HandlerOptions):
     """Registry of tasks bound to one broker.
 
     ``broker`` is a URL (``sqlite://``, ``redis://``, ``amqp://``, ``sqs://``, ``memory://``)
@@ -80,6 +80,10 @@ class App:
         store: str | IdempotencyStore | None = None,
         idempotency: str | IdempotencyStore | None = None,
         idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
+        sync_threads: int = DEFAULT_SYNC_THREADS,
+        retries: int | None = None,
+        backoff: float | None = None,
+        max_backoff: float | None = None,
         result_ttl: float | None = None,
         max_result_size: int = DEFAULT_MAX_RESULT_SIZE,
     ) -> None:
@@ -104,6 +108,7 @@ class App:
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.schedules: dict[str, Schedule] = {}  # periodic jobs, by name
         self._hooks: dict[str, list[Hook]] = {"startup": [], "shutdown": []}
+        self._init_handlers(sync_threads, retries, backoff, max_backoff)  # _app_handlers.py
         self._broker: Broker | None = None
         self._broker_url = ""
         self.set_broker(broker)
@@ -238,15 +243,18 @@ class App:
     def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
 
     @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
     def task(
         self,
         name: str | None = None,
         *,
         queue: str | None = None,
-        retries: int = 3,
+        retries: int | None = None,
         timeout: float | None = None,
-        backoff: float = 1.0,
-        max_backoff: float = 3600.0,
+        backoff: float | None = None,
+        max_backoff: float | None = None,
         idempotent: bool = False,
         result_ttl: float | None = None,
         max_snoozes: int = 100,
@@ -257,10 +265,10 @@ class App:
         name: Any = None,
         *,
         queue: str | None = None,
-        retries: int = 3,
+        retries: int | None = None,
         timeout: float | None = None,
-        backoff: float = 1.0,
-        max_backoff: float = 3600.0,
+        backoff: float | None = None,
+        max_backoff: float | None = None,
         idempotent: bool = False,
         result_ttl: float | None = None,
         max_snoozes: int = 100,
@@ -276,16 +284,12 @@ class App:
         the App's ``result_ttl``; 0: none), see `JobHandle`. A job that raises
         `aioworkers.Snooze` more than ``max_snoozes`` times is dead-lettered.
         """
-        if retries < 0 or backoff < 0 or max_backoff < 0 or (timeout is not None and timeout <= 0):
-            raise ConfigError("retries, backoff and max_backoff must be >= 0, timeout > 0")
         if max_snoozes < 0 or (result_ttl is not None and result_ttl < 0):
             raise ConfigError("max_snoozes and result_ttl must be >= 0")
         ttl = self.result_ttl if result_ttl is None else (result_ttl or None)
-        policy = Policy(retries, backoff, max_backoff, timeout, max_snoozes)
+        policy = self.task_policy(retries, backoff, max_backoff, timeout, max_snoozes)
 
         def register(fn: Callable[P, Coroutine[Any, Any, R]]) -> Task[P, R]:
-            if not inspect.iscoroutinefunction(fn):
-                raise ConfigError(f"task {fn!r} must be an 'async def' function")
             task_name = name if isinstance(name, str) else fn.__name__
             if task_name in self.tasks:
                 raise ConfigError(f"a task named {task_name!r} is already registered")
@@ -345,14 +349,14 @@ class App:
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
         *,
-        delay: float = 0.0,
+        delay: float | None = 0.0,
         key: str | None = None,
         queue: str | None = None,
         conn: object = None,
     ) -> JobHandle:
         """Enqueue a job by task name (the handler need not be importable here); ``conn``
         as in `enqueue_many`."""
-        call = Call(task, tuple(args), dict(kwargs or {}), delay, key, queue)
+        call = Call(task, tuple(args), dict(kwargs or {}), delay or 0.0, key, queue)
         (job,) = await self.enqueue_many([call], conn=conn)
         return job
 
@@ -373,6 +377,8 @@ class App:
         producer = self.telemetry.producer(lambda: messaging_system(self.broker))
         try:
             for call in calls:
+                if self.enqueue_hooks:
+                    call = await self._outgoing(call)  # with the hooks' headers
                 queue, body, job_id = self._encode(call, now, producer)
                 groups[(queue, call.delay)].append(body)
                 job = JobHandle(job_id, app=self, task=call.task, queue=queue)
@@ -395,19 +401,19 @@ class App:
     def _encode(
         self, call: Call, now: int, producer: Producer | None = None
     ) -> tuple[str, bytes, str]:
-        if call.delay < 0:
-            raise ValueError(f"delay must be >= 0 seconds, got {call.delay}")
         task = self.tasks.get(call.task)
+        args: Sequence[Any] = call.args
+        kwargs = call.kwargs
         if task is not None:
-            task.check_arguments(call.args, call.kwargs)
+            args, kwargs = task.encode_arguments(args, kwargs)  # typed: their JSON forms
             if call.key is not None and not task.idempotent:
                 task.key_ignored()
         queue = call.queue or (task.queue if task is not None else None) or self.queue
         env = Envelope(
             id=new_id(),
             task=call.task,
-            args=list(call.args),
-            kwargs=call.kwargs,
+            args=list(args),
+            kwargs=kwargs,
             enqueued_at=now,
             eta=now + int(call.delay * 1000) if call.delay else None,
             key=call.key,

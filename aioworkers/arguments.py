@@ -109,11 +109,14 @@ class Arguments:
 
         try:
             return self._adapters[name].validate_json(orjson.dumps(value), strict=True)
-        except (ValidationError, TypeError, orjson.JSONEncodeError):
-            raise TypeError(
-                f"argument {name!r} of task {self._task!r} must be {_type_name(self._types[name])} "
-                f"(or its JSON form), got {type(value).__name__}: {_first(error)}"
-            ) from None
+        except ValidationError as exc:
+            error = exc  # as JSON it says more ("invalid character" rather than "not a UUID")
+        except (TypeError, orjson.JSONEncodeError):
+            pass
+        raise TypeError(
+            f"argument {name!r} of task {self._task!r} must be {_type_name(self._types[name])} "
+            f"(or its JSON form), got {type(value).__name__}: {_first(error)}"
+        )
 
     def _decode_one(self, name: str, value: Any) -> Any:
         from pydantic import ValidationError

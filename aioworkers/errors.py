@@ -59,6 +59,10 @@ class Retry(AioworkersError):
     """Raise in a handler to retry the job, after ``delay`` seconds or the task's backoff."""
 
     def __init__(self, delay: float | None = None) -> None:
+        if delay is not None:  # None: the task's backoff; else a ConfigError if not >= 0
+            from ._delays import check_delay
+
+            delay = check_delay(delay, "Retry(delay=)")
         super().__init__(f"retry requested (delay={delay})")
         self.delay = delay
 
@@ -76,7 +80,10 @@ class Snooze(AioworkersError):
     the same attempt (no retry is used). `current_job().snoozes` counts them; past the
     task's ``max_snoozes`` the job is dead-lettered with reason ``max_snoozes``."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float | None) -> None:
+        from ._delays import check_delay  # None: at once; a ConfigError if not >= 0
+
+        delay = check_delay(delay, "Snooze(delay=)")
         super().__init__(f"snoozed for {delay}s")
         self.delay = delay
 

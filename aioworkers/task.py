@@ -8,6 +8,8 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
+from ._delays import check_delay
+from ._runtime.handlers import handler_for, job_signature
 from ._runtime.policy import Policy
 
 if TYPE_CHECKING:
@@ -27,11 +29,15 @@ class Call:
     task: str
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
-    delay: float = 0.0
+    delay: float = 0.0  # seconds (None is taken for no delay)
     key: str | None = None
     queue: str | None = None
     # Envelope headers to add (a periodic job's schedule and slot).
     headers: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.delay != 0.0:  # checked once here, for every way a job is enqueued
+            object.__setattr__(self, "delay", check_delay(self.delay))
 
 
 class Enqueues(Protocol):
@@ -54,13 +60,12 @@ class Enqueuer(Generic[P]):
     def __init__(
         self,
         task: Task[P, Any],
-        delay: float,
+        delay: float | None,
         key: str | None,
         queue: str | None,
         conn: object = None,
     ) -> None:
-        if delay < 0:
-            raise ValueError(f"delay must be >= 0 seconds, got {delay}")
+        delay = check_delay(delay)
         self._task = task
         self._delay = delay
         self._key = key
@@ -69,7 +74,7 @@ class Enqueuer(Generic[P]):
 
     def call(self, *args: P.args, **kwargs: P.kwargs) -> Call:
         """A `Call` for `App.enqueue_many`, checked against the task's signature."""
-        self._task.check_arguments(args, kwargs)
+        self._task.encode_arguments(args, kwargs)
         return Call(self._task.name, args, kwargs, self._delay, self._key, self._queue)
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle:
@@ -106,7 +111,10 @@ class Task(Generic[P, R]):
         self.idempotent = idempotent
         # Seconds its job records and results are kept (None: none are written).
         self.result_ttl = result_ttl
-        self.signature = inspect.signature(fn)
+        # The job's arguments: dependency parameters (aioworkers.Depends) are not among them.
+        self.signature = job_signature(inspect.signature(fn))
+        # None for a plain async def with plain JSON parameters (called directly).
+        self.handler = handler_for(name, fn, self.signature)
         self._fits = _fast_fit(self.signature)
         # A handler parameter named conn gets ``enqueue(conn=...)``; else it is the transaction.
         self.takes_conn = "conn" in self.signature.parameters
@@ -127,6 +135,15 @@ class Task(Generic[P, R]):
         except TypeError as exc:
             raise TypeError(f"bad arguments for task {self.name!r}: {exc}") from None
 
+    def encode_arguments(
+        self, args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> tuple[Sequence[Any], dict[str, Any]]:
+        """Check arguments to enqueue (their types too, for typed parameters; a
+        ``TypeError`` names the wrong one) and return them as they travel (JSON forms)."""
+        self.check_arguments(args, kwargs)
+        arguments = self.handler.arguments if self.handler is not None else None
+        return (args, kwargs) if arguments is None else arguments.encode(args, kwargs)
+
     def key_ignored(self) -> None:
         """A job of this task was enqueued with a key it ignores: say so, once."""
         if not self._warned_key:
@@ -141,7 +158,7 @@ class Task(Generic[P, R]):
     def options(
         self,
         *,
-        delay: float = 0.0,
+        delay: float | None = 0.0,
         key: str | None = None,
         queue: str | None = None,
         conn: object = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from functools import partial
 from typing import Any, Protocol
 
@@ -20,13 +20,15 @@ from ..errors import MAX_FIELD_CHARS, DecodeError, clip
 from ..idempotency.base import IdempotencyStore, StoreUnavailable
 from ..job import Job, _current, from_epoch_ms
 from ..store.base import Store
-from . import policy
+from . import handlers, policy
 from .backoff import backoff
 from .clock import SYSTEM_CLOCK, Clock
+from .handlers import Handler, Middleware
 from .inflight import Run
 from .outcome import ACK, CANCELLED, RELEASE, Decision, Outcome, TaskInfo
 from .policy import DEFAULT_POLICY, MAX_DELIVERIES, Policy
 from .records import Records
+from .threads import SyncThreads
 
 log = logging.getLogger("aioworkers")
 
@@ -50,6 +52,9 @@ class Runnable(TaskInfo, Protocol):
 
     @property
     def result_ttl(self) -> float | None: ...
+
+    @property
+    def handler(self) -> Handler | None: ...
 
     def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None: ...
 
@@ -78,6 +83,12 @@ class ExecutorSettings(Protocol):
     @property
     def max_result_size(self) -> int: ...
 
+    @property
+    def middlewares(self) -> Sequence[Middleware]: ...
+
+    @property
+    def sync_threads(self) -> int: ...
+
 
 def executor_for(
     app: ExecutorSettings, *, job_timeout: float | None = None, clock: Clock = SYSTEM_CLOCK
@@ -99,6 +110,8 @@ def executor_for(
         ttl=app.idempotency_ttl,
         default_timeout=job_timeout,
         clock=clock,
+        middleware=app.middlewares,
+        threads=SyncThreads(app.sync_threads),
     )
 
 
@@ -122,8 +135,13 @@ class Executor:
         default_timeout: float | None = None,
         clock: Clock = SYSTEM_CLOCK,
         records: Records | None = None,
+        middleware: Sequence[Middleware] = (),
+        threads: SyncThreads | None = None,
     ) -> None:
         self._registry = registry
+        # The app's own list, read per job: a middleware registered later still applies.
+        self._middleware = middleware
+        self.threads = threads if threads is not None else SyncThreads()
         self._records = records
         self._max_size = max_message_size
         self._max_deliveries = max_deliveries
@@ -258,6 +276,15 @@ class Executor:
         except StoreUnavailable as exc:
             log.warning("could not release key %r; it lapses with its lease: %s", claim[0], exc)
 
+    def _start(self, task: Runnable, env: Envelope) -> Awaitable[Any]:
+        # A plain async handler with no middleware is called as it is: no coroutine more.
+        if task.handler is None and not self._middleware:
+            return task.fn(*env.args, **env.kwargs)
+        job = _current.get()
+        return handlers.attempt(
+            task.fn, task.handler, env.args, env.kwargs, job, self._middleware, self.threads
+        )
+
     async def _run(self, delivery: Delivery, env: Envelope, task: Runnable, run: Run) -> Outcome:
         _current.set(
             Job(
@@ -284,14 +311,14 @@ class Executor:
                 timeout = task.policy.timeout or self._default_timeout
                 run.job_id = env.id  # from now a cancel mark stops it (the lease beat reads it)
                 if timeout is None:
-                    value = await task.fn(*env.args, **env.kwargs)
+                    value = await self._start(task, env)
                 else:
                     # The loop's own timer, not the injected clock: a timer task per job
                     # would cost more than the job. A task's timeout is a real-time bound.
                     limit = asyncio.timeout(timeout)
                     try:
                         async with limit:
-                            value = await task.fn(*env.args, **env.kwargs)
+                            value = await self._start(task, env)
                     except TimeoutError as exc:
                         if not limit.expired():
                             raise  # the handler's own timeout, not the task's

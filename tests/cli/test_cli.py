@@ -454,7 +454,7 @@ def test_enqueue_key_help_says_what_it_does() -> None:
             ["in <module>"],
             "ModuleNotFoundError: No module named 'no_such_dependency_for_aioworkers_tests'",
         ),
-        ("badtask:app", ["in <module>"], "ConfigError: retries, backoff and max_backoff"),
+        ("badtask:app", ["in <module>"], "ConfigError: retries must be >= 0, got -1"),
     ],
 )
 def test_a_module_that_raises_on_import_shows_the_users_traceback_and_exits_2(
@@ -474,3 +474,19 @@ def test_a_module_that_raises_on_import_shows_the_users_traceback_and_exits_2(
     assert error in err
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"aioworkers: error: importing {module!r} failed: {error}")
+
+
+def test_burst_leaves_delayed_jobs_for_a_later_run_and_says_how_many() -> None:
+    # Before: --burst waited for the job due in 60 s (past this call's timeout).
+    result = aioworkers_cmd("run", "cliapp:app", "--burst", seed="nap=0.01,later=60", timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("nap done") == 1
+    assert "1 delayed job left for a later run" in result.stderr
+    assert "--wait-delayed" in result.stderr
+
+
+def test_burst_with_wait_delayed_runs_the_delayed_jobs_too() -> None:
+    result = aioworkers_cmd("run", "cliapp:app", "--burst", "--wait-delayed", seed="later=0.3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("nap done") == 1
+    assert "left for a later run" not in result.stderr

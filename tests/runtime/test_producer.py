@@ -152,21 +152,21 @@ async def test_negative_delay_is_refused(app: App) -> None:
     async def job() -> None:
         pass
 
-    with pytest.raises(ValueError, match="delay"):
+    with pytest.raises(ConfigError, match="delay"):
         job.options(delay=-1)
-    with pytest.raises(ValueError, match="delay"):
+    with pytest.raises(ConfigError, match="delay"):
         await app.enqueue("job", delay=-1)
 
 
-def test_non_async_task_is_a_config_error(app: App) -> None:
+def test_a_plain_def_is_a_sync_task(app: App) -> None:
+    # Sync handlers run in worker threads (tests/handlers/test_sync.py).
     def plain() -> None:
         pass
 
-    with pytest.raises(ConfigError, match="async def"):
-        app.task(plain)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="async def"):
-        app.task(retries=1)(plain)  # type: ignore[arg-type]
-    assert app.tasks == {}
+    task = app.task(plain)
+    assert app.tasks == {"plain": task}
+    assert task.handler is not None
+    assert task.handler.sync
 
 
 def test_duplicate_task_name_is_a_config_error(app: App) -> None:
