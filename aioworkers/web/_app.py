@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .._cli_schedules import _row as schedule_row
 from .._registry import registry_for
 from ..app import App
 from ..errors import AioworkersError, ConfigError, redact
@@ -113,6 +114,7 @@ class Dashboard:
             Route("/queues/{queue}/dead", self.dead),
             Route("/queues/{queue}/dead/{action}", self.dead_action, methods=["POST"]),
             Route("/workers", self.workers),
+            Route("/schedules", self.schedules),
             Route("/job", self.job_lookup),
             Route("/job/{job_id}", self.job),
             Route("/job/{job_id}/cancel", self.job_cancel, methods=["POST"]),
@@ -157,6 +159,7 @@ class Dashboard:
             read_only=self.read_only,
             broker=self.app.broker_name,
             queues=self.app.queues(),
+            has_schedules=bool(self.app.schedules),
             message=message,
             **context,
         )
@@ -247,6 +250,12 @@ class Dashboard:
         return self.render(
             request, "workers.html", title="Workers", workers=found, error=error, now=time.time()
         )
+
+    async def schedules(self, request: Request) -> Response:
+        """Each periodic schedule, its next slot, and its last slot with the outcome (one
+        store read each, as ``aioworkers schedules`` does)."""
+        rows = [await schedule_row(self.app, s) for s in self.app.schedules.values()]
+        return self.render(request, "schedules.html", title="Periodic schedules", rows=rows)
 
     async def job_lookup(self, request: Request) -> Response:
         job_id = request.query_params.get("id", "").strip()

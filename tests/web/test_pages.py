@@ -363,3 +363,19 @@ async def test_a_page_load_shows_the_numbers_of_now(app: App) -> None:
         after = (await c.get("/")).text  # within the second: polled again all the same
     assert 'data-field="ready">0<' in before
     assert 'data-field="ready">1<' in after
+
+
+async def test_schedules_page_and_its_nav_entry_only_with_schedules(app: App) -> None:
+    async with client(board(app)) as c:
+        page = (await c.get("/")).text
+    assert "/schedules" not in page
+
+    @app.periodic(every=3600, name="hourly-report")
+    async def report() -> None: ...
+
+    async with client(board(app)) as c:
+        page = (await c.get("/")).text
+        schedules = (await c.get("/schedules")).text
+    assert 'href="/schedules"' in page
+    assert "hourly-report" in schedules
+    assert re.search(r"<td>\d{4}-\d\d-\d\dT\d\d:00:00\+00:00</td>", schedules)  # next slot
