@@ -28,7 +28,7 @@ def schedules(workers: Workers, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_schedules_shows_next_and_last_slot(tmp_path: Path) -> None:
-    workers = Workers(f"sqlite:///{tmp_path / 'q.db'}", tmp_path / "ledger")
+    workers = Workers({"PERIODIC_BROKER": f"sqlite:///{tmp_path / 'q.db'}"}, tmp_path / "ledger")
     try:
         shown = orjson.loads(schedules(workers, "--json").stdout)
         assert [(s["name"], s["expression"], s["tz"], s["last"]) for s in shown] == [
@@ -62,7 +62,7 @@ def test_schedules_shows_next_and_last_slot(tmp_path: Path) -> None:
 
 
 def test_no_scheduler_fires_nothing(tmp_path: Path) -> None:
-    workers = Workers(f"sqlite:///{tmp_path / 'q.db'}", tmp_path / "ledger")
+    workers = Workers({"PERIODIC_BROKER": f"sqlite:///{tmp_path / 'q.db'}"}, tmp_path / "ledger")
     try:
         argv = [sys.executable, "-m", "aioworkers", "run", APP, "--no-scheduler"]
         workers.procs.append(subprocess.Popen(argv, cwd=ROOT, env=workers.env, stderr=workers.log))

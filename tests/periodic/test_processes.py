@@ -1,12 +1,14 @@
-"""Real worker processes (``aioworkers run``) on Redis and on a SQLite file share one
-``every=1`` schedule: every slot fires exactly once, also while one worker is SIGKILLed and
-another SIGSTOPped, and a restart after all were down catches up within ``catchup``.
+"""Real worker processes (``aioworkers run``) on Redis, a SQLite file and RabbitMQ (with a
+Redis store) share one ``every=1`` schedule: every slot fires exactly once, also while one
+worker is SIGKILLed and another SIGSTOPped, and a restart after all were down catches up
+within ``catchup``.
 
 Real time, on purpose: what is under test is separate processes racing on a real store,
 so the schedule is short (1 s) and each test lasts a few seconds."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -19,31 +21,42 @@ from pathlib import Path
 
 import pytest
 
-from ..services import REDIS, REDIS_URL, ensure
+from ..services import (
+    AMQP_URL,
+    RABBITMQ,
+    REDIS,
+    REDIS_URL,
+    delete_amqp_queues,
+    delete_prefix,
+    ensure,
+)
 
 ROOT = Path(__file__).parents[2]
 SLOT = 1000  # ms
 
 
-@pytest.fixture(params=["redis", "sqlite"])
-def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(params=["redis", "sqlite", "amqp"])
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The environment of the workers: a broker (and a store, for RabbitMQ)."""
+    prefix = f"periodic-{uuid.uuid4().hex[:8]}"
+    if request.param == "sqlite":
+        yield {"PERIODIC_BROKER": f"sqlite:///{tmp_path / 'queue.db'}"}
+        return
+    ensure(REDIS)
     if request.param == "redis":
-        ensure(REDIS)
-        prefix = f"periodic-{uuid.uuid4().hex[:8]}"
-        yield f"{REDIS_URL}?prefix={prefix}"
-        import asyncio
-
-        from ..services import delete_prefix
-
-        asyncio.run(delete_prefix(prefix))
+        yield {"PERIODIC_BROKER": f"{REDIS_URL}?prefix={prefix}"}
     else:
-        yield f"sqlite:///{tmp_path / 'queue.db'}"
+        ensure(RABBITMQ)
+        store = f"{REDIS_URL}?prefix={prefix}"
+        yield {"PERIODIC_BROKER": AMQP_URL, "PERIODIC_STORE": store, "PERIODIC_QUEUE": prefix}
+        asyncio.run(delete_amqp_queues({prefix, f"{prefix}.dead"}))
+    asyncio.run(delete_prefix(prefix))
 
 
 class Workers:
-    def __init__(self, broker: str, ledger: Path, **env: str) -> None:
+    def __init__(self, broker: dict[str, str], ledger: Path, **env: str) -> None:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("AIOWORKERS_")}
-        self.env |= {"PERIODIC_BROKER": broker, "PERIODIC_LEDGER": str(ledger), **env}
+        self.env |= {**broker, "PERIODIC_LEDGER": str(ledger), **env}
         self.ledger = ledger
         self.procs: list[subprocess.Popen[bytes]] = []
         self.log_path = ledger.with_suffix(".log")
@@ -99,7 +112,6 @@ class Workers:
 
 
 def assert_each_slot_once(slots: dict[int, set[str]], first: int, last: int) -> None:
-    print(sorted(slots))
     doubles = {s: jobs for s, jobs in slots.items() if len(jobs) > 1}
     assert not doubles
     missing = [s for s in range(first, last + 1, SLOT) if s not in slots]
@@ -107,7 +119,7 @@ def assert_each_slot_once(slots: dict[int, set[str]], first: int, last: int) -> 
 
 
 def test_three_workers_fire_every_slot_once_through_kill_and_stop(
-    broker: str, tmp_path: Path
+    broker: dict[str, str], tmp_path: Path
 ) -> None:
     workers = Workers(broker, tmp_path / "ledger")
     try:
@@ -128,7 +140,7 @@ def test_three_workers_fire_every_slot_once_through_kill_and_stop(
     assert_each_slot_once(slots, min(slots), end)
 
 
-def test_down_and_back_catches_up_within_catchup(broker: str, tmp_path: Path) -> None:
+def test_down_and_back_catches_up_within_catchup(broker: dict[str, str], tmp_path: Path) -> None:
     workers = Workers(broker, tmp_path / "ledger", PERIODIC_CATCHUP="60")
     try:
         workers.start(1)

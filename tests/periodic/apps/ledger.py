@@ -9,7 +9,11 @@ import os
 import aioworkers
 
 app = aioworkers.App(
-    os.environ["PERIODIC_BROKER"], queue="periodic", visibility_timeout=3.0, grace=2.0
+    os.environ["PERIODIC_BROKER"],
+    store=os.environ.get("PERIODIC_STORE"),  # RabbitMQ has none of its own
+    queue=os.environ.get("PERIODIC_QUEUE", "periodic"),
+    visibility_timeout=3.0,
+    grace=2.0,
 )
 LEDGER = os.environ["PERIODIC_LEDGER"]
 
