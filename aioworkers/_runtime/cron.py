@@ -157,6 +157,10 @@ class Periodic:
                 type(exc).__name__,
                 exc,
             )
+        except Exception:
+            # A job that cannot be enqueued (too large, a broker's ConfigError) must not
+            # stop the worker's other work: each slot says so again.
+            log.exception("schedule %r: slot %s failed", schedule.name, _iso(slot))
 
     async def _fire(self, schedule: Schedule, slot: float) -> str:
         if schedule.overlap == "skip":

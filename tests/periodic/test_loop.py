@@ -212,3 +212,23 @@ async def test_a_changed_expression_takes_effect_at_the_next_slot(
     assert new.slots == [(T0 // 15 + k) * 15 * 1000 for k in (2, 3)]
     assert any("changed" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_slot_that_fails_to_enqueue_does_not_stop_the_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    ledger = Ledger()
+    failures = [ValueError("job 'x' is 2000000 bytes, over max_message_size")]
+
+    async def enqueue(call: Call) -> str:
+        if failures:
+            raise failures.pop()
+        return await ledger.enqueue(call)
+
+    periodic = Periodic([Schedule(name="x", task="x", every=10)], store, enqueue, clock)
+    async with running(clock, periodic):
+        await clock.advance(20)
+    assert ledger.slots == [(T0 + 20) * 1000]
+    assert any("failed" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
