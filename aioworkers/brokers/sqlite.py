@@ -8,11 +8,12 @@ One table holds every message; its state follows from two columns:
 - ``visible_at > now`` and ``lease`` set: in flight, leased until ``visible_at``;
 - ``visible_at > now`` and no ``lease``: delayed until ``visible_at``.
 
-A fetch takes rows in one ``UPDATE ... RETURNING`` that writes a new random lease token,
-and every settle names the token it was handed, so a worker whose lease lapsed never acts
-over the next holder. Calls run on one thread per broker that owns the connection, so
-the event loop never waits on the file. Times are wall-clock seconds: every process on
-the machine shares them.
+A fetch takes rows in one ``UPDATE ... RETURNING`` that writes a new random lease token
+and ``visible_at = now + lease`` (the lease the fetch is given; an extend sets it to now
+plus its own), and every settle names the token it was handed, so a worker whose lease
+lapsed never acts over the next holder. Calls run on one thread per broker that owns
+the connection, so the event loop never waits on the file. Times are wall-clock seconds:
+every process on the machine shares them.
 """
 
 from __future__ import annotations
