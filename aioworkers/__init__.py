@@ -7,6 +7,7 @@ and end in a dead-letter queue.
 
 from .app import App, DeadLetterQueue
 from .brokers.base import Broker, DeadLetter, Delivery, QueueDepth
+from .consumers import Message, current_message
 from .dependencies import Depends
 from .errors import (
     AioworkersError,
@@ -48,6 +49,7 @@ __all__ = [
     "JobHandle",
     "JobInfo",
     "LeaseLost",
+    "Message",
     "QueueDepth",
     "Reject",
     "ResultUnavailable",
@@ -56,6 +58,7 @@ __all__ = [
     "Task",
     "Worker",
     "current_job",
+    "current_message",
     "lambda_handler",
     "push_app",
 ]

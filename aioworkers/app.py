@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
-from ._app_handlers import DEFAULT_SYNC_THREADS, HandlerOptions
+from ._app_handlers import DEFAULT_SYNC_THREADS
 from ._runtime.clock import SYSTEM_CLOCK, Clock
 from ._runtime.cron import periodic_for
 from ._sqlite import absolute_url
@@ -24,6 +24,7 @@ from .brokers import (
     open_broker,
 )
 from .brokers.postgres_capabilities import Migratable, TransactionalPublisher
+from .consumers import ConsumerOptions
 from .envelope import DEFAULT_MAX_SIZE, Envelope, encode, new_id, now_ms, reset_attempt
 from .errors import ConfigError, redact_url
 from .handles import JobHandle, record_enqueued
@@ -50,7 +51,7 @@ DEFAULT_MAX_RESULT_SIZE = 1024 * 1024  # bytes of a job's JSON result kept at mo
 Hook = Callable[[], Awaitable[None]]
 
 
-class App(HandlerOptions):
+class App(ConsumerOptions):
     """Registry of tasks bound to one broker.
 
     ``broker`` is a URL (``sqlite://``, ``redis://``, ``amqp://``, ``sqs://``, ``memory://``)
@@ -293,6 +294,7 @@ class App(HandlerOptions):
             task_name = name if isinstance(name, str) else fn.__name__
             if task_name in self.tasks:
                 raise ConfigError(f"a task named {task_name!r} is already registered")
+            self.check_task_queue(queue)  # not a consumer's (consumers.py)
             task = Task(self, fn, name=task_name, queue=queue, policy=policy, idempotent=idempotent)
             task.result_ttl = ttl
             self.tasks[task_name] = task
@@ -476,6 +478,8 @@ class App(HandlerOptions):
     def queues(self) -> list[str]:
         """The app's queue and every queue a registered task names, in order."""
         names = [self.queue, *(t.queue for t in self.tasks.values() if t.queue)]
+        if self.consumers and not any(t.queue is None for t in self.tasks.values()):
+            names.remove(self.queue)  # only consumers: the default queue has no task
         return list(dict.fromkeys(names))
 
     async def stats(self, queue: str | None = None) -> QueueDepth:

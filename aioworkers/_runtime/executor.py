@@ -23,6 +23,7 @@ from ..store.base import Store
 from . import handlers, policy
 from .backoff import backoff
 from .clock import SYSTEM_CLOCK, Clock
+from .foreign import Foreign, foreign_for
 from .handlers import Handler, Middleware
 from .inflight import Run
 from .outcome import ACK, CANCELLED, RELEASE, Decision, Outcome, TaskInfo
@@ -112,6 +113,7 @@ def executor_for(
         clock=clock,
         middleware=app.middlewares,
         threads=SyncThreads(app.sync_threads),
+        foreign=foreign_for(app),
     )
 
 
@@ -137,8 +139,10 @@ class Executor:
         records: Records | None = None,
         middleware: Sequence[Middleware] = (),
         threads: SyncThreads | None = None,
+        foreign: Foreign | None = None,
     ) -> None:
         self._registry = registry
+        self._foreign = foreign  # consumer queues (None: the app has none)
         # The app's own list, read per job: a middleware registered later still applies.
         self._middleware = middleware
         self.threads = threads if threads is not None else SyncThreads()
@@ -153,6 +157,8 @@ class Executor:
 
     def prepare(self, delivery: Delivery) -> Prepared:
         """Decode the body, find its task and bind its arguments; any failure is final."""
+        if self._foreign is not None and delivery.queue in self._foreign.queues:
+            return self._foreign.prepare(delivery, self._max_size)
         try:
             env = decode(delivery.body, max_size=self._max_size)
         except DecodeError as exc:

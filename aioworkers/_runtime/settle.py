@@ -22,6 +22,7 @@ from ..telemetry.worker import WorkerTelemetry
 from .backoff import backoff
 from .clock import SYSTEM_CLOCK, Clock
 from .failure import MAX_ERROR_CHARS, dead_letter_for, job_fields, log_failure
+from .foreign import ForeignEnvelope, retry_body
 from .outcome import Ack, Dead, Defer, Outcome, OutcomeName, Release, RetryLater, Snoozed
 
 log = logging.getLogger("aioworkers")
@@ -50,6 +51,10 @@ class Completer(Protocol):
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> bool: ...
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> bool: ...
+
+    async def retry_foreign(self, delivery: Delivery, *, attempt: int, delay: float) -> bool:
+        """A consumer's message again, its original body as ``attempt`` (`retry_body`)."""
+        ...
 
     async def release(self, deliveries: Sequence[Delivery], *, again: bool = True) -> bool:
         """``again=False``: one try, for deliveries that never started (a shutdown does
@@ -123,9 +128,12 @@ class Settler:
         match outcome.decision:
             case RetryLater(delay=delay):
                 assert outcome.envelope is not None
-                body = encode(outcome.envelope.next_attempt())
                 what = f"retry in {delay:.2f}s"
                 log_failure(logging.WARNING, delivery, outcome, what, OutcomeName.RETRIED)
+                if type(outcome.envelope) is ForeignEnvelope:  # the original body again
+                    attempt = outcome.envelope.attempt + 1
+                    return await completer.retry_foreign(delivery, attempt=attempt, delay=delay)
+                body = encode(outcome.envelope.next_attempt())
                 return await completer.retry(delivery, body=body, delay=delay)
             case Dead(reason=reason):
                 letter = dead_letter_for(delivery, outcome, reason, dead_at=self._clock.time())
@@ -140,9 +148,14 @@ class Settler:
                 job_id = printable(env.id if env is not None else delivery.message_id)
                 why = printable(outcome.detail, MAX_ERROR_CHARS)
                 log.info("job deferred id=%s for %.2fs: %s", job_id, delay, why)
+                if type(env) is ForeignEnvelope:  # same attempt, in the broker's metadata
+                    return await completer.retry_foreign(delivery, attempt=env.attempt, delay=delay)
                 return await completer.retry(delivery, body=delivery.body, delay=delay)
             case Snoozed(delay=delay):
                 assert outcome.envelope is not None
+                if type(outcome.envelope) is ForeignEnvelope:  # snoozes are not counted
+                    attempt = outcome.envelope.attempt
+                    return await completer.retry_foreign(delivery, attempt=attempt, delay=delay)
                 body = encode(outcome.envelope.snoozed())  # same attempt, one more snooze
                 job_id = printable(outcome.envelope.id)
                 log.info("job snoozed id=%s for %.2fs", job_id, delay)
@@ -196,6 +209,10 @@ class BatchedAcks:
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> bool:
         await self._call(partial(self._broker.dead_letter, delivery, letter), "dead_letter")
+        return True
+
+    async def retry_foreign(self, delivery: Delivery, *, attempt: int, delay: float) -> bool:
+        await self._call(partial(retry_body, self._broker, delivery, attempt, delay), "retry")
         return True
 
     async def release(self, deliveries: Sequence[Delivery], *, again: bool = True) -> bool:
@@ -289,6 +306,9 @@ class InlineCompleter:
             return False
         await self._writer.send_dead_letter(delivery.queue, delivery.body, letter)
         return True
+
+    async def retry_foreign(self, delivery: Delivery, *, attempt: int, delay: float) -> bool:
+        return False  # left to the platform to deliver again
 
     async def release(self, deliveries: Sequence[Delivery], *, again: bool = True) -> bool:
         return False

@@ -63,7 +63,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 
 from ..errors import BrokerUnavailable, ConfigError, LeaseLost
-from . import _amqp_dlq
+from . import _amqp_dlq, _amqp_foreign
 from ._amqp_connections import Connections, alive
 from ._amqp_consumers import Consumer, Consumers
 from ._amqp_errors import PUBLISH_TIMEOUT, SETTLE_TIMEOUT
@@ -274,6 +274,35 @@ class AmqpBroker:
         h = self._must_own(delivery)
         routing_key = await self._topology.route(delivery.queue, delay)
         await self._replace(h, routing_key, new(body))
+
+    # -- foreign messages (`RawRetry`, consumers' bindings, App.publish): _amqp_foreign ----
+
+    def message_meta(self, delivery: Delivery) -> tuple[str | None, dict[str, Any]]:
+        h = delivery.token
+        return _amqp_foreign.meta(h.message) if isinstance(h, _Held) else (None, {})
+
+    async def retry_raw(
+        self, delivery: Delivery, *, body: bytes, attempt: int, delay: float
+    ) -> None:
+        h = self._must_own(delivery)
+        routing_key = await self._topology.route(delivery.queue, delay)
+        await self._replace(h, routing_key, _amqp_foreign.again(h.message, body, attempt))
+
+    async def bind(
+        self, queue: str, exchange: str, exchange_type: str, routing_keys: Sequence[str]
+    ) -> None:
+        """Declare ``exchange`` and bind ``queue`` to it with ``routing_keys``."""
+        c, t = self._connections, self._topology
+        await _amqp_foreign.bind(c, t, queue, exchange, exchange_type, routing_keys)
+
+    async def publish_to(
+        self, exchange: str, routing_key: str, body: bytes, *, headers: dict[str, Any]
+    ) -> None:
+        """One message to ``exchange`` (`App.publish`), confirmed."""
+        timeout = self._publisher.timeout
+        await _amqp_foreign.publish_to(
+            self._connections, exchange, routing_key, body, headers, timeout
+        )
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
         owned = [(d, h) for d in deliveries if (h := self._owned(d)) is not None]

@@ -242,3 +242,26 @@ class ConfiguredLease(Protocol):
 
     @property
     def visibility_timeout(self) -> float | None: ...
+
+
+# The broker metadata key that carries a foreign message's attempt (AMQP header, SQS message
+# attribute); an absent one means attempt 1.
+ATTEMPT_HEADER = "aioworkers-attempt"
+
+
+@runtime_checkable
+class RawRetry(Protocol):
+    """A broker that keeps a foreign message's metadata (`aioworkers.Message`): its headers
+    or attributes, and a retry that re-publishes the original body unchanged with the
+    attempt in ``ATTEMPT_HEADER``. A broker without it gets the attempt carried in a
+    prefix of the stored body, taken off before the consumer sees it."""
+
+    def message_meta(self, delivery: Delivery) -> tuple[str | None, dict[str, Any]]:
+        """The delivery's routing key (None where there is none) and headers."""
+        ...
+
+    async def retry_raw(
+        self, delivery: Delivery, *, body: bytes, attempt: int, delay: float
+    ) -> None:
+        """Like `Broker.retry`: ``body`` as it is, ``attempt`` in its metadata."""
+        ...
