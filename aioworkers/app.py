@@ -13,7 +13,6 @@ from typing import Any, Literal, ParamSpec, TypeVar, overload
 from ._app_handlers import DEFAULT_SYNC_THREADS
 from ._runtime.clock import SYSTEM_CLOCK, Clock
 from ._runtime.cron import periodic_for
-from ._runtime.summary import SUMMARY_INTERVAL
 from ._sqlite import absolute_url
 from .brokers import (
     Broker,
@@ -445,7 +444,6 @@ class App(ConsumerOptions):
         job_timeout: float | None = None,
         clock: Clock = SYSTEM_CLOCK,
         scheduler: bool = True,
-        summary_interval: float | None = SUMMARY_INTERVAL,
     ) -> Worker:
         """A worker for ``queues`` (default: the app's queue and every task's queue).
 
@@ -455,8 +453,6 @@ class App(ConsumerOptions):
         ``clock`` is the time the worker's runtime runs on (leases, backoff, shutdown
         waits): tests pass `aioworkers.testing.FakeClock` to move it themselves.
         ``scheduler=False``: this worker fires no periodic jobs (others do).
-        Every ``summary_interval`` seconds (None: never) the worker logs an INFO line of
-        what it did.
         """
         return Worker(
             self,
@@ -468,7 +464,6 @@ class App(ConsumerOptions):
             job_timeout=job_timeout,
             clock=clock,
             periodic=periodic_for(self, clock) if scheduler and self.schedules else None,
-            summary_interval=summary_interval,
         )
 
     def job(self, job_id: str) -> JobHandle:

@@ -210,16 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--queues", type=_csv, help="comma-separated (default: the app's)")
     run.add_argument("--concurrency", type=_positive_int, help="jobs in flight at most")
     run.add_argument("--grace", type=_seconds, help="seconds to finish jobs on shutdown")
-    run.add_argument(
-        "--burst",
-        action="store_true",
-        help="exit once nothing is ready or in flight (delayed jobs are left, and counted)",
-    )
-    run.add_argument(
-        "--wait-delayed",
-        action="store_true",
-        help="with --burst: also wait for delayed jobs and retries in backoff",
-    )
+    run.add_argument("--burst", action="store_true", help="exit once the queues are empty")
     run.add_argument("--no-scheduler", action="store_true", help="fire no periodic jobs here")
     # Monitoring (issue 6): Prometheus /metrics and /healthz, OTLP export.
     run.add_argument("--metrics-port", type=_port, help="serve /metrics and /healthz on PORT")
@@ -331,7 +322,7 @@ async def cmd_run(app: App, args: argparse.Namespace) -> int:
     )
     exporters.watch(app, worker)
     try:
-        await worker.run(burst=args.burst, wait_delayed=args.wait_delayed)
+        await worker.run(burst=args.burst)
     finally:
         watch.cancel()
         exporters.close()

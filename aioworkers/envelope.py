@@ -220,6 +220,17 @@ def salvage_headers(body: bytes) -> dict[str, str] | None:
     return {k: v for k, v in headers.items() if isinstance(k, str) and isinstance(v, str)}
 
 
+def peek_id(body: bytes) -> str | None:
+    """The job id in ``body`` if it is an object with a string ``id`` (else None): read
+    before a job starts, to look up its cancel mark; `decode` still checks everything."""
+    try:
+        doc = orjson.loads(body)
+    except (orjson.JSONDecodeError, RecursionError):
+        return None
+    job_id = doc.get("id") if type(doc) is dict else None
+    return job_id if type(job_id) is str else None
+
+
 def fingerprint(body: bytes) -> str:
     """A short hash of a body, for logs that must not carry the body itself."""
     return hashlib.blake2b(body, digest_size=8).hexdigest()

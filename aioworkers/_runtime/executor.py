@@ -147,6 +147,7 @@ class Executor:
         self._middleware = middleware
         self.threads = threads if threads is not None else SyncThreads()
         self._records = records
+        self.records = records  # `Jobs.screen` reads cancel marks through it
         self._max_size = max_message_size
         self._max_deliveries = max_deliveries
         self._store = store
@@ -186,11 +187,14 @@ class Executor:
             return Outcome(env, task, policy.classify(invalid, attempt, DEFAULT_POLICY), invalid)
         gate = policy.before_start(delivery.count, self._max_deliveries, run.cancel_requested)
         if gate is None and self._records is not None:
-            # The job's cancel mark (and, with results, its record): one round trip a batch.
-            with run.catch_cancel():
-                gate = await self._records.before(env, task, delivery)
-            if run.cancel_taken:
-                gate = RELEASE
+            if task.result_ttl is None:
+                # Its cancel mark, read when its batch was fetched (`Records.screen`).
+                gate = self._records.screened(env.id)
+            else:  # and its record's start: one round trip for the jobs started together
+                with run.catch_cancel():
+                    gate = await self._records.before(env, task, delivery)
+                if run.cancel_taken:
+                    gate = RELEASE
         if gate is not None:
             detail = f"delivered {delivery.count} times" if gate is MAX_DELIVERIES else ""
             outcome = Outcome(env, task, gate, detail=detail)

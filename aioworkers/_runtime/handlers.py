@@ -58,19 +58,12 @@ _AFTER = (*_BY_PLACE, inspect.Parameter.VAR_POSITIONAL)
 def handler_for(name: str, fn: Callable[..., Any], signature: inspect.Signature) -> Handler | None:
     """The `Handler` of task ``name`` (``signature``: its job arguments), or None for a
     plain ``async def`` with plain JSON parameters and no dependencies."""
-    # An object whose __call__ is an async def is async too (not run in a thread).
-    sync = not (inspect.iscoroutinefunction(fn) or _async_call(fn))
+    sync = not inspect.iscoroutinefunction(fn)
     needs = dependencies_of(fn)
     arguments = arguments_for(name, fn, signature)
     if not sync and not needs and arguments is None:
         return None
     return Handler(sync, needs, arguments)
-
-
-def _async_call(fn: Callable[..., Any]) -> bool:
-    # The type's __call__ (what calling the object runs), looked up without B004's getattr.
-    call = inspect.getattr_static(type(fn), "__call__", None)
-    return not inspect.isfunction(fn) and inspect.iscoroutinefunction(call)
 
 
 async def attempt(

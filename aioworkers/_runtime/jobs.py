@@ -47,6 +47,13 @@ class Jobs:
         traced = telemetry is not None and telemetry.tracer is not None
         self._job = self._traced if traced else self.run
 
+    async def screen(self, deliveries: Sequence[Delivery]) -> None:
+        """Read the cancel marks of fetched deliveries, in one round trip, before they
+        are admitted (see `Records.screen`)."""
+        records = self._executor.records
+        if records is not None and deliveries:
+            await records.screen(deliveries)
+
     def admit(self, deliveries: Sequence[Delivery], reserved: int) -> bool:
         """Hand fetched deliveries to the scheduler (in the ``reserved`` slots fetched for)
         and start what it lets start; False once it is closed (the caller releases them)."""

@@ -17,7 +17,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import orjson
 
 from ..brokers.base import Delivery
-from ..envelope import Envelope
+from ..envelope import Envelope, peek_id
 from ..errors import printable, redact
 from ..store.base import FINAL, JobFinish, JobRecord, JobStatus, JobUpdate, Store, StoreUnavailable
 from .backoff import backoff
@@ -44,6 +44,9 @@ O = TypeVar("O")  # noqa: E741 (its answer)
 
 # A store write at the end of a job is retried with pauses of at most this long.
 MAX_PAUSE = 1.0
+# Ids found cancelled at fetch time and not started yet (a job handed back at shutdown
+# leaves its id here): past this many the oldest are forgotten (their marks stay).
+MAX_SCREENED = 10_000
 
 
 def alias(task: str, key: str) -> str:
@@ -138,6 +141,32 @@ class Records:
         self._marks: Coalesce[str, Decision | None] = Coalesce(self._read_marks, _unchecked)
         self._updates: Coalesce[JobUpdate, JobStatus | None] = Coalesce(store.update_jobs)
         self._finishes: Coalesce[JobFinish, JobStatus | None] = Coalesce(store.finish_jobs)
+        self._screened: dict[str, None] = {}  # ids with a cancel mark, fetched, not started
+
+    async def screen(self, deliveries: Sequence[Delivery]) -> None:
+        """Read the cancel marks of a fetched batch in one round trip, before its jobs are
+        admitted; `screened` then answers for each job without another. Never raises but
+        a cancellation: if the store does not answer, the jobs run unchecked."""
+        ids = [job_id for job_id in map(peek_id, (d.body for d in deliveries)) if job_id]
+        if not ids:
+            return
+        try:
+            marked = await self._store.cancelled(ids)
+        except Exception as exc:
+            _unchecked(exc)
+            return
+        for job_id in marked:
+            self._screened[job_id] = None
+        while len(self._screened) > MAX_SCREENED:
+            del self._screened[next(iter(self._screened))]
+
+    def screened(self, job_id: str) -> Decision | None:
+        """CANCELLED if `screen` found the job's cancel mark, else None (run it)."""
+        if self._screened and job_id in self._screened:
+            del self._screened[job_id]
+            log.info("job %s was cancelled before it started", job_id)
+            return CANCELLED
+        return None
 
     async def _read_marks(self, ids: list[str]) -> list[Decision | None]:
         marked = await self._store.cancelled(ids)
@@ -336,7 +365,7 @@ class Records:
         return body, None
 
 
-def _unchecked(exc: StoreUnavailable) -> None:
+def _unchecked(exc: Exception) -> None:
     log.warning("jobs run unchecked for cancel marks: the store is unavailable: %s", exc)
 
 

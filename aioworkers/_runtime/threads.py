@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import inspect
 import logging
 import os
 import queue
@@ -152,8 +151,6 @@ class SyncThreads:
             error: BaseException | None = None
             try:
                 result = call.context.run(call.fn, *call.args, **call.kwargs)
-                if inspect.isawaitable(result):
-                    _refuse(result)
             except BaseException as exc:
                 error = exc
             with self._lock:
@@ -176,17 +173,6 @@ class SyncThreads:
         task = asyncio.get_running_loop().create_task(_close(stack))
         self._teardowns.add(task)
         task.add_done_callback(self._teardowns.discard)
-
-
-def _refuse(result: Any) -> None:
-    """A sync handler that returned an awaitable: it would never run in a thread."""
-    close = getattr(result, "close", None)
-    if callable(close):
-        close()  # no "never awaited" warning on top of the error
-    raise TypeError(
-        f"a sync handler returned {type(result).__name__}: make it an 'async def' (a plain "
-        "def runs in a worker thread, where nothing awaits what it returns)"
-    )
 
 
 def _drop(end: asyncio.Future[Any]) -> None:

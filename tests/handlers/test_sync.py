@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
 
 import pytest
 
@@ -202,30 +201,3 @@ async def test_sync_handler_errors_fail_the_attempt(make_app: MakeApp) -> None:
     (letter,) = await app.dlq().list()
     assert letter.reason == "max_retries"
     assert letter.error_type == "ValueError"
-
-
-class AsyncCallable:
-    def __init__(self, ran: list[str]) -> None:
-        self.ran = ran
-
-    async def __call__(self, n: int) -> None:
-        self.ran.append(f"async {n}")
-
-
-async def test_an_object_with_an_async_call_is_an_async_task(make_app: MakeApp) -> None:
-    app, _ = make_app(retries=0)
-    ran: list[str] = []
-    task = app.task(name="obj")(AsyncCallable(ran))
-
-    def returns_a_coroutine() -> Any:
-        return asyncio.sleep(0)  # a def that looks sync: refused when it runs
-
-    wrong = app.task(name="wrong")(returns_a_coroutine)
-    assert task.handler is None
-    await task.enqueue(1)
-    await wrong.enqueue()
-    await run_burst(app.worker(poll=POLL))
-    assert ran == ["async 1"]
-    (letter,) = await app.dlq().list()
-    assert letter.task == "wrong"
-    assert "async def" in (letter.error or "")
