@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import aioworkers
-from aioworkers import App, ConfigError, Job, Reject, Retry, current_job
+from aioworkers import App, ConfigError, Job, Reject, Retry, Snooze, current_job
 from aioworkers.task import Call
 
 from ..runtime.conftest import POLL, MakeApp, run_burst
@@ -214,3 +214,25 @@ async def test_the_lambda_adapter_runs_the_same_middleware() -> None:
     result = await aioworkers.lambda_handler(app).handle({"Records": [record]})
     assert result == {"batchItemFailures": []}
     assert order == ["mw t1", "greet a"]
+
+
+async def test_a_middleware_may_snooze_the_job(make_app: MakeApp) -> None:
+    app, _ = make_app()
+    seen: list[tuple[int, int]] = []
+
+    @app.middleware
+    async def not_yet(job: Job, call_next: CallNext) -> Any:
+        if job.snoozes == 0:
+            raise Snooze(0)  # same attempt, later
+        return await call_next()
+
+    @app.task
+    async def work() -> None:
+        job = current_job()
+        seen.append((job.attempt, job.snoozes))
+
+    await work.enqueue()
+    worker = app.worker(poll=POLL)
+    await run_burst(worker)
+    assert seen == [(1, 1)]
+    assert worker.counts["snoozed"] == 1
