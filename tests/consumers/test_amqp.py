@@ -166,3 +166,32 @@ async def test_app_publish_with_confirms(names: tuple[str, str]) -> None:
         "greet.world",
         "test",
     )
+
+
+async def test_a_producers_traceparent_is_the_spans_parent(names: tuple[str, str]) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from aioworkers.telemetry import Telemetry
+
+    queue, exchange = names
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    app = _app()
+    app.telemetry = Telemetry(tracer_provider=provider)
+    got: list[Any] = []
+
+    @app.consumer(queue, exchange=exchange, routing_key="#")
+    async def on_message(body: Any) -> None:
+        got.append(body)
+
+    trace_id, span_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    async with app.worker(poll=POLL):
+        await _produce(exchange, [("a", b"1", {"traceparent": f"00-{trace_id}-{span_id}-01"})])
+        await until(lambda: bool(spans.get_finished_spans()))
+    await app.aclose()
+    (span,) = spans.get_finished_spans()
+    assert span.parent is not None
+    assert (span.parent.trace_id, span.parent.span_id) == (int(trace_id, 16), int(span_id, 16))
