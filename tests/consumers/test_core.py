@@ -4,6 +4,7 @@ body, decode failures and DLQ replay (the broker-specific tests are beside this 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -91,8 +92,10 @@ def _dead(app: aioworkers.App) -> bool:
     return bool(q and q.dead)
 
 
-async def test_retries_keep_the_body_then_dlq_then_replay() -> None:
-    app = _app()
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_retries_keep_the_body_then_dlq_then_replay(kind: str, tmp_path: Path) -> None:
+    url = "memory://" if kind == "memory" else f"sqlite:///{tmp_path}/jobs.db"
+    app = aioworkers.App(url, backoff=0.01, max_backoff=0.01)
     seen: list[tuple[bytes, int]] = []
     fail = True
 
@@ -104,7 +107,11 @@ async def test_retries_keep_the_body_then_dlq_then_replay() -> None:
 
     await app.broker.publish("q", [b'{"n": 1}'])
     async with app.worker(poll=POLL):
-        await until(lambda: _dead(app))
+
+        async def dead() -> bool:
+            return len(await app.dlq("q").list()) == 1
+
+        await until(dead)
         letters = await app.dlq("q").list()
         assert seen == [(b'{"n": 1}', 1), (b'{"n": 1}', 2), (b'{"n": 1}', 3)]
         assert [(d.reason, d.body, d.attempts) for d in letters] == [
