@@ -27,6 +27,7 @@ __all__ = ["CONSUMER_PREFIX", "Consumer", "ConsumerOptions", "Message", "current
 # The name a consumer's handler is registered under in `App.tasks` (never a task's queue).
 CONSUMER_PREFIX = "consumer:"
 
+EXCHANGE_TYPES = ("topic", "direct", "fanout", "headers")
 Decode = Literal["json", "text", "bytes", "fields", "sns"] | Callable[[bytes], Any]
 KeyFn = Callable[[Any, "Message"], "str | None"]
 
@@ -171,6 +172,8 @@ class ConsumerOptions(HandlerOptions):
         keys = (routing_key,) if isinstance(routing_key, str) else tuple(routing_key or ())
         if keys and exchange is None:
             raise ConfigError("routing_key needs exchange= (the exchange to bind the queue to)")
+        if exchange_type not in EXCHANGE_TYPES:
+            raise ConfigError(f"exchange_type must be one of {', '.join(EXCHANGE_TYPES)}")
         self.check_consumer_queue(queue)
         policy = self.task_policy(retries, backoff, None, timeout, 100)
 

@@ -152,3 +152,26 @@ def test_a_queue_is_a_task_queue_or_a_consumer_queue() -> None:
     with pytest.raises(ConfigError, match="consumer's queue"):
         app.task("other", queue="events")(job.fn)
     assert app.queues() == ["jobs", "events"]  # nothing is on the default queue
+
+
+def test_bad_options_are_config_errors() -> None:
+    app = _app()
+    with pytest.raises(ConfigError, match="decode must be one of"):
+        app.consumer("q", decode="xml")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="needs exchange="):
+        app.consumer("q", routing_key="a.*")
+    with pytest.raises(ConfigError, match="exchange_type"):
+        app.consumer("q", exchange="e", exchange_type="nope")
+    with pytest.raises(ConfigError, match="async def"):
+        app.consumer("q")(lambda body: None)
+
+
+async def test_exchange_needs_rabbitmq() -> None:
+    app = _app()
+    app.consumer("q", exchange="events")(_noop)
+    with pytest.raises(ConfigError, match="amqp"):
+        async with app.worker(poll=POLL):
+            pass
+
+
+async def _noop(body: Any) -> None: ...
