@@ -9,6 +9,7 @@ executor calls it directly: the hot path pays one attribute check.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -25,6 +26,8 @@ from .threads import SyncThreads
 # ``async def mw(job, call_next)``; ``await call_next()`` runs the rest of the chain and
 # the handler, and returns the handler's value.
 CallNext = Callable[..., Awaitable[Any]]
+# The attempt's timeout and its length: a sync handler's starts again once it has a thread.
+Deadline = tuple[asyncio.Timeout, float]
 Middleware = Callable[[Job, CallNext], Awaitable[Any]]
 
 
@@ -58,12 +61,19 @@ _AFTER = (*_BY_PLACE, inspect.Parameter.VAR_POSITIONAL)
 def handler_for(name: str, fn: Callable[..., Any], signature: inspect.Signature) -> Handler | None:
     """The `Handler` of task ``name`` (``signature``: its job arguments), or None for a
     plain ``async def`` with plain JSON parameters and no dependencies."""
-    sync = not inspect.iscoroutinefunction(fn)
+    # An object whose __call__ is an async def is async too (not run in a thread).
+    sync = not (inspect.iscoroutinefunction(fn) or _async_call(fn))
     needs = dependencies_of(fn)
     arguments = arguments_for(name, fn, signature)
     if not sync and not needs and arguments is None:
         return None
     return Handler(sync, needs, arguments)
+
+
+def _async_call(fn: Callable[..., Any]) -> bool:
+    # The type's __call__ (what calling the object runs), looked up without B004's getattr.
+    call = inspect.getattr_static(type(fn), "__call__", None)
+    return not inspect.isfunction(fn) and inspect.iscoroutinefunction(call)
 
 
 async def attempt(
@@ -74,12 +84,13 @@ async def attempt(
     job: Job,
     middleware: Sequence[Middleware],
     threads: SyncThreads,
+    limit: Deadline | None = None,
 ) -> Any:
     """One attempt of a handler that is not called directly: arguments converted (a
     `DecodeError` if they do not), then the middleware chain around the call."""
     if handler is not None and handler.arguments is not None:
         args, kwargs = handler.arguments.decode(args, kwargs)
-    call = partial(_call, fn, handler, args, kwargs, threads)
+    call = partial(_call, fn, handler, args, kwargs, threads, limit)
     if not middleware:
         return await call()
     return await _next(tuple(middleware), 0, job, call)
@@ -104,15 +115,16 @@ async def _call(
     args: Sequence[Any],
     kwargs: dict[str, Any],
     threads: SyncThreads,
+    limit: Deadline | None,
 ) -> Any:
     if handler is None:
         return await fn(*args, **kwargs)
     if not handler.needs:
         if handler.sync:
-            return await threads.run(fn, args, kwargs)
+            return await threads.run(fn, args, kwargs, limit=limit)
         return await fn(*args, **kwargs)
     async with AsyncExitStack() as stack:
         kwargs = {**kwargs, **await resolve(handler.needs, stack)}
         if handler.sync:
-            return await threads.run(fn, args, kwargs, teardown=stack)
+            return await threads.run(fn, args, kwargs, teardown=stack, limit=limit)
         return await fn(*args, **kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import inspect
 import logging
 import os
 import queue
@@ -109,12 +110,22 @@ class SyncThreads:
         args: Sequence[Any],
         kwargs: dict[str, Any],
         teardown: AsyncExitStack | None = None,
+        limit: tuple[asyncio.Timeout, float] | None = None,
     ) -> Any:
         """``fn(*args, **kwargs)`` in a thread, once one is free. If this is cancelled
         while the thread runs, the thread keeps its slot until it ends, and ``teardown``
-        (the attempt's dependencies) is closed only then: the thread may still use them."""
+        (the attempt's dependencies) is closed only then: the thread may still use them.
+
+        ``limit``: the attempt's timeout and its length. The wait for a thread is bounded
+        by it, and the handler then gets the whole length from when its thread starts: a
+        burst of sync jobs queued for few threads does not time out for having waited."""
         await self.slots.acquire()
         loop = asyncio.get_running_loop()
+        if limit is not None:
+            timeout, span = limit
+            when = timeout.when()
+            if when is not None and not timeout.expired():
+                timeout.reschedule(max(when, loop.time() + span))
         end: asyncio.Future[Any] = loop.create_future()
         try:
             self._submit(_Call(fn, args, kwargs, loop, end))
@@ -151,6 +162,8 @@ class SyncThreads:
             error: BaseException | None = None
             try:
                 result = call.context.run(call.fn, *call.args, **call.kwargs)
+                if inspect.isawaitable(result):
+                    _refuse(result)
             except BaseException as exc:
                 error = exc
             with self._lock:
@@ -173,6 +186,17 @@ class SyncThreads:
         task = asyncio.get_running_loop().create_task(_close(stack))
         self._teardowns.add(task)
         task.add_done_callback(self._teardowns.discard)
+
+
+def _refuse(result: Any) -> None:
+    """A sync handler that returned an awaitable: it would never run in a thread."""
+    close = getattr(result, "close", None)
+    if callable(close):
+        close()  # no "never awaited" warning on top of the error
+    raise TypeError(
+        f"a sync handler returned {type(result).__name__}: make it an 'async def' (a plain "
+        "def runs in a worker thread, where nothing awaits what it returns)"
+    )
 
 
 def _drop(end: asyncio.Future[Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
 
@@ -201,3 +202,48 @@ async def test_sync_handler_errors_fail_the_attempt(make_app: MakeApp) -> None:
     (letter,) = await app.dlq().list()
     assert letter.reason == "max_retries"
     assert letter.error_type == "ValueError"
+
+
+class AsyncCallable:
+    def __init__(self, ran: list[str]) -> None:
+        self.ran = ran
+
+    async def __call__(self, n: int) -> None:
+        self.ran.append(f"async {n}")
+
+
+async def test_an_object_with_an_async_call_is_an_async_task(make_app: MakeApp) -> None:
+    app, _ = make_app(retries=0)
+    ran: list[str] = []
+    task = app.task(name="obj")(AsyncCallable(ran))
+
+    def returns_a_coroutine() -> Any:
+        return asyncio.sleep(0)  # a def that looks sync: refused when it runs
+
+    wrong = app.task(name="wrong")(returns_a_coroutine)
+    assert task.handler is None
+    await task.enqueue(1)
+    await wrong.enqueue()
+    await run_burst(app.worker(poll=POLL))
+    assert ran == ["async 1"]
+    (letter,) = await app.dlq().list()
+    assert letter.task == "wrong"
+    assert "async def" in (letter.error or "")
+
+
+async def test_the_wait_for_a_thread_does_not_count_in_the_timeout(make_app: MakeApp) -> None:
+    # Real time: the task's timeout is a real-time bound (the loop's own timer).
+    app, _ = make_app(sync_threads=1, retries=0)
+    ran: list[int] = []
+
+    @app.task(timeout=1.0)
+    def blocking(i: int) -> None:
+        threading.Event().wait(0.6)  # alone, well within its timeout
+        ran.append(i)
+
+    await app.enqueue_many([blocking.call(i) for i in range(2)])
+    worker = app.worker(poll=POLL)
+    await run_burst(worker)
+    # The second waited 0.6 s for the one thread, then ran 0.6 s: 1.2 s, not timed out.
+    assert sorted(ran) == [0, 1]
+    assert worker.counts["ok"] == 2
