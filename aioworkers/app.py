@@ -13,7 +13,10 @@ from typing import Any, Literal, ParamSpec, TypeVar, overload
 from ._app_handlers import DEFAULT_SYNC_THREADS
 from ._runtime.clock import SYSTEM_CLOCK, Clock
 from ._runtime.cron import periodic_for
+from ._runtime.limits import Limits
+from ._runtime.priority import Priority
 from ._sqlite import absolute_url
+from ._unique import Holds
 from .brokers import (
     Broker,
     ConfiguredLease,
@@ -200,6 +203,7 @@ class App(ConsumerOptions):
         """What among the registered tasks needs a shared store, one entry each."""
         tasks = self.tasks.values()
         needs = [f"task {t.name!r} (idempotent=True)" for t in tasks if t.idempotent]
+        needs += [f"task {t.name!r} (concurrency/rate limits)" for t in tasks if t.limits]
         return needs + [f"task {t.name!r} (result_ttl=)" for t in tasks if t.result_ttl]
 
     async def aclose(self) -> None:
@@ -259,6 +263,9 @@ class App(ConsumerOptions):
         idempotent: bool = False,
         result_ttl: float | None = None,
         max_snoozes: int = 100,
+        concurrency: int | None = None,
+        rate_limit: str | None = None,
+        limit_key: str | None = None,
     ) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Task[P, R]]: ...
 
     def task(
@@ -273,6 +280,9 @@ class App(ConsumerOptions):
         idempotent: bool = False,
         result_ttl: float | None = None,
         max_snoozes: int = 100,
+        concurrency: int | None = None,
+        rate_limit: str | None = None,
+        limit_key: str | None = None,
     ) -> Any:
         """Register an ``async def`` handler: ``@app.task`` or ``@app.task(retries=5, ...)``.
 
@@ -284,6 +294,9 @@ class App(ConsumerOptions):
         ``result_ttl`` keeps each job's status and return value that many seconds (None:
         the App's ``result_ttl``; 0: none), see `JobHandle`. A job that raises
         `aioworkers.Snooze` more than ``max_snoozes`` times is dead-lettered.
+        ``concurrency`` (attempts running at once) and ``rate_limit`` (``"N/s"``, ``"N/m"``
+        or ``"N/h"`` starts) hold across every worker, per value of the argument
+        ``limit_key`` if given (README, "Flow control").
         """
         if max_snoozes < 0 or (result_ttl is not None and result_ttl < 0):
             raise ConfigError("max_snoozes and result_ttl must be >= 0")
@@ -297,6 +310,13 @@ class App(ConsumerOptions):
             self.check_task_queue(queue)  # not a consumer's (consumers.py)
             task = Task(self, fn, name=task_name, queue=queue, policy=policy, idempotent=idempotent)
             task.result_ttl = ttl
+            task.limits = Limits.build(
+                task_name,
+                task.signature,
+                concurrency=concurrency,
+                rate_limit=rate_limit,
+                limit_key=limit_key,
+            )
             self.tasks[task_name] = task
             return task
 
@@ -377,11 +397,16 @@ class App(ConsumerOptions):
         kept: list[tuple[JobHandle, float, float]] = []  # jobs with records: ttl, delay
         now = now_ms()
         producer = self.telemetry.producer(lambda: messaging_system(self.broker))
+        holds = Holds(lambda: self.store)  # unique keys held by this batch (_unique.py)
         try:
             for call in calls:
                 if self.enqueue_hooks:
                     call = await self._outgoing(call)  # with the hooks' headers
                 queue, body, job_id = self._encode(call, now, producer)
+                unique, unique_for = call.unique_key, call.unique_for
+                if unique is not None and (held := await holds.hold(unique, unique_for, job_id)):
+                    ids.append(JobHandle(held, app=self, task=call.task, queue=queue))
+                    continue  # the key's job is in the system: it is the one returned
                 groups[(queue, call.delay)].append(body)
                 job = JobHandle(job_id, app=self, task=call.task, queue=queue)
                 ids.append(job)
@@ -397,6 +422,7 @@ class App(ConsumerOptions):
         except BaseException as exc:
             if producer is not None:
                 producer.failed(exc)
+            await holds.undo()
             raise
         return ids
 
@@ -444,6 +470,7 @@ class App(ConsumerOptions):
         job_timeout: float | None = None,
         clock: Clock = SYSTEM_CLOCK,
         scheduler: bool = True,
+        priority: Priority = "fair",
     ) -> Worker:
         """A worker for ``queues`` (default: the app's queue and every task's queue).
 
@@ -453,6 +480,9 @@ class App(ConsumerOptions):
         ``clock`` is the time the worker's runtime runs on (leases, backoff, shutdown
         waits): tests pass `aioworkers.testing.FakeClock` to move it themselves.
         ``scheduler=False``: this worker fires no periodic jobs (others do).
+        ``priority="strict"`` fills free slots from the first of ``queues`` first, and
+        from each next one only what the earlier ones could not fill; ``"fair"``: the
+        queues take turns.
         """
         return Worker(
             self,
@@ -464,6 +494,7 @@ class App(ConsumerOptions):
             job_timeout=job_timeout,
             clock=clock,
             periodic=periodic_for(self, clock) if scheduler and self.schedules else None,
+            priority=priority,
         )
 
     def job(self, job_id: str) -> JobHandle:

@@ -212,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--grace", type=_seconds, help="seconds to finish jobs on shutdown")
     run.add_argument("--burst", action="store_true", help="exit once the queues are empty")
     run.add_argument("--no-scheduler", action="store_true", help="fire no periodic jobs here")
+    run.add_argument(
+        "--priority",
+        choices=("fair", "strict"),
+        default="fair",
+        help="strict: fill slots from the first of --queues first (default fair)",
+    )
     # Monitoring (issue 6): Prometheus /metrics and /healthz, OTLP export.
     run.add_argument("--metrics-port", type=_port, help="serve /metrics and /healthz on PORT")
     run.add_argument("--metrics-host", default="127.0.0.1", help="default 127.0.0.1")
@@ -313,6 +319,7 @@ async def cmd_run(app: App, args: argparse.Namespace) -> int:
         max_jobs=args.max_jobs_per_child,
         job_timeout=args.max_job_seconds,
         scheduler=not args.no_scheduler,
+        priority=args.priority,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

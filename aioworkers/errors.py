@@ -88,6 +88,16 @@ class Snooze(AioworkersError):
         self.delay = delay
 
 
+class RateLimited(AioworkersError):
+    """Raise in a handler when a dependency said "too many requests": the job runs again
+    after ``retry_after`` seconds with the same attempt (no retry is used), and a task
+    with ``rate_limit`` pauses its key (or the task) for that long on every worker."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"rate limited for {retry_after}s")
+        self.retry_after = retry_after
+
+
 class JobFailed(AioworkersError):
     """`JobHandle.result`: the job was dead-lettered (its retries spent, rejected, or a
     message that cannot run); ``error_type``, ``error`` and ``traceback`` of its last try."""

@@ -57,8 +57,8 @@ log = logging.getLogger("aioworkers")
 MARGIN = 1.0
 
 # What a record counted as this tells Lambda it may delete: the job is done, or its next
-# step (a retry, a deferral, a dead letter) is in the queue's hands.
-DONE = frozenset(("ok", "duplicate", "retried", "deferred", "dead", "cancelled", "snoozed"))
+# step (a retry, a deferral or throttle, a dead letter) is in the queue's hands.
+DONE = frozenset(("ok", "duplicate", "retried", "deferred", "throttled", "dead"))
 
 _loop: asyncio.AbstractEventLoop | None = None
 
@@ -119,7 +119,6 @@ class LambdaHandler:
         inflight = InFlight()
         jobs = self._jobs(inflight)
         runs: dict[asyncio.Task[OutcomeName | None], Run] = {}
-        await jobs.screen([self.read(record)[0] for record in records])  # cancel marks
         for record in records:
             delivery, invalid = self.read(record)
             prepared = self.executor().prepare(delivery)

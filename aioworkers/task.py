@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
 from ._delays import check_delay
 from ._runtime.handlers import handler_for, job_signature
+from ._runtime.limits import Limits
 from ._runtime.policy import Policy
+from ._unique import DEFAULT_UNIQUE_FOR, UNIQUE_HEADER
 
 if TYPE_CHECKING:
     from .handles import JobHandle
@@ -34,6 +36,9 @@ class Call:
     queue: str | None = None
     # Envelope headers to add (a periodic job's schedule and slot).
     headers: dict[str, str] | None = None
+    # One job in the system per key (see `Task.options`), held for at most unique_for s.
+    unique_key: str | None = None
+    unique_for: float | None = None
 
     def __post_init__(self) -> None:
         if self.delay != 0.0:  # checked once here, for every way a job is enqueued
@@ -55,7 +60,7 @@ class Enqueues(Protocol):
 class Enqueuer(Generic[P]):
     """A task with enqueue options bound: ``task.options(delay=60, key="k").enqueue(...)``."""
 
-    __slots__ = ("_conn", "_delay", "_key", "_queue", "_task")
+    __slots__ = ("_conn", "_delay", "_key", "_queue", "_task", "_unique")
 
     def __init__(
         self,
@@ -64,8 +69,12 @@ class Enqueuer(Generic[P]):
         key: str | None,
         queue: str | None,
         conn: object = None,
+        unique: tuple[str, float] | None = None,
     ) -> None:
         delay = check_delay(delay)
+        if unique is not None and not unique[1] > 0:
+            raise ValueError(f"unique_for must be > 0 seconds, got {unique[1]}")
+        self._unique = unique
         self._task = task
         self._delay = delay
         self._key = key
@@ -75,7 +84,12 @@ class Enqueuer(Generic[P]):
     def call(self, *args: P.args, **kwargs: P.kwargs) -> Call:
         """A `Call` for `App.enqueue_many`, checked against the task's signature."""
         self._task.encode_arguments(args, kwargs)
-        return Call(self._task.name, args, kwargs, self._delay, self._key, self._queue)
+        name, delay, key, queue = self._task.name, self._delay, self._key, self._queue
+        if self._unique is None:
+            return Call(name, args, kwargs, delay, key, queue)
+        unique_key, unique_for = self._unique
+        headers = {UNIQUE_HEADER: unique_key}  # the worker frees the key when the job ends
+        return Call(name, args, kwargs, delay, key, queue, headers, unique_key, unique_for)
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle:
         """Publish one job; returns its `JobHandle` (a ``str``: its id) once the broker
@@ -111,6 +125,8 @@ class Task(Generic[P, R]):
         self.idempotent = idempotent
         # Seconds its job records and results are kept (None: none are written).
         self.result_ttl = result_ttl
+        # Concurrency and rate limits across workers (None: none; set by `App.task`).
+        self.limits: Limits | None = None
         # The job's arguments: dependency parameters (aioworkers.Depends) are not among them.
         self.signature = job_signature(inspect.signature(fn))
         # None for a plain async def with plain JSON parameters (called directly).
@@ -162,12 +178,23 @@ class Task(Generic[P, R]):
         key: str | None = None,
         queue: str | None = None,
         conn: object = None,
+        unique_key: str | None = None,
+        unique_for: float | None = None,
     ) -> Enqueuer[P]:
         """Bind enqueue options: ``delay`` seconds, an idempotency ``key`` (run once per
         key on a task registered with ``idempotent=True``), another ``queue``; ``conn``, a
         connection of the application in an open transaction (PostgreSQL broker only): the
-        job exists exactly when that transaction commits (see `App.enqueue_many`)."""
-        return Enqueuer(self, delay, key, queue, conn)
+        job exists exactly when that transaction commits (see `App.enqueue_many`).
+
+        ``unique_key``: while a job enqueued with this key (less than ``unique_for``
+        seconds ago, default an hour) is queued, delayed, running or retrying, enqueue
+        publishes nothing and returns that job's handle; the key is free again once the job
+        succeeds, fails or is cancelled. A job enqueuing under the key it holds (its own
+        successor) hands the key to the new job. Needs the App's ``store``."""
+        unique = None
+        if unique_key is not None:
+            unique = (unique_key, DEFAULT_UNIQUE_FOR if unique_for is None else unique_for)
+        return Enqueuer(self, delay, key, queue, conn, unique)
 
     def call(self, *args: P.args, **kwargs: P.kwargs) -> Call:
         """A `Call` for `App.enqueue_many`."""

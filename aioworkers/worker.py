@@ -20,6 +20,7 @@ from ._runtime.inflight import InFlight
 from ._runtime.jobs import Jobs
 from ._runtime.lease import keep_leases
 from ._runtime.outcome import OUTCOMES
+from ._runtime.priority import Priority, StrictFetcher, check_priority
 from ._runtime.scheduler import Scheduler
 from ._runtime.settle import BatchedAcks, Settler
 from .brokers.base import Broker
@@ -80,6 +81,7 @@ class Worker:
         job_timeout: float | None = None,
         clock: Clock = SYSTEM_CLOCK,
         periodic: Service | None = None,
+        priority: Priority = "fair",
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
@@ -95,6 +97,7 @@ class Worker:
         self.max_jobs = max_jobs
         self.clock = clock
         self.periodic = periodic  # the scheduler loop of periodic jobs, if any
+        self.priority = check_priority(priority)  # "strict": queues drained in order
         self.state = "IDLE"
         self.recycled: str | None = None  # why the worker stopped itself, if it did
         self._inflight = InFlight()
@@ -130,7 +133,8 @@ class Worker:
     @property
     def counts(self) -> dict[str, int]:
         """Jobs settled by this worker, by outcome: ok, retried, dead, released, lease_lost,
-        duplicate (key already done: acked unrun), deferred (key busy or store down)."""
+        duplicate (key already done: acked unrun), deferred (key busy or store down),
+        throttled (a concurrency or rate limit held it back: same attempt later)."""
         return dict(self._settler.counts)
 
     @property
@@ -217,7 +221,11 @@ class Worker:
                 service.start_soon(self._service, "firing schedules", self.periodic.run)
             try:
                 async with anyio.create_task_group() as self._fetchers:
-                    for queue in self.queues:
+                    if self.priority == "strict":  # one loop, asking the queues in order
+                        fetchers = [self._fetcher(queue, burst) for queue in self.queues]
+                        fetch = StrictFetcher(fetchers).run
+                        self._fetchers.start_soon(self._service, "fetching", fetch, False)
+                    for queue in self.queues if self.priority == "fair" else ():
                         what = f"fetching from {queue!r}"
                         fetch = self._fetcher(queue, burst).run
                         self._fetchers.start_soon(self._service, what, fetch, False)

@@ -20,12 +20,13 @@ from ..errors import MAX_FIELD_CHARS, DecodeError, clip
 from ..idempotency.base import IdempotencyStore, StoreUnavailable
 from ..job import Job, _current, from_epoch_ms
 from ..store.base import Store
-from . import handlers, policy
+from . import handlers, limits, policy
 from .backoff import backoff
 from .clock import SYSTEM_CLOCK, Clock
 from .foreign import Foreign, foreign_for
 from .handlers import Handler, Middleware
 from .inflight import Run
+from .limits import Limits
 from .outcome import ACK, CANCELLED, RELEASE, Decision, Outcome, TaskInfo
 from .policy import DEFAULT_POLICY, MAX_DELIVERIES, Policy
 from .records import Records
@@ -56,6 +57,9 @@ class Runnable(TaskInfo, Protocol):
 
     @property
     def handler(self) -> Handler | None: ...
+
+    @property
+    def limits(self) -> Limits | None: ...
 
     def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None: ...
 
@@ -155,6 +159,9 @@ class Executor:
         self._ttl = ttl
         self._default_timeout = default_timeout
         self._clock = clock
+        # The whole Store, if the store is one (limits and unique keys need it).
+        self.shared = limits.check_store(registry.values(), store)
+        self._limiter = limits.Limiter(self.shared, lease=lease, clock=clock)
 
     def prepare(self, delivery: Delivery) -> Prepared:
         """Decode the body, find its task and bind its arguments; any failure is final."""
@@ -198,14 +205,22 @@ class Executor:
         if gate is not None:
             detail = f"delivered {delivery.count} times" if gate is MAX_DELIVERIES else ""
             outcome = Outcome(env, task, gate, detail=detail)
-        elif task.idempotent:
-            outcome = await self._run_once(delivery, env, task, run)
+        elif task.limits is not None:  # a slot or a token first (flow control, limits.py)
+            body = partial(self._body, delivery, env, task, run)
+            outcome = await self._limiter.run(task.limits, env, task, run, body)
         else:
-            outcome = await self._run(delivery, env, task, run)
+            outcome = await self._body(delivery, env, task, run)
         if task.result_ttl is not None and self._records is not None:
             with run.catch_cancel():  # the outcome stands; the record is best effort then
                 await self._records.after(outcome, task, delivery)
         return outcome
+
+    def _body(
+        self, delivery: Delivery, env: Envelope, task: Runnable, run: Run
+    ) -> Coroutine[Any, Any, Outcome]:
+        if task.idempotent:
+            return self._run_once(delivery, env, task, run)
+        return self._run(delivery, env, task, run)
 
     async def _run_once(
         self, delivery: Delivery, env: Envelope, task: Runnable, run: Run
@@ -286,15 +301,13 @@ class Executor:
         except StoreUnavailable as exc:
             log.warning("could not release key %r; it lapses with its lease: %s", claim[0], exc)
 
-    def _start(
-        self, task: Runnable, env: Envelope, limit: handlers.Deadline | None = None
-    ) -> Awaitable[Any]:
+    def _start(self, task: Runnable, env: Envelope) -> Awaitable[Any]:
         # A plain async handler with no middleware is called as it is: no coroutine more.
         if task.handler is None and not self._middleware:
             return task.fn(*env.args, **env.kwargs)
         job = _current.get()
         return handlers.attempt(
-            task.fn, task.handler, env.args, env.kwargs, job, self._middleware, self.threads, limit
+            task.fn, task.handler, env.args, env.kwargs, job, self._middleware, self.threads
         )
 
     async def _run(self, delivery: Delivery, env: Envelope, task: Runnable, run: Run) -> Outcome:
@@ -330,7 +343,7 @@ class Executor:
                     limit = asyncio.timeout(timeout)
                     try:
                         async with limit:
-                            value = await self._start(task, env, (limit, timeout))
+                            value = await self._start(task, env)
                     except TimeoutError as exc:
                         if not limit.expired():
                             raise  # the handler's own timeout, not the task's

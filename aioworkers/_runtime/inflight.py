@@ -20,6 +20,7 @@ class Run:
         "job_id",
         "lost",
         "settling",
+        "slot",
         "started",
         "task",
     )
@@ -36,6 +37,9 @@ class Run:
         # (key, owner) of the idempotency claim held while the handler runs; the lease
         # loop extends it with the delivery's lease.
         self.claim: tuple[str, str] | None = None
+        # (key, owner) of the concurrency slot (a store lease) held while it runs: kept
+        # by the same beat, and lost like a claim (limits.py).
+        self.slot: tuple[str, str] | None = None
         # The job's id once decoded (the lease beat reads its cancel mark), and whether a
         # user cancelled it (`aioworkers.JobHandle.cancel`): acked as cancelled, not released.
         self.job_id: str | None = None
@@ -114,16 +118,23 @@ class InFlight:
         """The idempotency claims held now, ``(key, owner) -> delivery``."""
         return {run.claim: d for d, run in self._runs.items() if run.claim is not None}
 
+    def slots(self) -> dict[tuple[str, str], Delivery]:
+        """The concurrency slots held now, ``(key, owner) -> delivery``."""
+        return {run.slot: d for d, run in self._runs.items() if run.slot is not None}
+
     def lose(self, delivery: Delivery, claim: tuple[str, str] | None = None) -> bool:
         """The lease of ``delivery`` was reported lost: cancel its run and settle nothing.
         Returns whether that is news: False for a delivery settled meanwhile (a heartbeat
         crossing its ack), or settling (its settle asks the broker itself).
 
-        With ``claim``, it is that idempotency claim that was lost, and only a run that
-        still holds it is cancelled: one that has just completed or released it is fine.
+        With ``claim``, it is that idempotency claim (or concurrency slot) that was lost,
+        and only a run that still holds it is cancelled: one that has just completed or
+        released it is fine.
         """
         run = self._runs.get(delivery)
-        if run is None or run.settling or (claim is not None and run.claim != claim):
+        if run is None or run.settling:
+            return False
+        if claim is not None and claim not in (run.claim, run.slot):
             return False
         run.lost = True
         run.cancel()

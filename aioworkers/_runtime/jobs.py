@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from ..brokers.base import Delivery
 from ..telemetry.worker import WorkerTelemetry
+from . import unique
 from .executor import Executor, Prepared
 from .inflight import InFlight, Run
 from .outcome import OutcomeName
@@ -96,7 +97,10 @@ class Jobs:
                 # From here the settle's own broker call says whether the lease is still
                 # ours: a heartbeat answered "not held" (it crossed the ack) cancels nothing.
                 run.settling = True
-                return await self._settler.settle(delivery, outcome)
+                name = await self._settler.settle(delivery, outcome)
+                if name in unique.ENDED and outcome.envelope and outcome.envelope.headers:
+                    await unique.free_ended(self._executor.shared, outcome, name)
+                return name
             # Here only if the runtime's cancel reached this far and was taken back.
             if run.lost:
                 # The lease was found lost before the handler could see the cancel.

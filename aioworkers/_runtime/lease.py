@@ -78,14 +78,18 @@ async def _keep_claims(
         await clock.sleep(lease / 3)
         held = inflight.claims()
         running = inflight.job_ids() if isinstance(store, Store) else {}
-        if not held and not running:
+        slots = inflight.slots()  # concurrency slots (only with a Store: limits.py)
+        if not held and not running and not slots:
             continue
         try:
             if isinstance(store, Store):
                 # One round trip: the claims extended, and the cancel marks of every job
                 # running here read (a cancelled one stops within one beat).
-                beat = await store.beat(lease=lease, claims=list(held), watch=list(running))
-                lost = beat.lost_claims
+                beat = await store.beat(
+                    lease=lease, claims=list(held), leases=list(slots), watch=list(running)
+                )
+                lost = beat.lost_claims + beat.lost_leases
+                held.update(slots)  # owners are random tokens: no pair is in both
                 for job_id in beat.cancelled:
                     if job_id in running and inflight.cancel_by_user(running[job_id]):
                         log.info("job %s cancelled: stopping its run", job_id)
@@ -103,5 +107,7 @@ async def _keep_claims(
             # completed or released while the beat was on its way is no loss.)
             if inflight.lose(held[claim], claim):
                 log.warning(
-                    "idempotency key %r lost by %r: cancelling its run", claim[0], held[claim]
+                    "key %r (idempotency or concurrency slot) lost by %r: cancelling its run",
+                    claim[0],
+                    held[claim],
                 )

@@ -28,7 +28,7 @@ class OutcomeName(StrEnum):
     DEFERRED = "deferred"  # could not start (key busy, store down): same attempt later
     CANCELLED = "cancelled"  # cancelled by a user (later in this wave)
     SNOOZED = "snoozed"  # the handler asked to run again later (later in this wave)
-    THROTTLED = "throttled"  # a rate limit held it back (later in this wave)
+    THROTTLED = "throttled"  # a concurrency or rate limit held it back: same attempt later
 
 
 # The one tuple of every outcome name, in the order summaries list them.
@@ -88,6 +88,14 @@ class Snoozed:
 
     delay: float
     name: ClassVar[OutcomeName] = OutcomeName.SNOOZED
+
+
+@dataclass(frozen=True, slots=True)
+class Throttle(Defer):
+    """A limit held the job back (or the handler raised `RateLimited`): published again
+    after ``delay`` with the same attempt, settled as a `Defer`, counted as throttled."""
+
+    name: ClassVar[OutcomeName] = OutcomeName.THROTTLED
 
 
 Decision = Ack | RetryLater | Dead | Release | Defer | Snoozed

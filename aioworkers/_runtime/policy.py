@@ -8,9 +8,9 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import DecodeError, Reject, Retry, Snooze
+from ..errors import DecodeError, RateLimited, Reject, Retry, Snooze
 from ..idempotency.base import ClaimResult
-from .outcome import ACK, DUPLICATE, RELEASE, Dead, Decision, Defer, RetryLater, Snoozed
+from .outcome import ACK, DUPLICATE, RELEASE, Dead, Decision, Defer, RetryLater, Snoozed, Throttle
 
 # A job whose key is busy, or whose store is unreachable, comes back after a pause of
 # about a third of the lease (how often a claim is extended), and never more than this.
@@ -103,6 +103,8 @@ def classify(
         return ACK
     if isinstance(error, Snooze):
         return MAX_SNOOZES if snoozes >= policy.max_snoozes else Snoozed(max(0.0, error.delay))
+    if isinstance(error, RateLimited):  # a limit, not a failure: no attempt used
+        return Throttle(max(0.0, error.retry_after))
     if isinstance(error, DecodeError):
         return Dead(error.reason)
     if isinstance(error, Reject):

@@ -147,7 +147,8 @@ class Settler:
                 env = outcome.envelope
                 job_id = printable(env.id if env is not None else delivery.message_id)
                 why = printable(outcome.detail, MAX_ERROR_CHARS)
-                log.info("job deferred id=%s for %.2fs: %s", job_id, delay, why)
+                name = outcome.decision.name  # deferred, or throttled (a limit)
+                log.info("job %s id=%s for %.2fs: %s", name, job_id, delay, why)
                 if type(env) is ForeignEnvelope:  # same attempt, in the broker's metadata
                     return await completer.retry_foreign(delivery, attempt=env.attempt, delay=delay)
                 return await completer.retry(delivery, body=delivery.body, delay=delay)
