@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,8 @@ import pytest
 import aioworkers
 from aioworkers import App, ConfigError, JobCancelled, JobFailed, ResultUnavailable, Snooze
 from aioworkers.brokers.memory import MemoryBroker
-from aioworkers.store import MemoryStore
+from aioworkers.envelope import peek_id
+from aioworkers.store import MemoryStore, StoreUnavailable
 from aioworkers.testing import FakeClock
 
 from ..runtime.conftest import advance_until, run_burst, running
@@ -374,3 +375,31 @@ async def test_no_store_no_results(url: str) -> None:
         app.worker()
     with pytest.raises(ConfigError, match="store="):
         await app.cancel("0" * 32)
+
+
+class MarksDown(MemoryStore):
+    """A store whose cancel marks cannot be read (the rest works)."""
+
+    async def cancelled(self, job_ids: Collection[str]) -> set[str]:
+        raise StoreUnavailable("injected: marks unreadable")
+
+
+async def test_unreadable_cancel_marks_let_jobs_run(caplog: pytest.LogCaptureFixture) -> None:
+    async with App("memory://", store=MarksDown()) as app:
+        ran: list[int] = []
+
+        @app.task
+        async def work() -> None:
+            ran.append(1)
+
+        await work.enqueue()
+        with caplog.at_level(logging.WARNING, logger="aioworkers"):
+            await run_burst(app.worker())
+        assert ran == [1]
+        assert any("unchecked for cancel marks" in r.getMessage() for r in caplog.records)
+
+
+def test_peek_id_reads_only_a_string_id() -> None:
+    assert peek_id(b'{"id": "abc", "v": 1}') == "abc"
+    for body in (b"[]", b'{"id": 5}', b"not json", b'{"v": 1}'):
+        assert peek_id(body) is None
