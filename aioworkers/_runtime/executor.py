@@ -301,13 +301,15 @@ class Executor:
         except StoreUnavailable as exc:
             log.warning("could not release key %r; it lapses with its lease: %s", claim[0], exc)
 
-    def _start(self, task: Runnable, env: Envelope) -> Awaitable[Any]:
+    def _start(
+        self, task: Runnable, env: Envelope, limit: handlers.Deadline | None = None
+    ) -> Awaitable[Any]:
         # A plain async handler with no middleware is called as it is: no coroutine more.
         if task.handler is None and not self._middleware:
             return task.fn(*env.args, **env.kwargs)
         job = _current.get()
         return handlers.attempt(
-            task.fn, task.handler, env.args, env.kwargs, job, self._middleware, self.threads
+            task.fn, task.handler, env.args, env.kwargs, job, self._middleware, self.threads, limit
         )
 
     async def _run(self, delivery: Delivery, env: Envelope, task: Runnable, run: Run) -> Outcome:
@@ -343,7 +345,7 @@ class Executor:
                     limit = asyncio.timeout(timeout)
                     try:
                         async with limit:
-                            value = await self._start(task, env)
+                            value = await self._start(task, env, (limit, timeout))
                     except TimeoutError as exc:
                         if not limit.expired():
                             raise  # the handler's own timeout, not the task's
