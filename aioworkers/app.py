@@ -284,11 +284,13 @@ class App(ConsumerOptions):
         rate_limit: str | None = None,
         limit_key: str | None = None,
     ) -> Any:
-        """Register an ``async def`` handler: ``@app.task`` or ``@app.task(retries=5, ...)``.
+        """Register a handler: ``@app.task`` or ``@app.task(retries=5, ...)`` on an
+        ``async def``, or on a plain ``def`` (run in a worker thread, see README "Handlers").
 
         ``retries`` is how many times a failed job is tried again (so ``retries + 1``
         attempts in all); ``timeout`` bounds one attempt; the delay before attempt n+1 is
-        uniform in ``[0, min(max_backoff, backoff * 2 ** (n - 1))]``. ``idempotent`` runs
+        uniform in ``[c / 2, c]``, ``c = min(max_backoff, backoff * 2 ** (n - 1))``; the
+        three default to the `App`'s (8, 10 s, 3600 s). ``idempotent`` runs
         each job at most once to completion per idempotency key (the enqueue ``key``, else
         the job id), never twice at once; its keys live in the `App`'s ``store``.
         ``result_ttl`` keeps each job's status and return value that many seconds (None:

@@ -104,7 +104,8 @@ class Enqueuer(Generic[P]):
 
 
 class Task(Generic[P, R]):
-    """A registered ``async def`` handler. Calling it runs the coroutine directly."""
+    """A registered handler (``async def``, or a plain ``def`` run in a worker thread).
+    Calling it runs the function directly, in this process."""
 
     def __init__(
         self,
