@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 from ..errors import BrokerUnavailable, ConfigError
 from .backoff import Backoff
@@ -21,6 +21,14 @@ log = logging.getLogger("aioworkers")
 
 Priority = Literal["fair", "strict"]
 PRIORITIES: tuple[Priority, ...] = ("fair", "strict")
+
+
+@runtime_checkable
+class Prefetching(Protocol):
+    """A broker that has messages pushed to the worker ahead of its fetches (RabbitMQ),
+    whose prefetch per queue can be set before it consumes."""
+
+    def set_prefetch(self, queue: str, count: int) -> None: ...
 
 
 def check_priority(priority: str) -> Priority:
@@ -47,6 +55,15 @@ class StrictFetcher:
         self._fetchers = list(fetchers)
         self._first = fetchers[0]
         self._turn = 0  # the queue whose turn it is to long-poll after an empty round
+        capacity = self._first.scheduler.capacity
+        for fetcher in self._fetchers:
+            if isinstance(fetcher.broker, Prefetching):
+                # A push broker sends the next message of a queue only once one is acked:
+                # a slot freed then would find the earlier queue's buffer empty and take a
+                # later queue's message. So every queue but the last has a slot's worth
+                # more delivered ahead; the last is bounded to the slots.
+                ahead = capacity if fetcher is not self._fetchers[-1] else 0
+                fetcher.broker.set_prefetch(fetcher.queue, capacity + ahead)
 
     async def run(self) -> None:
         try:

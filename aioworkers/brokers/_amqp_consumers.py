@@ -70,6 +70,11 @@ class Consumers:
     def gen(self) -> int:
         return self._connections.gen
 
+    def set_prefetch(self, queue: str, count: int) -> None:
+        """The prefetch of ``queue``'s consumer from when it starts (strict priority has
+        the earlier queues' messages delivered ahead, so a freed slot finds one here)."""
+        self._prefetches[queue] = max(1, count)
+
     def live(self, c: Consumer | None) -> bool:
         ch = self._connections.consumer
         # RabbitMQ cancels a consumer itself when its queue is deleted (or a quorum

@@ -128,6 +128,11 @@ class AmqpBroker:
     def prefetch(self) -> int | None:
         return self._consumers_of.prefetch
 
+    def set_prefetch(self, queue: str, count: int) -> None:
+        """How many of ``queue``'s messages RabbitMQ may hand this worker ahead, from its
+        consumer's next start (``prefetch=`` given to the broker overrides it)."""
+        self._consumers_of.set_prefetch(queue, count)
+
     @property
     def publish_timeout(self) -> float:
         return self._publisher.timeout

@@ -147,10 +147,10 @@ class World:
         await self.redis.aclose()
         if self.broker == "amqp":
             with contextlib.suppress(Exception):
-                await delete_amqp_queues(await _amqp_queues(self.queue))
+                await delete_amqp_queues(await _amqp_queues(self.prefix, self.queue))
 
 
-async def _amqp_queues(queue: str) -> set[str]:
+async def _amqp_queues(prefix: str, queue: str) -> set[str]:
     proc = await asyncio.create_subprocess_exec(
         "rabbitmqctl",
         "list_queues",
@@ -161,7 +161,7 @@ async def _amqp_queues(queue: str) -> set[str]:
         stderr=asyncio.subprocess.DEVNULL,
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    return {n for n in out.decode().split() if n.startswith(queue)} | {queue, f"{queue}.dead"}
+    return {n for n in out.decode().split() if n.startswith(prefix)} | {queue, f"{queue}.dead"}
 
 
 @contextlib.asynccontextmanager
@@ -313,15 +313,19 @@ async def test_concurrent_unique_enqueues_from_several_processes_make_one_job(
         assert depth.ready + depth.delayed == 1
 
 
-async def test_strict_priority_drains_high_before_low_under_load(tmp_path: Path) -> None:
-    async with world("redis", tmp_path) as w:
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+async def test_strict_priority_drains_high_before_low_under_load(
+    broker: str, tmp_path: Path
+) -> None:
+    async with world(broker, tmp_path) as w:
         from . import flow_app
 
         low = [flow_app.prio.call("low", 0.02) for _ in range(20)]
         high = [flow_app.prio.call("high", 0.02) for _ in range(20)]
-        await w.app.enqueue_many([aioworkers.Call(c.task, c.args, queue="low") for c in low])
-        await w.app.enqueue_many([aioworkers.Call(c.task, c.args, queue="high") for c in high])
-        await w.start(1, concurrency=4, queues=["high", "low"], strict=True)
+        hi, lo = f"{w.prefix}-high", f"{w.prefix}-low"
+        await w.app.enqueue_many([aioworkers.Call(c.task, c.args, queue=lo) for c in low])
+        await w.app.enqueue_many([aioworkers.Call(c.task, c.args, queue=hi) for c in high])
+        await w.start(1, concurrency=4, queues=[hi, lo], strict=True)
         await w.wait_done(40, within=60)
         order = [what for _, _, what in await w.starts("prio")]
         # Every high job started before any low one (the worker had 4 slots and both
