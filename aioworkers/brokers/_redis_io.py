@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
+import orjson
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
@@ -244,9 +245,14 @@ def body_of(fields: dict[Any, Any]) -> bytes:
     body = fields.get(b"b")
     if isinstance(body, bytes):
         return body
-    # Not written by aioworkers (someone XADDed by hand): pass the fields on as they are,
-    # so the decode pipeline dead-letters it with a reason instead of dropping it.
-    return repr({text(k): v for k, v in fields.items()}).encode()
+    # Not written by aioworkers (another application XADDs to the stream): its fields as
+    # a JSON object of text, which a consumer's decode="fields" reads back and a task
+    # queue dead-letters with a reason instead of dropping it.
+    return orjson.dumps({text(k): _field(v) for k, v in fields.items()})
+
+
+def _field(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def read_dead_letter(queue: str, entry_id: str, raw: dict[bytes, bytes]) -> DeadLetter:

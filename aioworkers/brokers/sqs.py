@@ -71,6 +71,7 @@ from ._kit import by_queue, chunks
 from ._sqs_delays import Delays, early, route
 from ._sqs_dlq import DeadLetters
 from ._sqs_errors import MessageRefusedError, map_error, mapped
+from ._sqs_foreign import ForeignSqs
 from ._sqs_leases import Lease, Leases, carried, half_done, lease_of, may_run_twice
 from ._sqs_queues import MAX_WAIT, Queue, SqsQueues
 from ._sqs_wire import (
@@ -108,7 +109,7 @@ _mapped = mapped  # the name the error table's tests and older imports use
 log = logging.getLogger("aioworkers")
 
 
-class SqsBroker:
+class SqsBroker(ForeignSqs):  # RawRetry: _sqs_foreign
     """``sqs://?region=...&endpoint_url=...&create=1&prefix=...&group=...`` (see module doc)."""
 
     messaging_system = "aws_sqs"
