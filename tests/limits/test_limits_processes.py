@@ -187,6 +187,12 @@ async def test_concurrency_is_never_exceeded_across_workers(broker: str, tmp_pat
         await w.wait_done(12, within=60)
         assert await w.peak("capped") == 3  # reached, never more, with 150 slots free
         assert {attempt for _, attempt, _ in await w.starts("capped")} == {1}
+        # No orphaned slot: all three are free again once the jobs are done.
+        store = w.app.store
+        probes = [f"probe-{n}" for n in range(3)]
+        assert [await store.acquire_lease("capped", p, limit=3, lease=5) for p in probes] == [
+            True
+        ] * 3
 
 
 async def test_per_key_limits_hold_with_many_keys(tmp_path: Path) -> None:
