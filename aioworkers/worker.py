@@ -12,6 +12,7 @@ from typing import Literal, Protocol
 import anyio
 import anyio.abc
 
+from ._registry import keep_registered
 from ._runtime import shutdown
 from ._runtime.clock import SYSTEM_CLOCK, Clock
 from ._runtime.executor import ExecutorSettings, executor_for
@@ -212,6 +213,7 @@ class Worker:
         async with anyio.create_task_group() as service:
             service.start_soon(self._service, "keeping leases", lease)
             service.start_soon(self._service, "acking", self._acks.run_acks)
+            service.start_soon(keep_registered, self, lambda: self.app.idempotency, self.clock)
             if self._telemetry is not None:
                 depths = partial(self._telemetry.poll_depth, broker.depth, self.queues)
                 service.start_soon(self._service, "polling queue depths", depths)

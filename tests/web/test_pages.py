@@ -3,6 +3,7 @@ what it shows, what it changes, and what it refuses (no login, no CSRF token, re
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -379,3 +380,17 @@ async def test_schedules_page_and_its_nav_entry_only_with_schedules(app: App) ->
     assert 'href="/schedules"' in page
     assert "hourly-report" in schedules
     assert re.search(r"<td>\d{4}-\d\d-\d\dT\d\d:00:00\+00:00</td>", schedules)  # next slot
+
+
+async def test_a_running_worker_is_listed_and_forgotten_when_it_stops(app: App) -> None:
+    async with client(board(app)) as c:
+        async with app.worker(concurrency=7):
+            for _ in range(200):  # its first beat is written as it starts
+                page = (await c.get("/workers")).text
+                if 'class="worker"' in page:
+                    break
+                await asyncio.sleep(0.01)
+        gone = (await c.get("/workers")).text
+    assert page.count('class="worker"') == 1
+    assert "<td>7</td>" in page  # its concurrency
+    assert 'class="worker"' not in gone
