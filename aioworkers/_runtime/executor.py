@@ -208,8 +208,10 @@ class Executor:
         elif task.limits is not None:  # a slot or a token first (flow control, limits.py)
             body = partial(self._body, delivery, env, task, run)
             outcome = await self._limiter.run(task.limits, env, task, run, body)
-        else:
-            outcome = await self._body(delivery, env, task, run)
+        elif task.idempotent:
+            outcome = await self._run_once(delivery, env, task, run)
+        else:  # the hot path: no call more than before limits existed
+            outcome = await self._run(delivery, env, task, run)
         if task.result_ttl is not None and self._records is not None:
             with run.catch_cancel():  # the outcome stands; the record is best effort then
                 await self._records.after(outcome, task, delivery)
