@@ -15,6 +15,7 @@ from ._runtime.clock import SYSTEM_CLOCK, Clock
 from ._runtime.cron import periodic_for
 from ._runtime.limits import Limits
 from ._runtime.priority import Priority
+from ._runtime.summary import SUMMARY_INTERVAL
 from ._sqlite import absolute_url
 from ._unique import Holds
 from .brokers import (
@@ -473,6 +474,7 @@ class App(ConsumerOptions):
         clock: Clock = SYSTEM_CLOCK,
         scheduler: bool = True,
         priority: Priority = "fair",
+        summary_interval: float | None = SUMMARY_INTERVAL,
     ) -> Worker:
         """A worker for ``queues`` (default: the app's queue and every task's queue).
 
@@ -484,7 +486,8 @@ class App(ConsumerOptions):
         ``scheduler=False``: this worker fires no periodic jobs (others do).
         ``priority="strict"`` fills free slots from the first of ``queues`` first, and
         from each next one only what the earlier ones could not fill; ``"fair"``: the
-        queues take turns.
+        queues take turns. Every ``summary_interval`` seconds (None: never) the worker
+        logs an INFO line of what it did.
         """
         return Worker(
             self,
@@ -497,6 +500,7 @@ class App(ConsumerOptions):
             clock=clock,
             periodic=periodic_for(self, clock) if scheduler and self.schedules else None,
             priority=priority,
+            summary_interval=summary_interval,
         )
 
     def job(self, job_id: str) -> JobHandle:

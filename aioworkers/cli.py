@@ -210,7 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--queues", type=_csv, help="comma-separated (default: the app's)")
     run.add_argument("--concurrency", type=_positive_int, help="jobs in flight at most")
     run.add_argument("--grace", type=_seconds, help="seconds to finish jobs on shutdown")
-    run.add_argument("--burst", action="store_true", help="exit once the queues are empty")
+    run.add_argument(
+        "--burst",
+        action="store_true",
+        help="exit once nothing is ready or in flight (delayed jobs are left, and counted)",
+    )
+    run.add_argument(
+        "--wait-delayed",
+        action="store_true",
+        help="with --burst: also wait for delayed jobs and retries in backoff",
+    )
     run.add_argument("--no-scheduler", action="store_true", help="fire no periodic jobs here")
     run.add_argument(
         "--priority",
@@ -266,8 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     command("migrate", "create or upgrade the broker's tables (postgresql://), then exit")
-    _cli_schedules.add_parser(command)
-    _cli_jobs.add_parsers(command)
 
     web = command(
         "web",
@@ -282,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="no replay, purge or cancel; the only way to serve without a login (on loopback)",
     )
     web.add_argument("--show-args", action="store_true", help="show dead jobs' arguments")
+    _cli_schedules.add_parser(command)
+    _cli_jobs.add_parsers(command)
 
     dlq = sub.add_parser("dlq", help="list, replay or purge dead letters")
     dlq_sub = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -329,7 +338,7 @@ async def cmd_run(app: App, args: argparse.Namespace) -> int:
     )
     exporters.watch(app, worker)
     try:
-        await worker.run(burst=args.burst)
+        await worker.run(burst=args.burst, wait_delayed=args.wait_delayed)
     finally:
         watch.cancel()
         exporters.close()

@@ -16,7 +16,7 @@ from ._registry import keep_registered
 from ._runtime import shutdown
 from ._runtime.clock import SYSTEM_CLOCK, Clock
 from ._runtime.executor import ExecutorSettings, executor_for
-from ._runtime.fetcher import Fetcher, queues_empty
+from ._runtime.fetcher import Fetcher, delayed_jobs, queues_empty
 from ._runtime.inflight import InFlight
 from ._runtime.jobs import Jobs
 from ._runtime.lease import keep_leases
@@ -24,6 +24,7 @@ from ._runtime.outcome import OUTCOMES
 from ._runtime.priority import Priority, StrictFetcher, check_priority
 from ._runtime.scheduler import Scheduler
 from ._runtime.settle import BatchedAcks, Settler
+from ._runtime.summary import SUMMARY_INTERVAL, log_summaries
 from .brokers.base import Broker
 from .errors import AioworkersError, ConfigError
 from .telemetry import Telemetry, messaging_system
@@ -68,6 +69,8 @@ class Worker:
     ``max_jobs`` recycles the worker (see `recycle`) once it has started that many jobs;
     ``job_timeout`` bounds each attempt of a task registered without a ``timeout``.
     ``clock`` is where the runtime sleeps and reads the time (tests pass a fake one).
+    Every ``summary_interval`` seconds (None: never) the worker logs one INFO line of
+    what it did; each settled job is one DEBUG line.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class Worker:
         clock: Clock = SYSTEM_CLOCK,
         periodic: Service | None = None,
         priority: Priority = "fair",
+        summary_interval: float | None = SUMMARY_INTERVAL,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
@@ -99,6 +103,7 @@ class Worker:
         self.clock = clock
         self.periodic = periodic  # the scheduler loop of periodic jobs, if any
         self.priority = check_priority(priority)  # "strict": queues drained in order
+        self.summary_interval = summary_interval
         self.state = "IDLE"
         self.recycled: str | None = None  # why the worker stopped itself, if it did
         self._inflight = InFlight()
@@ -120,6 +125,8 @@ class Worker:
         self._quiet = False
         self._shutdown = shutdown.Shutdown(self._inflight, clock, grace)
         self._fetchers: anyio.abc.TaskGroup | None = None
+        self._fetcher_list: list[Fetcher] = []
+        self._wait_delayed = True
         self._failure: Exception | None = None
         self._started = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -136,7 +143,7 @@ class Worker:
         """Jobs settled by this worker, by outcome: ok, retried, dead, released, lease_lost,
         duplicate (key already done: acked unrun), deferred (key busy or store down),
         throttled (a concurrency or rate limit held it back: same attempt later)."""
-        return dict(self._settler.counts)
+        return {str(name): n for name, n in self._settler.counts.items()}
 
     @property
     def in_flight(self) -> int:
@@ -154,6 +161,8 @@ class Worker:
             self._quiet = True
             if self.state == "RUNNING":
                 self.state = "QUIET"
+            for fetcher in self._fetcher_list:
+                fetcher.interrupt()  # no backoff pause outlives a stop
             unstarted = self._scheduler.close()
             if unstarted:
                 # Hand them to another worker now rather than after their lease runs out.
@@ -180,11 +189,16 @@ class Worker:
             log.info("recycling: %s; draining %d jobs", reason, len(self._inflight))
             self.stop()
 
-    async def run(self, *, burst: bool = False) -> None:
-        """Run until `stop()`, or in ``burst`` mode until the queues are empty."""
+    async def run(self, *, burst: bool = False, wait_delayed: bool = True) -> None:
+        """Run until `stop()`, or in ``burst`` mode until the queues are empty.
+
+        ``wait_delayed=False`` (the CLI's ``--burst``) ends a burst run once nothing is
+        ready or in flight: delayed jobs and retries waiting for their backoff are left for
+        a later run, and a log line says how many."""
         if self.state != "IDLE":
             raise RuntimeError("a Worker runs once; make another with app.worker()")
         self.state = "RUNNING"
+        self._wait_delayed = wait_delayed
         await self.app.run_hooks("startup")
         try:
             log.info("worker started %r", self)
@@ -192,6 +206,8 @@ class Worker:
             await self._run(burst)
             if self._failure is not None:
                 raise self._failure
+            if burst and not wait_delayed:
+                await self._report_delayed()
         finally:
             self.state = "STOPPED"
             await self.app.run_hooks("shutdown")
@@ -219,6 +235,15 @@ class Worker:
                 service.start_soon(self._service, "polling queue depths", depths)
             if self.max_jobs is not None:
                 service.start_soon(self._recycle_when_exhausted)
+            if self.summary_interval is not None:
+                summaries = partial(
+                    log_summaries,
+                    self._settler.counts,
+                    self._inflight.__len__,
+                    self.clock,
+                    self.summary_interval,
+                )
+                service.start_soon(self._service, "logging summaries", summaries)
             if self.periodic is not None:
                 service.start_soon(self._service, "firing schedules", self.periodic.run)
             try:
@@ -244,7 +269,7 @@ class Worker:
             service.cancel_scope.cancel()
 
     def _fetcher(self, queue: str, burst: bool) -> Fetcher:
-        return Fetcher(
+        fetcher = Fetcher(
             self.app.broker,
             queue,
             self._scheduler,
@@ -257,6 +282,8 @@ class Worker:
             queues=len(self.queues),
             clock=self.clock,
         )
+        self._fetcher_list.append(fetcher)
+        return fetcher
 
     async def _service(
         self, what: str, fn: Callable[[], Awaitable[None]], again: bool = True
@@ -296,7 +323,17 @@ class Worker:
     async def _drained(self) -> bool:
         if len(self._inflight) or self._acks.pending_acks:
             return False
-        return await queues_empty(self.app.broker, self.queues)
+        return await queues_empty(self.app.broker, self.queues, delayed=self._wait_delayed)
+
+    async def _report_delayed(self) -> None:
+        left = await delayed_jobs(self.app.broker, self.queues)
+        if left:
+            log.info(
+                "burst run done: %d delayed job%s left for a later run "
+                "(wait_delayed=True, or --wait-delayed, waits for them)",
+                left,
+                "" if left == 1 else "s",
+            )
 
     async def __aenter__(self) -> Worker:
         self._task = asyncio.create_task(self.run())

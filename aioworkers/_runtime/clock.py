@@ -35,7 +35,8 @@ class SystemClock:
         return "SYSTEM_CLOCK"
 
     async def sleep(self, seconds: float) -> None:
-        await anyio.sleep(seconds)
+        # A deadline already past is "now", not an error (anyio refuses a negative delay).
+        await anyio.sleep(max(0.0, seconds))
 
 
 SYSTEM_CLOCK: Clock = SystemClock()
@@ -65,7 +66,8 @@ class Timeout:
 
     async def _expire(self) -> None:
         # From `end`, not from when this task first runs: the clock may move before that.
-        await self._clock.sleep(self.end - self._clock.monotonic())
+        # Past already (a zero timeout, or a loop too busy to run this task in time): at once.
+        await self._clock.sleep(max(0.0, self.end - self._clock.monotonic()))
         self.scope.cancel()
 
 

@@ -6,6 +6,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+import anyio
+
 from ..brokers.base import Broker
 from ..errors import BrokerUnavailable
 from ..telemetry.worker import WorkerTelemetry
@@ -59,6 +61,14 @@ class Fetcher:
         self.queues = queues
         self.clock = clock
         self._hungry = True  # the last fetch brought work: the queue may hold more
+        self._pausing: anyio.CancelScope | None = None
+
+    def interrupt(self) -> None:
+        """End a backoff pause now (the worker went quiet): a worker told to stop while
+        its broker is down must not wait out the pause first. A fetch in progress is left
+        to finish, so nothing it took is stranded."""
+        if self._pausing is not None:
+            self._pausing.cancel()
 
     async def run(self) -> None:
         try:
@@ -98,7 +108,9 @@ class Fetcher:
                 self.scheduler.unreserve(reserved)
                 delay = pauses.delay()
                 log.warning("fetch from %r failed, retrying in %.2fs: %s", self.queue, delay, exc)
-                await pauses.pause(delay)
+                with anyio.CancelScope() as self._pausing:
+                    await pauses.pause(delay)
+                self._pausing = None
                 continue
             except BaseException:
                 self.scheduler.unreserve(reserved)
@@ -116,14 +128,22 @@ class Fetcher:
                     await self.broker.release(got)
 
 
-async def queues_empty(broker: Broker, queues: list[str]) -> bool:
-    """Nothing ready, delayed or in flight on any of ``queues`` (burst mode's end); False
-    if the broker cannot tell now."""
+async def queues_empty(broker: Broker, queues: list[str], *, delayed: bool = True) -> bool:
+    """Nothing ready or in flight (and, with ``delayed``, nothing delayed) on any of
+    ``queues`` (burst mode's end); False if the broker cannot tell now."""
     try:
         for queue in queues:
             depth = await broker.depth(queue)
-            if depth.ready or depth.delayed or depth.in_flight:
+            if depth.ready or depth.in_flight or (delayed and depth.delayed):
                 return False
     except BrokerUnavailable:
         return False
     return True
+
+
+async def delayed_jobs(broker: Broker, queues: list[str]) -> int | None:
+    """How many jobs wait for their time on ``queues`` (None if the broker cannot tell)."""
+    try:
+        return sum([(await broker.depth(queue)).delayed for queue in queues])
+    except BrokerUnavailable:
+        return None

@@ -24,6 +24,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .failure import MAX_ERROR_CHARS, dead_letter_for, job_fields, log_failure
 from .foreign import ForeignEnvelope, retry_body
 from .outcome import Ack, Dead, Defer, Outcome, OutcomeName, Release, RetryLater, Snoozed
+from .summary import log_job
 
 log = logging.getLogger("aioworkers")
 
@@ -83,6 +84,8 @@ class Settler:
         self.counts[name] += 1
         if self._telemetry is not None:
             self._telemetry.settled(name, delivery, outcome)
+        if log.isEnabledFor(logging.DEBUG):  # a cached level check: free when off
+            log_job(name, delivery, outcome)
 
     async def settle(self, delivery: Delivery, outcome: Outcome) -> OutcomeName | None:
         """Apply ``outcome.decision``; returns what the delivery was counted as (None: the

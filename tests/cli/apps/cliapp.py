@@ -49,6 +49,8 @@ async def seed() -> None:
             await tidy.enqueue(float(arg))
         elif name == "fail":
             await fail.enqueue()
+        elif name == "later":  # a nap due in ``arg`` seconds
+            await nap.options(delay=float(arg)).enqueue(0.01)
         elif name == "garbage":
             await app.broker.publish(app.queue, [b"\xff not json"])
     print("seeded", file=sys.stderr, flush=True)
