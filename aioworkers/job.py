@@ -39,6 +39,21 @@ class Job:
             return None
         return from_epoch_ms(int(slot))
 
+    async def complete_in(self, conn: object) -> None:
+        """Complete this job's idempotency key inside ``conn``'s open transaction (an
+        asyncpg connection, or SQLAlchemy's ``AsyncConnection``/``AsyncSession`` on
+        asyncpg), with the PostgreSQL store: the key is done exactly when the transaction
+        commits, so the job's writes in it happen once (README, "PostgreSQL"). For a task
+        registered with ``idempotent=True``; the worker then completes the key no more."""
+        from ._runtime.completion import completion_var
+
+        completion = completion_var.get()
+        if completion is None or completion.job_id != self.id:
+            raise AioworkersError(
+                "complete_in() needs an idempotent task (idempotent=True) run by a worker"
+            )
+        await completion.commit_in(conn)
+
 
 _current: ContextVar[Job] = ContextVar("aioworkers_current_job")
 

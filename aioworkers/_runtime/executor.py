@@ -23,6 +23,7 @@ from ..store.base import Store
 from . import handlers, limits, policy
 from .backoff import backoff
 from .clock import SYSTEM_CLOCK, Clock
+from .completion import Completion, after_run, completion_var
 from .foreign import Foreign, foreign_for
 from .handlers import Handler, Middleware
 from .inflight import Run
@@ -249,13 +250,18 @@ class Executor:
             why = "is done" if state == "done" else "is in progress elsewhere"
             return Outcome(env, task, gate, detail=f"key {key!r} {why}")
         run.claim = claim
+        done = Completion(env.id, store, *claim, self._ttl, partial(setattr, run, "claim", None))
+        token = completion_var.set(done)  # for current_job().complete_in(conn)
         try:
             outcome = await self._run(delivery, env, task, run)
         finally:
             # Dropped before the store hears of it: a heartbeat crossing the completion
             # then reports a claim this run no longer holds, which cancels nothing.
             run.claim = None
-        if outcome.decision is ACK:
+            completion_var.reset(token)
+        if done.used:  # the handler completed the key in its own transaction
+            await after_run(done, outcome, self._lease, run)
+        elif outcome.decision is ACK:
             # Even if the broker lease was lost meanwhile: the effects happened, and the
             # claim is still ours (complete checks that), so the next delivery is acked
             # as a duplicate instead of running the job again.

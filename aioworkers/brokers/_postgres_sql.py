@@ -17,6 +17,10 @@ The tables (migration 1):
   never holds up a worker), folded now and then into ``aioworkers_totals``.
 - ``aioworkers_schema``: the migrations applied, one row each.
 
+Migration 2 adds the state store's tables (``aioworkers.store.postgres``):
+``aioworkers_keys`` (idempotency claims), ``aioworkers_records`` (job records) and
+``aioworkers_state`` (cancel marks, slots, unique keys, limit leases, token buckets).
+
 Times are the database server's (``now()``): every process shares one clock.
 """
 
@@ -83,6 +87,46 @@ CREATE TABLE {{s}}.aioworkers_totals (
     removed bigint NOT NULL DEFAULT 0,
     dead bigint NOT NULL DEFAULT 0
 );
+""",
+    ),
+    Migration(
+        2,
+        "the state store: idempotency keys, job records, marks, leases",
+        f"""
+CREATE TABLE {{s}}.aioworkers_keys (
+    key text PRIMARY KEY,
+    owner text,
+    expires float8 NOT NULL
+) WITH ({_JOBS_STORAGE});
+CREATE INDEX aioworkers_keys_expires ON {{s}}.aioworkers_keys (expires);
+CREATE TABLE {{s}}.aioworkers_records (
+    id text PRIMARY KEY,
+    task text NOT NULL,
+    queue text NOT NULL,
+    status text NOT NULL,
+    attempt integer NOT NULL,
+    enqueued_at float8,
+    started_at float8,
+    finished_at float8,
+    error_type text,
+    error text,
+    traceback text,
+    result bytea,
+    result_error text,
+    expires float8 NOT NULL
+) WITH ({_JOBS_STORAGE});
+CREATE INDEX aioworkers_records_expires ON {{s}}.aioworkers_records (expires);
+CREATE TABLE {{s}}.aioworkers_state (
+    kind text NOT NULL,
+    key text NOT NULL,
+    member text NOT NULL,
+    value text,
+    tokens float8,
+    at float8,
+    expires float8 NOT NULL,
+    PRIMARY KEY (kind, key, member)
+) WITH ({_JOBS_STORAGE});
+CREATE INDEX aioworkers_state_expires ON {{s}}.aioworkers_state (expires);
 """,
     ),
 )

@@ -1,9 +1,9 @@
 """The state store: what the workers of an app share beyond the queue (idempotency keys,
 job records, cancel marks, schedule slots, limit leases, token buckets, unique keys).
 
-`Store` (in `base`) is the protocol; `MemoryStore`, `SqliteStore` and `RedisStore` the
-backends, chosen by URL with `open_store`. The Redis and SQLite stores are imported only
-when their URL is used.
+`Store` (in `base`) is the protocol; `MemoryStore`, `SqliteStore`, `RedisStore` and
+`PostgresStore` the backends, chosen by URL with `open_store`. All but the memory store
+are imported only when their URL is used.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "redis": (".redis", "RedisStore", "redis"),
     "rediss": (".redis", "RedisStore", "redis"),
     "sqlite": (".sqlite", "SqliteStore", ""),
+    "postgresql": (".postgres", "PostgresStore", "postgres"),
+    "postgres": (".postgres", "PostgresStore", "postgres"),
 }
 SCHEMES = tuple(_BACKENDS)
 
@@ -92,12 +94,13 @@ def open_store(url: str) -> Store:
 def default_url_for(broker_url: str) -> str:
     """The store a broker URL implies, so every worker of the app shares its state: on a
     Redis broker, the same server (keys under ``<broker prefix>:idempotency``); on a SQLite
-    broker, the same file; otherwise none (""): ``memory://`` is one process anyway (the
-    `App` keeps a store in memory), and RabbitMQ and SQS have nowhere to keep it."""
+    broker, the same file; on a PostgreSQL broker, the same database (and schema);
+    otherwise none (""): ``memory://`` is one process anyway (the `App` keeps a store in
+    memory), and RabbitMQ and SQS have nowhere to keep it."""
     parts = urlsplit(broker_url)
     scheme = parts.scheme.lower()
-    if scheme == "sqlite":
-        return broker_url  # its own tables in the broker's file
+    if scheme in ("sqlite", "postgresql", "postgres"):
+        return broker_url  # its own tables in the broker's file or database
     if scheme not in ("redis", "rediss"):
         return ""
     query = dict(parse_qsl(parts.query))

@@ -126,13 +126,13 @@ async def test_a_schema_newer_than_this_aioworkers_is_refused(url: str) -> None:
 async def test_a_schema_of_its_own(fresh_url: str) -> None:
     b = PostgresBroker(f"{fresh_url}?schema=jobs_here", visibility_timeout=5)
     try:
-        assert await b.migrate() == [1]
+        assert await b.migrate() == [1, 2]
         await b.publish("q", [b"x"])
         (d,) = await b.fetch("q", max_messages=5, wait=0)
         assert await b.ack([d]) == []
         conn = await asyncpg.connect(fresh_url)
         try:
-            assert await conn.fetchval("SELECT count(*) FROM jobs_here.aioworkers_schema") == 1
+            assert await conn.fetchval("SELECT count(*) FROM jobs_here.aioworkers_schema") == 2
             assert await conn.fetchval("SELECT to_regclass('public.aioworkers_jobs')") is None
         finally:
             await conn.close()
@@ -153,7 +153,7 @@ def test_the_migrate_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         url = runner.run(manager.__aenter__())
         try:
             out = _run_cli(cli, ["migrate", "pgapp:app", "--broker", url])
-            assert out == (0, f"applied migrations 1 to {url}\n")
+            assert out == (0, f"applied migrations 1, 2 to {url}\n")
             assert _run_cli(cli, ["migrate", "pgapp:app", "--broker", url]) == (
                 0,
                 f"nothing to migrate on {url}\n",

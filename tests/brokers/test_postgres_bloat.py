@@ -24,7 +24,7 @@ SELECT pg_table_size('aioworkers_jobs'), pg_indexes_size('aioworkers_jobs'),
 @pytest.fixture
 async def url() -> AsyncIterator[str]:
     async with postgres_database() as url:
-        assert await App(url).migrate() == [1]
+        assert await App(url).migrate() == [1, 2]
         yield url
 
 

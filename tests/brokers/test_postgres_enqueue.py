@@ -21,7 +21,7 @@ from ..services import postgres_database
 @pytest.fixture
 async def url() -> AsyncIterator[str]:
     async with postgres_database() as url:
-        assert await App(url).migrate() == [1]
+        assert await App(url).migrate() == [1, 2]
         yield url
 
 
