@@ -247,13 +247,17 @@ def test_overview_chart_replay_and_workers(shop: Shop, tmp_path: Path) -> None:
         stats = shop.stats()
         assert cells(page) == {k: str(stats[k]) for k in settled}
         # The chart updates itself (a poll every 2 s), and so do the numbers.
-        page.wait_for_function("Number(document.querySelector('#chart').dataset.samples) >= 1")
-        first = page.locator("#chart").get_attribute("data-updated")
+        # (Read from here: the page's CSP allows no eval, so no wait_for_function.)
+        chart = page.locator("#chart")
+        wait_for(lambda: int(chart.get_attribute("data-samples") or 0) >= 1, "a chart")
+        first = chart.get_attribute("data-updated")
         shop.enqueue(work=200, flaky=0, delayed=0)
-        page.wait_for_function(
-            f"document.querySelector('#chart').dataset.updated !== '{first}' && "
-            "Number(document.querySelector('#chart').dataset.samples) >= 3",
-            timeout=15_000,
+        wait_for(
+            lambda: (
+                chart.get_attribute("data-updated") != first
+                and int(chart.get_attribute("data-samples") or 0) >= 3
+            ),
+            "the chart to update",
         )
         wait_for(lambda: shop.stats()["ready"] == 0, "the second batch to run")
         page.wait_for_timeout(2500)  # one more poll of the page after the batch
