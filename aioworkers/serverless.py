@@ -58,7 +58,9 @@ MARGIN = 1.0
 
 # What a record counted as this tells Lambda it may delete: the job is done, or its next
 # step (a retry, a deferral or throttle, a dead letter) is in the queue's hands.
-DONE = frozenset(("ok", "duplicate", "retried", "deferred", "throttled", "dead"))
+DONE = frozenset(
+    ("ok", "duplicate", "retried", "deferred", "throttled", "dead", "cancelled", "snoozed")
+)
 
 _loop: asyncio.AbstractEventLoop | None = None
 
@@ -119,6 +121,7 @@ class LambdaHandler:
         inflight = InFlight()
         jobs = self._jobs(inflight)
         runs: dict[asyncio.Task[OutcomeName | None], Run] = {}
+        await jobs.screen([self.read(record)[0] for record in records])  # cancel marks
         for record in records:
             delivery, invalid = self.read(record)
             prepared = self.executor().prepare(delivery)
