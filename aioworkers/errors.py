@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import re
 from urllib.parse import unquote_plus
 
@@ -55,13 +57,25 @@ class DecodeError(AioworkersError):
         self.detail = detail
 
 
+def check_delay(value: float | None, what: str = "delay") -> float:
+    """``value`` seconds as a delay: None is no delay; negative, NaN or infinite is a
+    `ConfigError` naming ``what``."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{what} must be a number of seconds or None, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(
+            f"{what} must be a finite number of seconds >= 0 (or None: no delay), got {value!r}"
+        )
+    return float(value)
+
+
 class Retry(AioworkersError):
     """Raise in a handler to retry the job, after ``delay`` seconds or the task's backoff."""
 
     def __init__(self, delay: float | None = None) -> None:
         if delay is not None:  # None: the task's backoff; else a ConfigError if not >= 0
-            from ._delays import check_delay
-
             delay = check_delay(delay, "Retry(delay=)")
         super().__init__(f"retry requested (delay={delay})")
         self.delay = delay
@@ -81,9 +95,7 @@ class Snooze(AioworkersError):
     task's ``max_snoozes`` the job is dead-lettered with reason ``max_snoozes``."""
 
     def __init__(self, delay: float | None) -> None:
-        from ._delays import check_delay  # None: at once; a ConfigError if not >= 0
-
-        delay = check_delay(delay, "Snooze(delay=)")
+        delay = check_delay(delay, "Snooze(delay=)")  # None: at once
         super().__init__(f"snoozed for {delay}s")
         self.delay = delay
 

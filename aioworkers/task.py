@@ -8,11 +8,11 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
-from ._delays import check_delay
 from ._runtime.handlers import handler_for, job_signature
 from ._runtime.limits import Limits
 from ._runtime.policy import Policy
 from ._unique import DEFAULT_UNIQUE_FOR, UNIQUE_HEADER
+from .errors import check_delay
 
 if TYPE_CHECKING:
     from .handles import JobHandle
