@@ -127,6 +127,22 @@ CREATE TABLE {{s}}.aioworkers_state (
     PRIMARY KEY (kind, key, member)
 ) WITH ({_JOBS_STORAGE});
 CREATE INDEX aioworkers_state_expires ON {{s}}.aioworkers_state (expires);
+-- A lease of key k for owner o if fewer than lim others hold one: the count and the write
+-- under one lock of the key, in one round trip (each statement here sees the last commit).
+CREATE FUNCTION {{s}}.aioworkers_acquire_lease(k text, o text, lim integer, secs float8)
+RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('lease:' || k, 0));
+    IF (SELECT count(*) FROM {{s}}.aioworkers_state AS t WHERE t.kind = 'lease'
+        AND t.key = k AND t.member <> o AND t.expires > extract(epoch FROM now())) >= lim
+    THEN
+        RETURN false;
+    END IF;
+    INSERT INTO {{s}}.aioworkers_state AS t (kind, key, member, expires)
+    VALUES ('lease', k, o, extract(epoch FROM now()) + secs)
+    ON CONFLICT (kind, key, member) DO UPDATE SET expires = excluded.expires;
+    RETURN true;
+END $$;
 """,
     ),
 )

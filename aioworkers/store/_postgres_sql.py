@@ -141,10 +141,9 @@ FROM unnest($1::text[], $2::text[]) AS t(key, member)
 WHERE s.kind = 'lease' AND s.key = t.key AND s.member = t.member AND s.expires > {NOW}
 RETURNING s.key, s.member
 """
-        self.leases_held = (
-            f"SELECT member FROM {state} WHERE kind = 'lease' AND key = $1 AND expires > {NOW}"
-        )
-        # Serializes the read-count-write of one key's leases or bucket across processes.
+        # $1 key, $2 owner, $3 limit, $4 lease -> whether $2 holds a lease now.
+        self.acquire_lease = f"SELECT {s}.aioworkers_acquire_lease($1, $2, $3, $4)"
+        # Serializes the read-compute-write of one key's bucket across processes.
         self.lock_key = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
         self.now = f"SELECT {NOW}"
         # -- the sweep: $1 rows at most per statement; rows locked by others are left --------

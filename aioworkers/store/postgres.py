@@ -21,14 +21,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Collection, Iterator, Sequence
-from typing import Any
 
 import asyncpg
 
 from ..brokers._postgres_conn import ERRORS, Connection, Pool, driver_connection, parse_url
 from ..errors import AioworkersError, BrokerUnavailable, ConfigError
 from . import _postgres_sql as psql
-from ._postgres_jobs import finish_jobs, update_jobs
+from ._postgres_jobs import as_record, extend_held, finish_jobs, record_row, update_jobs
 from ._wait import Waiters, wait_final
 from .base import (
     FINAL,
@@ -116,7 +115,7 @@ class PostgresStore:
         if not claims:
             return []
         async with self._conn() as conn:
-            return await _extend(conn, self._sql.extend, claims, lease)
+            return await extend_held(conn, self._sql.extend, claims, lease)
 
     async def complete(self, key: str, owner: str, *, ttl: float) -> bool:
         check_times(ttl=ttl)
@@ -158,7 +157,7 @@ class PostgresStore:
             return
         final = [r.id for r in records if r.final]
         async with self._conn() as conn, conn.transaction():
-            await conn.executemany(self._sql.put, [(*_row(r), ttl) for r in records])
+            await conn.executemany(self._sql.put, [(*record_row(r), ttl) for r in records])
             if final:
                 await conn.execute(self._sql.notify, final)
         for job_id in final:
@@ -169,8 +168,8 @@ class PostgresStore:
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         async with self._conn() as conn:
-            row = await conn.fetchrow(self._sql.get, job_id)
-        return None if row is None else _record(row)
+            found = await conn.fetchrow(self._sql.get, job_id)
+        return None if found is None else as_record(found)
 
     async def update_jobs(self, updates: Sequence[JobUpdate]) -> list[JobStatus | None]:
         if not updates:
@@ -261,13 +260,8 @@ class PostgresStore:
         check_limit(limit)
         check_times(lease=lease)
         sql = self._sql
-        async with self._conn() as conn, conn.transaction():
-            await conn.execute(sql.lock_key, f"lease:{key}")
-            holders = {row[0] for row in await conn.fetch(sql.leases_held, key)}
-            if owner not in holders and len(holders) >= limit:
-                return False
-            await conn.execute(sql.state_put, "lease", key, owner, None, None, None, lease)
-            return True
+        async with self._conn() as conn:
+            return bool(await conn.fetchval(sql.acquire_lease, key, owner, limit, lease))
 
     async def extend_leases(
         self, held: Sequence[tuple[str, str]], *, lease: float
@@ -276,7 +270,7 @@ class PostgresStore:
         if not held:
             return []
         async with self._conn() as conn:
-            return await _extend(conn, self._sql.extend_leases, held, lease)
+            return await extend_held(conn, self._sql.extend_leases, held, lease)
 
     async def release_lease(self, key: str, owner: str) -> bool:
         async with self._conn() as conn:
@@ -318,9 +312,9 @@ class PostgresStore:
         beat = Beat()
         async with self._conn() as conn:
             if claims:
-                beat.lost_claims.extend(await _extend(conn, sql.extend, claims, lease))
+                beat.lost_claims.extend(await extend_held(conn, sql.extend, claims, lease))
             if leases:
-                beat.lost_leases.extend(await _extend(conn, sql.extend_leases, leases, lease))
+                beat.lost_leases.extend(await extend_held(conn, sql.extend_leases, leases, lease))
             if watch:
                 beat.cancelled.update(r[0] for r in await conn.fetch(sql.cancelled, list(watch)))
         return beat
@@ -402,57 +396,8 @@ def _schema_query(schema: str) -> str:
     return "" if schema == "public" else f"?schema={schema}"
 
 
-async def _extend(
-    conn: Connection, statement: str, held: Sequence[tuple[str, str]], lease: float
-) -> list[tuple[str, str]]:
-    """Extend each ``(key, owner)``; returns those not held any more."""
-    keys, owners = [k for k, _ in held], [o for _, o in held]
-    kept = {(r[0], r[1]) for r in await conn.fetch(statement, keys, owners, lease)}
-    return [pair for pair in held if pair not in kept]
-
-
 def _polls() -> Iterator[float]:
     poll = POLL_MIN
     while True:
         yield poll
         poll = min(poll * 2, POLL_MAX)
-
-
-def _row(r: JobRecord) -> tuple[Any, ...]:
-    return (
-        r.id,
-        r.task,
-        r.queue,
-        r.status,
-        r.attempt,
-        r.enqueued_at,
-        r.started_at,
-        r.finished_at,
-        r.error_type,
-        r.error,
-        r.traceback,
-        r.result,
-        r.result_error,
-    )
-
-
-def _record(row: Any) -> JobRecord:
-    (job_id, task, queue, status, attempt, enqueued, started, finished, *rest) = row
-    error_type, error, traceback, result, result_error = rest
-    checked = as_status(status)
-    assert checked is not None
-    return JobRecord(
-        job_id,
-        task,
-        queue,
-        checked,
-        attempt,
-        enqueued,
-        started,
-        finished,
-        error_type,
-        error,
-        traceback,
-        None if result is None else bytes(result),
-        result_error,
-    )
