@@ -116,9 +116,7 @@ def classify(
     return RetryLater(retry_delay(attempt, policy, rand))
 
 
-def retry_delay(
-    attempt: int, policy: Policy, rand: Callable[[], float] = random.random
-) -> float:
+def retry_delay(attempt: int, policy: Policy, rand: Callable[[], float] = random.random) -> float:
     """The pause before the attempt after ``attempt`` (1-based): uniform in the upper
     half of the exponential ceiling. The lower half is left out so that the retries of a
     job span a known time at least (the outage they survive), and the upper half still
