@@ -47,7 +47,8 @@ PID = os.getpid()
 IDEMPOTENCY = importlib.util.find_spec("aioworkers.idempotency") is not None
 
 options: dict[str, Any] = {}
-if IDEMPOTENCY:
+# On postgresql:// the keys live in the broker's database, the store's default.
+if IDEMPOTENCY and _url.scheme not in ("postgresql", "postgres"):
     options["idempotency"] = f"{LEDGER_URL}?prefix={PREFIX}:idem"
 app = aioworkers.App(
     BROKER_URL,

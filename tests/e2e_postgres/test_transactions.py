@@ -72,7 +72,7 @@ async def test_a_worker_refuses_an_unmigrated_database_and_migrate_fixes_it() ->
         assert "schema version 0" in run.stderr
 
         migrated = await asyncio.to_thread(cli, "migrate", url=url)
-        assert (migrated.returncode, migrated.stdout) == (0, f"applied migrations 1 to {url}\n")
+        assert (migrated.returncode, migrated.stdout) == (0, f"applied migrations 1, 2 to {url}\n")
         again = await asyncio.to_thread(cli, "migrate", url=url)
         assert again.stdout == f"nothing to migrate on {url}\n"
 
