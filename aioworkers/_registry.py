@@ -17,7 +17,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 import anyio
@@ -37,7 +37,8 @@ MAX_WORKERS = 1000  # listed at most (a bound on what one page reads)
 
 @dataclass(frozen=True, slots=True)
 class WorkerInfo:
-    """One worker as it last reported itself. Times are epoch seconds."""
+    """One worker as it last reported itself. Times are epoch seconds; the counts are of
+    jobs since the worker started (``outcomes``: by outcome, ``ok``, ``throttled``, ...)."""
 
     id: str
     host: str
@@ -51,18 +52,26 @@ class WorkerInfo:
     started_at: float
     beat_at: float
     state: str
+    # Added later: a record left by an older version has neither (then 0 and {}).
+    jobs_throttled: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
 
     def dumps(self) -> bytes:
         return orjson.dumps(asdict(self))
 
     @classmethod
     def loads(cls, raw: bytes | str) -> WorkerInfo | None:
-        """The record, or None for one this version cannot read (left by another)."""
+        """The record, or None for one this version cannot read (left by another). Fields
+        a newer version added are ignored; those this one added may be missing."""
         try:
             doc = orjson.loads(raw)
-            return cls(**{**doc, "queues": tuple(doc["queues"])})
-        except (orjson.JSONDecodeError, TypeError, KeyError):
+            known = {k: v for k, v in doc.items() if k in _FIELDS}
+            return cls(**{**known, "queues": tuple(doc["queues"])})
+        except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
             return None
+
+
+_FIELDS = frozenset(f.name for f in fields(WorkerInfo))
 
 
 class Registry(Protocol):
@@ -270,6 +279,8 @@ class _Snapshot:
             started_at=self.started_at,
             beat_at=now,
             state=worker.state,
+            jobs_throttled=counts.get("throttled", 0),
+            outcomes=dict(counts),
         )
 
 

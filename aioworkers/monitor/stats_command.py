@@ -1,5 +1,6 @@
 """``aioworkers stats``: queue depths once (a table, or ``--json``), checked against
-``--fail-if`` thresholds, or refreshed with rates every ``--watch`` seconds."""
+``--fail-if`` thresholds, or refreshed with rates every ``--watch`` seconds; with them what
+the live workers counted (the worker registry, `_registry`): how many jobs they throttled."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .._registry import WorkerInfo, registry_for
 from ..brokers.base import QueueDepth, Totals
 from ..errors import ConfigError
+from ..store import StoreUnavailable
 
 if TYPE_CHECKING:
     from ..app import App
@@ -130,6 +133,40 @@ def _table(rows: dict[str, QueueDepth], rates: dict[str, dict[str, float | None]
     return "\n".join(lines)
 
 
+async def _live_workers(app: App) -> list[WorkerInfo] | None:
+    """The live workers, or None when unknown: no state store (RabbitMQ, SQS without
+    ``store=``), one that keeps no registry, or one that cannot be reached."""
+    try:
+        registry = registry_for(app.store)
+        return None if registry is None else await registry.workers()
+    except (ConfigError, StoreUnavailable):
+        return None
+
+
+def _workers_doc(found: list[WorkerInfo] | None, queues: Sequence[str]) -> dict[str, Any]:
+    """``{"live": .., "throttled": .., "by_queue": {queue: ..}, "outcomes": {..}}``, every
+    value None when unknown. Counts are since each live worker started. ``by_queue`` counts
+    the workers that consume that queue alone: one on several queues is only in the totals."""
+    if found is None:
+        return dict.fromkeys(("live", "throttled", "by_queue", "outcomes"))
+    by_queue = dict.fromkeys(queues, 0)
+    outcomes: dict[str, int] = {}
+    for info in found:
+        if len(info.queues) == 1 and info.queues[0] in by_queue:
+            by_queue[info.queues[0]] += info.jobs_throttled
+        for name, n in info.outcomes.items():
+            outcomes[name] = outcomes.get(name, 0) + n
+    throttled = sum(info.jobs_throttled for info in found)
+    return {"live": len(found), "throttled": throttled, "by_queue": by_queue, "outcomes": outcomes}
+
+
+def _workers_line(doc: dict[str, Any]) -> str:
+    if doc["live"] is None:
+        return "workers: throttled unknown (no state store keeps a worker registry)"
+    per_queue = ", ".join(f"{q} {n}" for q, n in doc["by_queue"].items())
+    return f"workers: {doc['live']} live, {doc['throttled']} throttled ({per_queue})"
+
+
 def _check(rows: dict[str, QueueDepth], thresholds: Sequence[Threshold]) -> list[str]:
     return [
         f"{t} holds on queue {q!r} ({t.field}={_field(d, t.field)})"
@@ -147,12 +184,13 @@ async def stats(app: App, queues: Sequence[str], args: argparse.Namespace) -> in
             raise ConfigError("--fail-if checks once: use it without --watch (e.g. from cron)")
         return await _watch(app, queues, args)
     rows = {q: await app.stats(q) for q in queues}
+    workers = _workers_doc(await _live_workers(app), queues)
     if args.json:
         # The shape of a --watch refresh: rates need two polls, so here they are unknown.
         rates = dict.fromkeys(Rates.NAMES)
-        print(_json_line(rows, dict.fromkeys(queues, rates)))
+        print(_json_line(rows, dict.fromkeys(queues, rates), workers))
     else:
-        print(_table(rows, None))
+        print(f"{_workers_line(workers)}\n{_table(rows, None)}")
     alerts = _check(rows, thresholds)
     for alert in alerts:
         print(f"aioworkers: threshold {alert}", file=sys.stderr)
@@ -163,11 +201,16 @@ def _now() -> str:
     return datetime.now(tz=UTC).isoformat(timespec="seconds")
 
 
-def _json_line(rows: dict[str, QueueDepth], rates: dict[str, dict[str, float | None]]) -> str:
+def _json_line(
+    rows: dict[str, QueueDepth],
+    rates: dict[str, dict[str, float | None]],
+    workers: dict[str, Any],
+) -> str:
     """``stats --json``, with or without ``--watch``: ``{"ts": .., "queues": {queue:
-    {"ready": .., "in_flight": .., "delayed": .., "dead": .., "rates": {..}}}}``."""
+    {"ready": .., "in_flight": .., "delayed": .., "dead": .., "rates": {..}}}, "workers":
+    {"live": .., "throttled": .., "by_queue": {..}, "outcomes": {..}}}`` (`_workers_doc`)."""
     queues = {q: asdict(depth) | {"rates": rates[q]} for q, depth in rows.items()}
-    return orjson.dumps({"ts": _now(), "queues": queues}).decode()
+    return orjson.dumps({"ts": _now(), "queues": queues, "workers": workers}).decode()
 
 
 async def _watch(app: App, queues: Sequence[str], args: argparse.Namespace) -> int:
@@ -182,12 +225,14 @@ async def _watch(app: App, queues: Sequence[str], args: argparse.Namespace) -> i
             rows[q] = depth
             per_queue[q] = rates.update(q, depth, totals)
         stamp = _now()
+        workers = _workers_doc(await _live_workers(app), queues)
         if args.json:
-            print(_json_line(rows, per_queue), flush=True)
+            print(_json_line(rows, per_queue, workers), flush=True)
         else:
             header = f"{app.broker_name}  {stamp}  every {args.watch:g}s (Ctrl-C to stop)"
             prefix = "\x1b[H\x1b[2J" if in_place else ("\n" if refreshes else "")
-            print(f"{prefix}{header}\n{_table(rows, per_queue)}", flush=True)
+            table = _table(rows, per_queue)
+            print(f"{prefix}{header}\n{_workers_line(workers)}\n{table}", flush=True)
         refreshes += 1
         if args.count and refreshes >= args.count:
             return 0

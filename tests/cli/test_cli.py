@@ -161,7 +161,9 @@ def test_stats_json_has_one_shape_with_and_without_watch() -> None:
     doc = orjson.loads(once.stdout)
     rates = {"enqueued": None, "done": None, "failed": None, "backlog": None}
     zero = {"ready": 0, "in_flight": 0, "delayed": 0, "dead": 0, "rates": rates}
-    assert doc == {"ts": doc["ts"], "queues": {"default": zero, "other": zero}}
+    # cliapp's store is memory: this process lists no worker.
+    workers = {"live": 0, "throttled": 0, "by_queue": {"default": 0, "other": 0}, "outcomes": {}}
+    assert doc == {"ts": doc["ts"], "queues": {"default": zero, "other": zero}, "workers": workers}
     watched = aioworkers_cmd("stats", "cliapp:app", "--json", "--watch", "0.1", "--count", "2")
     assert watched.returncode == 0, watched.stderr
     first, second = (orjson.loads(line) for line in watched.stdout.splitlines())
