@@ -1,14 +1,14 @@
 """Which state store an `App` uses: the one given (``store=``, or its old name
 ``idempotency=``), else ``AIOWORKERS_STORE_URL``, else the one its broker implies (its
-Redis server, its SQLite file, memory for ``memory://``). RabbitMQ and SQS imply none: a
-feature that needs shared state then refuses to start, never falling back to each
-process's memory without being told (``store="memory://"``)."""
+Redis server, its SQLite file, its PostgreSQL database, memory for ``memory://``).
+RabbitMQ and SQS imply none: a feature that needs shared state then refuses to start,
+never falling back to each process's memory without being told (``store="memory://"``)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from .._sqlite import absolute_url
 from ..brokers.base import Broker, FileBacked, MessagingSystem
@@ -81,7 +81,20 @@ def _default_url(broker_url: str, broker: Broker | None) -> str:
         return f"sqlite:///{quote(str(broker.path))}"
     if isinstance(broker, MessagingSystem) and broker.messaging_system == "memory":
         return "memory://"
+    if isinstance(broker, MessagingSystem) and broker.messaging_system == "postgresql":
+        return _postgres_url(broker)  # its own tables in the broker's database
     return ""
+
+
+def _postgres_url(broker: object) -> str:
+    """The URL of a `PostgresBroker`'s database and schema (its ``settings``)."""
+    settings = getattr(broker, "settings", None)
+    dsn, schema = getattr(settings, "dsn", ""), getattr(settings, "schema", "public")
+    if not dsn:
+        return ""
+    parts = urlsplit(dsn)
+    query = urlencode([*parse_qsl(parts.query), ("schema", schema)])
+    return urlunsplit(parts._replace(query=query))
 
 
 def missing(needs: Sequence[str], broker_name: str) -> ConfigError:

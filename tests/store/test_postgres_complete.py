@@ -219,3 +219,10 @@ def test_the_store_defaults_to_a_postgres_brokers_database() -> None:
     url = "postgresql://u@db.example/app?schema=jobs&poll=0.5"
     assert default_url_for(url) == url
     assert isinstance(App(url).store, PostgresStore)
+    # A broker instance too: its database and schema.
+    from aioworkers.brokers.postgres import PostgresBroker
+
+    store = App(PostgresBroker(url)).store
+    assert isinstance(store, PostgresStore)
+    assert store.settings.schema == "jobs"
+    assert store.settings.dsn == "postgresql://u@db.example/app"
