@@ -2,41 +2,38 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from ._app_handlers import DEFAULT_SYNC_THREADS
+from ._producer import Enqueueing
 from ._runtime.clock import SYSTEM_CLOCK, Clock
 from ._runtime.cron import periodic_for
 from ._runtime.limits import Limits
 from ._runtime.priority import Priority
 from ._runtime.summary import SUMMARY_INTERVAL
 from ._sqlite import absolute_url
-from ._unique import Holds
 from .brokers import (
     Broker,
     ConfiguredLease,
-    DeadLetter,
-    DeadLetterAdmin,
     QueueDepth,
     check_url,
     open_broker,
 )
-from .brokers.postgres_capabilities import Migratable, TransactionalPublisher
+from .brokers.postgres_capabilities import Migratable
 from .consumers import ConsumerOptions
-from .envelope import DEFAULT_MAX_SIZE, Envelope, encode, new_id, now_ms, reset_attempt
+from .dlq import DeadLetterQueue as DeadLetterQueue  # re-exported: its home was here
+from .envelope import DEFAULT_MAX_SIZE
 from .errors import ConfigError, redact_url
-from .handles import JobHandle, record_enqueued
+from .handles import JobHandle
 from .periodic import Overlap, Schedule, decorator
 from .store import IdempotencyStore, Store
 from .store._choice import StoreChoice, missing
-from .task import Call, Task
-from .telemetry import Producer, Telemetry, messaging_system
+from .task import Task
+from .telemetry import Telemetry
 from .worker import Worker
 
 P = ParamSpec("P")
@@ -55,7 +52,7 @@ DEFAULT_MAX_RESULT_SIZE = 1024 * 1024  # bytes of a job's JSON result kept at mo
 Hook = Callable[[], Awaitable[None]]
 
 
-class App(ConsumerOptions):
+class App(Enqueueing, ConsumerOptions):
     """Registry of tasks bound to one broker.
 
     ``broker`` is a URL (``sqlite://``, ``redis://``, ``amqp://``, ``sqs://``, ``memory://``)
@@ -234,15 +231,6 @@ class App(ConsumerOptions):
         broker = self.broker
         return await broker.migrate() if isinstance(broker, Migratable) else []
 
-    def _publish_in(self, conn: object) -> Callable[..., Awaitable[None]]:
-        broker = self.broker
-        if not isinstance(broker, TransactionalPublisher):
-            raise ConfigError(
-                f"enqueue(conn=...) writes jobs in the application's database transaction, "
-                f"which needs a postgresql:// broker; this app's is {self.broker_name}"
-            )
-        return functools.partial(broker.publish_in, conn)
-
     # -- tasks ----------------------------------------------------------------------------
 
     @overload
@@ -366,100 +354,6 @@ class App(ConsumerOptions):
         for hook in self._hooks[which]:
             await hook()
 
-    # -- producer -------------------------------------------------------------------------
-
-    async def enqueue(
-        self,
-        task: str,
-        args: Sequence[Any] = (),
-        kwargs: dict[str, Any] | None = None,
-        *,
-        delay: float | None = 0.0,
-        key: str | None = None,
-        queue: str | None = None,
-        conn: object = None,
-    ) -> JobHandle:
-        """Enqueue a job by task name (the handler need not be importable here); ``conn``
-        as in `enqueue_many`."""
-        call = Call(task, tuple(args), dict(kwargs or {}), delay or 0.0, key, queue)
-        (job,) = await self.enqueue_many([call], conn=conn)
-        return job
-
-    async def enqueue_many(self, calls: Iterable[Call], *, conn: object = None) -> list[JobHandle]:
-        """Enqueue a batch (``[task.call(...), ...]``): one broker round trip per queue and
-        delay. Returns a `JobHandle` (a ``str``, the job id) per job, in order; the jobs
-        of tasks with ``result_ttl`` get their records first (one store round trip).
-
-        ``conn``: a connection of the application (asyncpg, or SQLAlchemy's
-        ``AsyncConnection`` / ``AsyncSession``) in an open transaction, on a PostgreSQL
-        broker: the jobs are written in that transaction, so they exist exactly when it
-        commits. Any other broker: a `ConfigError`."""
-        publish = self.broker.publish if conn is None else self._publish_in(conn)
-        groups: dict[tuple[str, float], list[bytes]] = defaultdict(list)
-        ids = []
-        kept: list[tuple[JobHandle, float, float]] = []  # jobs with records: ttl, delay
-        now = now_ms()
-        producer = self.telemetry.producer(lambda: messaging_system(self.broker))
-        holds = Holds(lambda: self.store)  # unique keys held by this batch (_unique.py)
-        try:
-            for call in calls:
-                if self.enqueue_hooks:
-                    call = await self._outgoing(call)  # with the hooks' headers
-                queue, body, job_id = self._encode(call, now, producer)
-                unique, unique_for = call.unique_key, call.unique_for
-                if unique is not None and (held := await holds.hold(unique, unique_for, job_id)):
-                    ids.append(JobHandle(held, app=self, task=call.task, queue=queue))
-                    continue  # the key's job is in the system: it is the one returned
-                groups[(queue, call.delay)].append(body)
-                job = JobHandle(job_id, app=self, task=call.task, queue=queue)
-                ids.append(job)
-                task = self.tasks.get(call.task)
-                if task is not None and task.result_ttl is not None:
-                    kept.append((job, task.result_ttl, call.delay))
-            if kept:
-                await record_enqueued(self.store, kept)
-            for (queue, delay), bodies in groups.items():
-                await publish(queue, bodies, delay=delay)
-                if producer is not None:
-                    producer.published(queue, delay)
-        except BaseException as exc:
-            if producer is not None:
-                producer.failed(exc)
-            await holds.undo()
-            raise
-        return ids
-
-    def _encode(
-        self, call: Call, now: int, producer: Producer | None = None
-    ) -> tuple[str, bytes, str]:
-        task = self.tasks.get(call.task)
-        args: Sequence[Any] = call.args
-        kwargs = call.kwargs
-        if task is not None:
-            args, kwargs = task.encode_arguments(args, kwargs)  # typed: their JSON forms
-            if call.key is not None and not task.idempotent:
-                task.key_ignored()
-        queue = call.queue or (task.queue if task is not None else None) or self.queue
-        env = Envelope(
-            id=new_id(),
-            task=call.task,
-            args=list(args),
-            kwargs=kwargs,
-            enqueued_at=now,
-            eta=now + int(call.delay * 1000) if call.delay else None,
-            key=call.key,
-            headers=dict(call.headers) if call.headers else {},
-        )
-        if producer is not None:
-            producer.start(queue, call.delay, env)  # its trace context goes into env.headers
-        body = encode(env)
-        if len(body) > self.max_message_size:
-            raise ValueError(
-                f"job {call.task!r} is {len(body)} bytes, over max_message_size "
-                f"{self.max_message_size}: pass a reference (a URL, a key) instead of the data"
-            )
-        return queue, body, env.id
-
     # -- worker, stats, DLQ -----------------------------------------------------------------
 
     def worker(
@@ -527,50 +421,3 @@ class App(ConsumerOptions):
         """The dead-letter queue of ``queue`` (default: the app's); a `ConfigError` if the
         broker cannot list dead letters."""
         return DeadLetterQueue(self.broker, queue or self.queue)
-
-
-class DeadLetterQueue:
-    """List, replay and purge the dead letters of one queue."""
-
-    # A replay takes at most this many entries (its snapshot); run it again for more.
-    SCAN_LIMIT = 100_000
-    # Entries published and removed per round trip.
-    BATCH = 1000
-
-    def __init__(self, broker: Broker, queue: str) -> None:
-        if not isinstance(broker, DeadLetterAdmin):
-            raise ConfigError(f"{type(broker).__name__} cannot list or remove dead letters")
-        self.broker = broker
-        self._admin: DeadLetterAdmin = broker
-        self.queue = queue
-
-    async def list(self, limit: int = 100) -> list[DeadLetter]:
-        """The oldest ``limit`` dead letters."""
-        return await self._admin.dead_letters(self.queue, limit=limit)
-
-    async def replay(self, ids: Iterable[str] | None = None) -> int:
-        """Enqueue dead jobs again as first attempts (all, or those whose ``id`` or
-        ``entry_id`` is in ``ids``), then remove them from the DLQ; returns how many.
-
-        Only the entries present when the replay starts (at most `SCAN_LIMIT`) are
-        replayed, each once: a replayed job that dies again meanwhile stays dead. A crash
-        between publishing and removing leaves a job both queued and dead, never lost.
-        """
-        entries = await self.list(self.SCAN_LIMIT)
-        if ids is not None:
-            wanted = set(ids)
-            entries = [e for e in entries if e.id in wanted or e.entry_id in wanted]
-        return await self.replay_entries(entries)
-
-    async def replay_entries(self, entries: Sequence[DeadLetter]) -> int:
-        """Replay these entries (from `list`) as `replay` does; returns how many."""
-        total = 0
-        for start in range(0, len(entries), self.BATCH):
-            batch = entries[start : start + self.BATCH]
-            await self.broker.publish(self.queue, [reset_attempt(e.body) for e in batch])
-            total += await self._admin.remove_dead_letters(self.queue, [e.entry_id for e in batch])
-        return total
-
-    async def purge(self) -> int:
-        """Delete every dead letter of the queue; returns how many."""
-        return await self._admin.remove_dead_letters(self.queue, None)
