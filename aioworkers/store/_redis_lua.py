@@ -2,7 +2,9 @@
 
 Leases and token buckets run on the server's clock (TIME), the same for every worker.
 Job scripts take many jobs at once (KEYS in pairs: the record hash, its notify list) so a
-batch of records costs one round trip.
+batch of records costs one round trip, and their fields packed as one JSON argument (a
+result, bytes the store does not read, as an argument of its own): each argument costs
+the client more to encode than the server to decode.
 """
 
 from __future__ import annotations
@@ -45,69 +47,78 @@ return 1
 
 # -- job records: a hash per job, and a notify list that a finish pushes to ------------------
 
-# KEYS: record, notify (a pair per job). ARGV per job: ttl ms, final (0/1), n, n field/value
-# items. Replaces each record whole; a new record starts with an empty notify list.
+# KEYS: record, notify (a pair per job). ARGV[1]: a JSON array, per job [ttl ms, final
+# ('0'/'1'), [field, value, ...], has result (0/1)]; ARGV[1 + j]: job j's result (if it
+# has one: bytes are not JSON). Replaces each record whole; a new record starts with an
+# empty notify list.
 PUT_JOBS = """
-local i = 1
-for k = 1, #KEYS, 2 do
-  local ttl, final, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  redis.call('DEL', KEYS[k], KEYS[k + 1])
-  redis.call('HSET', KEYS[k], unpack(ARGV, i + 3, i + 2 + n))
-  redis.call('PEXPIRE', KEYS[k], ttl)
-  if final == '1' then
-    redis.call('RPUSH', KEYS[k + 1], '1')
-    redis.call('PEXPIRE', KEYS[k + 1], ttl)
+local jobs = cjson.decode(ARGV[1])
+for j = 1, #jobs do
+  local record, notify = KEYS[2 * j - 1], KEYS[2 * j]
+  local ttl, final, items, has_result = unpack(jobs[j])
+  redis.call('DEL', record, notify)
+  if has_result == 1 then
+    items[#items + 1] = 'result'
+    items[#items + 1] = ARGV[1 + j]
   end
-  i = i + 3 + n
+  redis.call('HSET', record, unpack(items))
+  redis.call('PEXPIRE', record, ttl)
+  if final == '1' then
+    redis.call('RPUSH', notify, '1')
+    redis.call('PEXPIRE', notify, ttl)
+  end
 end
 return 1
 """
 
-# KEYS: one record per job. ARGV per job: ttl ms, expected statuses (',a,b,' or ''), n,
-# n field/value items. -> per job, the status before ('' if no record).
+# KEYS: one record per job. ARGV[1]: a JSON array, per job [ttl ms, expected statuses
+# (',a,b,' or ''), [field, value, ...]]. -> per job, the status before ('' if no record).
 UPDATE_JOBS = (
     _FINAL
     + """
+local jobs = cjson.decode(ARGV[1])
 local out = {}
-local i = 1
 for k = 1, #KEYS do
-  local ttl, expect, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local ttl, expect, items = jobs[k][1], jobs[k][2], jobs[k][3]
   local s = redis.call('HGET', KEYS[k], 'status')
   out[k] = s or ''
   if s and not FINAL[s] and (expect == '' or string.find(expect, ',' .. s .. ',', 1, true)) then
-    if n > 0 then redis.call('HSET', KEYS[k], unpack(ARGV, i + 3, i + 2 + n)) end
+    if #items > 0 then redis.call('HSET', KEYS[k], unpack(items)) end
     redis.call('PEXPIRE', KEYS[k], ttl)
   end
-  i = i + 3 + n
 end
 return out
 """
 )
 
-# KEYS: record, notify (a pair per job). ARGV per job: ttl ms, task, queue, d, d fields to
-# clear, n, n field/value items. -> per job, the status before ('' if it was created).
+# KEYS: record, notify (a pair per job). ARGV[1]: a JSON array, per job [ttl ms, task,
+# queue, [fields to clear], [field, value, ...], has result (0/1)]; ARGV[1 + j]: job j's
+# result (if it has one). -> per job, the status before ('' if it was created).
 FINISH_JOBS = (
     _FINAL
     + """
+local jobs = cjson.decode(ARGV[1])
 local out = {}
-local i = 1
-for k = 1, #KEYS, 2 do
-  local ttl, task, queue, d = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-  local n = tonumber(ARGV[i + 4 + d])
-  local s = redis.call('HGET', KEYS[k], 'status')
-  out[#out + 1] = s or ''
+for j = 1, #jobs do
+  local record, notify = KEYS[2 * j - 1], KEYS[2 * j]
+  local ttl, task, queue, cleared, items, has_result = unpack(jobs[j])
+  local s = redis.call('HGET', record, 'status')
+  out[j] = s or ''
   if not (s and FINAL[s]) then
     if not s then
-      redis.call('DEL', KEYS[k])
-      redis.call('HSET', KEYS[k], 'task', task, 'queue', queue, 'attempt', '1')
+      redis.call('DEL', record)
+      redis.call('HSET', record, 'task', task, 'queue', queue, 'attempt', '1')
     end
-    if d > 0 then redis.call('HDEL', KEYS[k], unpack(ARGV, i + 4, i + 3 + d)) end
-    redis.call('HSET', KEYS[k], unpack(ARGV, i + 5 + d, i + 4 + d + n))
-    redis.call('PEXPIRE', KEYS[k], ttl)
-    redis.call('RPUSH', KEYS[k + 1], '1')
-    redis.call('PEXPIRE', KEYS[k + 1], ttl)
+    if #cleared > 0 then redis.call('HDEL', record, unpack(cleared)) end
+    if has_result == 1 then
+      items[#items + 1] = 'result'
+      items[#items + 1] = ARGV[1 + j]
+    end
+    redis.call('HSET', record, unpack(items))
+    redis.call('PEXPIRE', record, ttl)
+    redis.call('RPUSH', notify, '1')
+    redis.call('PEXPIRE', notify, ttl)
   end
-  i = i + 5 + d + n
 end
 return out
 """

@@ -26,6 +26,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+import orjson
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
@@ -59,13 +60,21 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def _pairs(fields: dict[str, object]) -> list[object]:
-    """Field/value items for HSET, leaving out None values."""
-    items: list[object] = []
+def _pairs(fields: dict[str, object]) -> list[str]:
+    """Field/value items for HSET, as text (for JSON: a Lua number would lose digits),
+    leaving out None values."""
+    items: list[str] = []
     for name, value in fields.items():
         if value is not None:
-            items += [name, repr(value) if isinstance(value, float) else value]
+            items += [name, repr(value) if isinstance(value, float) else str(value)]
     return items
+
+
+def _packed(jobs: list[list[object]], results: list[bytes | None]) -> list[bytes]:
+    """A job script's ARGV: the jobs' fields as one JSON argument, then each job's result
+    (bytes the store does not read, so not JSON); each argument costs the client more to
+    encode than the server to decode."""
+    return [orjson.dumps(jobs), *(b"" if result is None else result for result in results)]
 
 
 def _record_fields(r: JobRecord) -> dict[str, object]:
@@ -80,7 +89,6 @@ def _record_fields(r: JobRecord) -> dict[str, object]:
         "error_type": r.error_type,
         "error": r.error,
         "traceback": r.traceback,
-        "result": r.result,
         "result_error": r.result_error,
     }
 
@@ -198,11 +206,14 @@ class RedisStore:
         if not records:
             return
         keys: list[str] = []
-        args: list[Any] = []
+        jobs: list[list[object]] = []
         for record in records:
             keys += [self._state("job", record.id), self._state("end", record.id)]
             items = _pairs(_record_fields(record))
-            args += [_ms(ttl), int(record.final), len(items), *items]
+            jobs.append(
+                [str(_ms(ttl)), str(int(record.final)), items, int(record.result is not None)]
+            )
+        args = _packed(jobs, [record.result for record in records])
         async with self._io():
             await self._put_jobs(keys=keys, args=args)
 
@@ -218,7 +229,7 @@ class RedisStore:
         if not updates:
             return []
         keys: list[str] = []
-        args: list[Any] = []
+        jobs: list[list[object]] = []
         for u in updates:
             keys.append(self._state("job", u.id))
             expect = "" if u.expect is None else f",{','.join(sorted(u.expect))},"
@@ -232,9 +243,9 @@ class RedisStore:
                     "traceback": u.traceback,
                 }
             )
-            args += [_ms(u.ttl), expect, len(items), *items]
+            jobs.append([str(_ms(u.ttl)), expect, items])
         async with self._io():
-            replies = await self._update_jobs(keys=keys, args=args)
+            replies = await self._update_jobs(keys=keys, args=[orjson.dumps(jobs)])
         return _statuses(replies)
 
     async def update_job(self, update: JobUpdate) -> JobStatus | None:
@@ -245,20 +256,23 @@ class RedisStore:
         if not finishes:
             return []
         keys: list[str] = []
-        args: list[Any] = []
+        jobs: list[list[object]] = []
         for f in finishes:
             keys += [self._state("job", f.id), self._state("end", f.id)]
             outcome: dict[str, object] = {
                 "error_type": f.error_type,
                 "error": f.error,
                 "traceback": f.traceback,
-                "result": f.result,
                 "result_error": f.result_error,
             }
             cleared = [name for name, value in outcome.items() if value is None]
+            if f.result is None:
+                cleared.append("result")
             ends = {"status": f.status, "finished_at": f.finished_at, "attempt": f.attempt}
             items = _pairs(ends | outcome)
-            args += [_ms(f.ttl), f.task, f.queue, len(cleared), *cleared, len(items), *items]
+            has_result = int(f.result is not None)
+            jobs.append([str(_ms(f.ttl)), f.task, f.queue, cleared, items, has_result])
+        args = _packed(jobs, [f.result for f in finishes])
         async with self._io():
             replies = await self._finish_jobs(keys=keys, args=args)
         return _statuses(replies)
