@@ -226,3 +226,31 @@ def test_the_store_defaults_to_a_postgres_brokers_database() -> None:
     assert isinstance(store, PostgresStore)
     assert store.settings.schema == "jobs"
     assert store.settings.dsn == "postgresql://u@db.example/app"
+
+
+async def test_complete_in_takes_a_sqlalchemy_session(url: str) -> None:
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    engine = create_async_engine(url.replace("postgresql://", "postgresql+asyncpg://"))
+    sessions = async_sessionmaker(engine)
+    app = App(url, visibility_timeout=5)
+    attempts: list[int] = []
+
+    @app.task(idempotent=True, retries=3, backoff=0.01)
+    async def charge(n: int) -> None:
+        attempts.append(current_job().attempt)
+        async with sessions() as session, session.begin():
+            await session.execute(sqlalchemy.text("INSERT INTO charges VALUES (:n)"), {"n": n})
+            await current_job().complete_in(session)
+        if len(attempts) == 1:
+            raise RuntimeError("failed after the commit")
+
+    try:
+        await app.enqueue("charge", [3], key="order-3")
+        await _burst(app)
+    finally:
+        await app.aclose()
+        await engine.dispose()
+    assert attempts == [1]
+    assert await _charges(url) == [3]
