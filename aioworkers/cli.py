@@ -10,20 +10,32 @@ import argparse
 import asyncio
 import importlib
 import logging
-import math
 import os
 import signal
 import sys
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import asdict
-from typing import Any, NoReturn, TypeVar
-
-import orjson
+from typing import Any, NoReturn
 
 from . import __version__, _cli_jobs, _cli_schedules, monitor, supervisor
-from .app import App, DeadLetterQueue
-from .brokers import FileBacked, MessagingSystem
+from ._cli_args import count as _count
+from ._cli_args import csv as _csv
+from ._cli_args import json_of as _json
+from ._cli_args import level as _level
+from ._cli_args import megabytes as _megabytes
+from ._cli_args import port as _port
+from ._cli_args import positive_int as _positive_int
+from ._cli_args import positive_seconds as _positive_seconds
+from ._cli_args import seconds as _seconds
+from ._cli_checks import (
+    UsageError,
+    _note_unknown_queues,
+    _require_queue_file,
+    _require_shared_broker,
+    _warn_private_broker,
+)
+from ._cli_dlq import cmd_dlq
+from .app import App
 from .errors import AioworkersError, ConfigError, redact
 from .worker import Worker
 
@@ -31,10 +43,6 @@ log = logging.getLogger("aioworkers")
 
 # The name to install it by ("aioworkers" on PyPI is another project).
 DISTRIBUTION = "aio-job-workers"
-
-
-class UsageError(Exception):
-    """A mistake on the command line: printed as one line, exit code 2."""
 
 
 class ImportFailed(UsageError):
@@ -106,89 +114,6 @@ def _trim(report: traceback.TracebackException) -> None:
 def _users(filename: str) -> bool:
     internal = filename.startswith(_OWN_FILES) or filename.startswith("<frozen importlib")
     return not internal and filename != importlib.__file__
-
-
-def _csv(value: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
-    return items
-
-
-_N = TypeVar("_N", int, float)
-
-
-def _number(value: str, convert: Callable[[str], _N], minimum: _N, expected: str) -> _N:
-    try:
-        n = convert(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
-    if not math.isfinite(n):
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
-    if n < minimum:
-        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {n}")
-    return n
-
-
-def _positive_int(value: str) -> int:
-    return _number(value, int, 1, "a whole number")
-
-
-def _port(value: str) -> int:
-    n = _positive_int(value)
-    if n > 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {n}")
-    return n
-
-
-def _seconds(value: str) -> float:
-    return _number(value, float, 0.0, "a number of seconds")
-
-
-def _count(value: str) -> int:
-    n = _number(value, int, -(2**63), "a whole number")
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 (one per CPU) or more processes, got {n}")
-    return n
-
-
-def _positive_seconds(value: str) -> float:
-    s = _seconds(value)
-    if s == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return s
-
-
-def _megabytes(value: str) -> float:
-    try:
-        mb = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected megabytes, got {value!r}") from None
-    if not mb > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return mb
-
-
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def _level(value: str) -> str:
-    if value.upper() not in LEVELS:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LEVELS)}, got {value!r}")
-    return value.upper()
-
-
-def _json(kind: type) -> Callable[[str], Any]:
-    def parse(value: str) -> Any:
-        try:
-            doc = orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
-            raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {value!r}") from None
-        if not isinstance(doc, kind):
-            raise argparse.ArgumentTypeError(f"expected a JSON {kind.__name__}, got {value!r}")
-        return doc
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -395,106 +320,6 @@ async def cmd_web(app: App, args: argparse.Namespace) -> int:
     return await serve(
         app, host=args.host, port=args.port, read_only=args.read_only, show_args=args.show_args
     )
-
-
-def _note_unknown_queues(app: App, queues: list[str] | None) -> None:
-    """A queue no task names may be a typo, or one filled by ``enqueue --queue``: say so
-    and show what the broker has."""
-    known = app.queues()
-    for queue in queues or ():
-        if queue not in known:
-            print(
-                f"note: queue {queue!r} is unknown to the app (its queues: {', '.join(known)})",
-                file=sys.stderr,
-            )
-
-
-async def cmd_dlq(app: App, args: argparse.Namespace) -> int:
-    _warn_private_broker(app)
-    _note_unknown_queues(app, args.queue)
-    dlqs = [app.dlq(queue) for queue in args.queue or app.queues()]
-    if args.action == "purge":
-        for dlq in dlqs:
-            print(f"purged {_letters(await dlq.purge())} from {dlq.queue!r}")
-    elif args.action == "replay":
-        return await _replay(dlqs, args.ids)
-    else:
-        entries = {dlq.queue: await dlq.list(args.limit) for dlq in dlqs}
-        if args.json:
-            doc = {
-                queue: [asdict(e) | {"body": e.body.decode(errors="replace")} for e in listed]
-                for queue, listed in entries.items()
-            }
-            print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
-        else:
-            for queue, listed in entries.items():
-                print(f"{queue}: {_letters(len(listed))}")
-                for e in listed:
-                    print(
-                        f"  {e.id}  {e.task or '-'}  {e.reason}  attempts={e.attempts}  "
-                        f"{e.error or ''}".rstrip()
-                    )
-    return 0
-
-
-async def _replay(dlqs: list[DeadLetterQueue], ids: list[str] | None) -> int:
-    """Each queue's DLQ as it is now, once: never the letters that die again meanwhile."""
-    wanted = None if ids is None else set(ids)
-    found: set[str] = set()
-    for dlq in dlqs:
-        entries = await dlq.list(dlq.SCAN_LIMIT)
-        if wanted is not None:
-            entries = [e for e in entries if e.id in wanted or e.entry_id in wanted]
-            found.update(e.id for e in entries)
-            found.update(e.entry_id for e in entries)
-        print(f"replayed {_letters(await dlq.replay_entries(entries))} to {dlq.queue!r}")
-        if len(entries) == dlq.SCAN_LIMIT:
-            print(f"  {dlq.queue!r} may hold more: replay again for the rest", file=sys.stderr)
-    missing = [i for i in ids or () if i not in found]
-    if missing:
-        queues = ", ".join(repr(dlq.queue) for dlq in dlqs)
-        for job_id in missing:
-            print(
-                f"aioworkers: no dead letter with id {job_id!r} in queue {queues}", file=sys.stderr
-            )
-        return 1
-    return 0
-
-
-def _letters(n: int) -> str:
-    return f"{n} dead letter" if n == 1 else f"{n} dead letters"
-
-
-def _in_process(app: App) -> bool:
-    """The broker lives inside this process (memory://): nothing else can reach it."""
-    broker = app.broker
-    return isinstance(broker, MessagingSystem) and broker.messaging_system == "memory"
-
-
-def _require_shared_broker(app: App, what: str) -> None:
-    if _in_process(app):
-        raise UsageError(
-            f"the memory:// broker lives inside one process, so '{what}' from the command line "
-            "cannot reach a worker: use a shared broker (--broker URL or AIOWORKERS_BROKER_URL)"
-        )
-
-
-def _warn_private_broker(app: App) -> None:
-    if _in_process(app):
-        print("note: memory:// is private to this process; these are its numbers", file=sys.stderr)
-    # Reading must not create an empty file that says "nothing queued".
-    _require_queue_file(app, hint="")
-
-
-def _require_queue_file(app: App, hint: str = " (or --create to make a new one)") -> None:
-    """A command run from another directory than the worker's must not create a file of
-    its own: a job enqueued there would wait for a worker that never reads it."""
-    broker = app.broker
-    if isinstance(broker, FileBacked) and not broker.path.exists():
-        raise UsageError(
-            f"no queue file at {broker.path}: run this where the worker runs, or point both at "
-            f"one file (--broker or AIOWORKERS_BROKER_URL=sqlite:////absolute/path.db){hint}"
-        )
 
 
 COMMANDS: dict[str, Callable[[App, argparse.Namespace], Coroutine[Any, Any, int]]] = {
