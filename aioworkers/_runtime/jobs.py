@@ -47,13 +47,24 @@ class Jobs:
         self._keep_held = keep_held
         traced = telemetry is not None and telemetry.tracer is not None
         self._job = self._traced if traced else self.run
+        # What `screen` decoded of deliveries not started yet: each body is decoded once.
+        self._prepared: dict[Delivery, Prepared] = {}
 
     async def screen(self, deliveries: Sequence[Delivery]) -> None:
         """Read the cancel marks of fetched deliveries, in one round trip, before they
-        are admitted (see `Records.screen`)."""
+        are admitted (see `Records.screen`); their bodies are decoded here, once."""
         records = self._executor.records
         if records is not None and deliveries:
-            await records.screen(deliveries)
+            prepare, prepared, ids = self._executor.prepare, self._prepared, []
+            for delivery in deliveries:
+                try:
+                    env = (one := prepare(delivery))[0]
+                except Exception:  # left to its run, which logs it
+                    continue
+                prepared[delivery] = one
+                if env is not None:
+                    ids.append(env.id)
+            await records.screen_ids(ids)
 
     def admit(self, deliveries: Sequence[Delivery], reserved: int) -> bool:
         """Hand fetched deliveries to the scheduler (in the ``reserved`` slots fetched for)
@@ -61,6 +72,7 @@ class Jobs:
         assert self._scheduler is not None
         ready = self._scheduler.submit(deliveries, reserved)
         if ready is None:
+            self._unprepare(deliveries)
             return False
         for delivery, run in ready:
             self.start(delivery, run)
@@ -69,17 +81,25 @@ class Jobs:
     def start(
         self, delivery: Delivery, run: Run, prepared: Prepared | None = None
     ) -> asyncio.Task[OutcomeName | None]:
+        if prepared is None and self._prepared:
+            prepared = self._prepared.pop(delivery, None)
         task = asyncio.get_running_loop().create_task(self._job(delivery, run, prepared))
         run.task = task
         return task
 
     async def hand_back(self, deliveries: list[Delivery]) -> None:
         """Release deliveries held but never started (see `Settler.hand_back`)."""
+        self._unprepare(deliveries)
         try:
             await self._settler.hand_back(deliveries)
         finally:
             for delivery in deliveries:
                 self._inflight.remove(delivery)
+
+    def _unprepare(self, deliveries: Sequence[Delivery]) -> None:
+        if self._prepared:
+            for delivery in deliveries:
+                self._prepared.pop(delivery, None)
 
     async def run(
         self, delivery: Delivery, run: Run, prepared: Prepared | None = None

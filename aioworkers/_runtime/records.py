@@ -147,7 +147,10 @@ class Records:
         """Read the cancel marks of a fetched batch in one round trip, before its jobs are
         admitted; `screened` then answers for each job without another. Never raises but
         a cancellation: if the store does not answer, the jobs run unchecked."""
-        ids = [job_id for job_id in map(peek_id, (d.body for d in deliveries)) if job_id]
+        await self.screen_ids([i for i in map(peek_id, (d.body for d in deliveries)) if i])
+
+    async def screen_ids(self, ids: list[str]) -> None:
+        """`screen` for the jobs of these ids (their bodies already decoded)."""
         if not ids:
             return
         try:
