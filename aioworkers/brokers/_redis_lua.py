@@ -156,15 +156,21 @@ return 1
 )
 
 # KEYS: stream, delayed, payloads. ARGV: limit -> ms until the next eta, or -1 if none.
-# Any number of workers may run it at once: each due id moves exactly once.
+# Any number of workers may run it at once: each due id moves exactly once. A payload
+# behind the mark is a foreign entry's fields (`_redis_foreign.RETRY_RAW`).
 PROMOTE = (
     OWNED
     + """
 local now = now_ms()
 local ids = redis.call('ZRANGE', KEYS[2], '-inf', now, 'BYSCORE', 'LIMIT', 0, ARGV[1])
+local mark = '\\0aioworkers-fields\\0'
 for _, id in ipairs(ids) do
   local body = redis.call('HGET', KEYS[3], id)
-  if body then redis.call('XADD', KEYS[1], '*', 'b', body) end
+  if body and string.sub(body, 1, #mark) == mark then
+    redis.call('XADD', KEYS[1], '*', unpack(cmsgpack.unpack(string.sub(body, #mark + 1))))
+  elseif body then
+    redis.call('XADD', KEYS[1], '*', 'b', body)
+  end
 end
 if #ids > 0 then
   redis.call('ZREM', KEYS[2], unpack(ids))

@@ -41,6 +41,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from ..errors import BrokerUnavailable, ConfigError, LeaseLost
 from . import _redis_lua as lua
 from ._kit import by_queue, chunks
+from ._redis_foreign import RETRY_RAW, ForeignRedis, delivery_of
 from ._redis_io import (
     ACL_RULES,
     KEEPALIVE,
@@ -49,7 +50,6 @@ from ._redis_io import (
     SEND_RATE,
     TRANSIENT_CODES,
     _GroupLost,
-    body_of,
     connect,
     entries_added,
     error_code,
@@ -92,7 +92,7 @@ class _Keys:
     leases: str
 
 
-class RedisBroker:
+class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
     """``redis://[:password@]host[:port][/db][?prefix=aioworkers&group=workers]``
 
     ``socket_timeout`` (default 5 s) bounds how long any call waits for its reply beyond
@@ -136,6 +136,7 @@ class RedisBroker:
         self._ack = register(lua.ACK)
         self._extend = register(lua.EXTEND)
         self._retry = register(lua.RETRY)
+        self._retry_raw = register(RETRY_RAW)
         self._release = register(lua.RELEASE)
         self._dead = register(lua.DEAD)
         self._publish = register(lua.PUBLISH)
@@ -262,7 +263,7 @@ class RedisBroker:
         if isinstance(reply, dict):  # RESP3
             reply = list(reply.items())
         return [
-            Delivery(queue, text(entry_id), body_of(fields), 1)
+            delivery_of(queue, entry_id, fields, 1)
             for _stream, entries in reply or ()
             for entry_id, fields in entries
         ]
@@ -293,8 +294,7 @@ class RedisBroker:
                     keys=[self.keys(queue).stream], args=[self.group, idle_ms, self.consumer]
                 )
         return [
-            Delivery(queue, text(entry_id), body_of(pairs(fields)), int(n))
-            for entry_id, fields, n in entries
+            delivery_of(queue, entry_id, pairs(fields), int(n)) for entry_id, fields, n in entries
         ]
 
     async def stop_fetching(self, queue: str) -> None:
