@@ -72,6 +72,7 @@ class PostgresStore:
 
     def __init__(self, url: str) -> None:
         self.settings = parse_url(url)
+        self._url = url
         from ..brokers._postgres_sql import Statements
 
         self._pool = Pool(self.settings, Statements(self.settings.schema))
@@ -326,7 +327,7 @@ class PostgresStore:
         store whose app's broker is not this database; returns the versions applied."""
         from ..brokers.postgres import PostgresBroker
 
-        broker = PostgresBroker(self.settings.dsn + _schema_query(self.settings.schema))
+        broker = PostgresBroker(self._url)  # the same database, schema and options
         try:
             return await broker.migrate()
         finally:
@@ -390,10 +391,6 @@ class PostgresStore:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-def _schema_query(schema: str) -> str:
-    return "" if schema == "public" else f"?schema={schema}"
 
 
 def _polls() -> Iterator[float]:

@@ -96,3 +96,19 @@ async def test_lapsed_rows_are_swept_in_batches(url: str, monkeypatch: pytest.Mo
     finally:
         await conn.close()
         await store.aclose()
+
+
+async def test_a_store_of_its_own_schema_is_migrated_there(url: str) -> None:
+    from aioworkers.store.postgres import PostgresStore
+
+    store = PostgresStore(f"{url}?schema=state_here&pool_size=2")
+    try:
+        assert await store.migrate() == [1, 2]
+        assert await store.claim("k", "o", lease=5) == "claimed"
+    finally:
+        await store.aclose()
+    conn = await asyncpg.connect(url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM state_here.aioworkers_keys") == 1
+    finally:
+        await conn.close()
