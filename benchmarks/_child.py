@@ -50,6 +50,13 @@ class Spec:
     # aioworkers side: "" (plain), off (telemetry disabled), or the OpenTelemetry SDK
     # providers configured: metrics, traces, all
     otel: str = ""
+    queues: int = 1  # W4: the worker consumes this many queues (see `queue_names`)
+
+    def queue_names(self) -> list[str]:
+        """The aioworkers side's queues: ``queue``, or W4's ``queue-0`` ... ``queue-N``."""
+        if self.queues == 1:
+            return [self.queue]
+        return [f"{self.queue}-{k}" for k in range(self.queues)]
 
     @classmethod
     def from_argv(cls) -> Spec:
@@ -76,7 +83,9 @@ class Work:
             "w1": self.w1,
             "w2": self.w2,
             "w3": self.w3,
+            "w5": self.w5,
         }
+        self.failed: set[int] = set()  # W5: the jobs whose first attempt failed
 
     def _one_done(self) -> None:
         self.count += 1
@@ -96,6 +105,13 @@ class Work:
         """I/O-bound: a sleep, counted in-process."""
         await asyncio.sleep(self.sleep)
         self._one_done()
+
+    async def w5(self, i: int) -> None:
+        """W1's job, but its first attempt fails (the framework retries it)."""
+        if i not in self.failed:
+            self.failed.add(i)
+            raise RuntimeError("W5: every job's first attempt fails")
+        await self.w1(i)
 
     async def w3(self, sent: float, seq: int) -> None:
         """Latency: start minus enqueue, both wall clock (two processes, one machine)."""

@@ -194,6 +194,11 @@ def summarize(records: list[Record]) -> list[Row]:
             check=lambda raw, aio, ratio: aio is not None and aio <= P99_TARGET_MS,
         ),
         _row(records, "W1.rss", "Peak RSS", "MB, W1 worker process", _rss, fmt="{:.1f}"),
+        # aioworkers alone (the raw loops have one queue and no retries): compare with W1.
+        _row(records, "W4.rate", "W4 20 queues", "jobs/s, W1's jobs spread", _rate, fmt="{:,.0f}"),
+        _row(records, "W4.cpu", "W4 20 queues", "worker CPU µs/job", _cpu_us, fmt="{:.0f}"),
+        _row(records, "W5.rate", "W5 retries", "jobs/s, each fails once", _rate, fmt="{:,.0f}"),
+        _row(records, "W5.cpu", "W5 retries", "worker CPU µs/job", _cpu_us, fmt="{:.0f}"),
     ]
     if len(depths) == 2:
         small = _row(

@@ -72,16 +72,19 @@ RAW_SIDES = {
     "sqlite": HERE / "_raw_sqlite.py",
     "postgres": HERE / "_raw_postgres.py",
 }
-WORKLOADS = ("W0", "W1", "W2", "W3", "RSS")
+WORKLOADS = ("W0", "W1", "W2", "W3", "RSS", "W4", "W5")
 # RSS (queue depths of 50k-200k) is left out by default on amqp and sqs: filling RabbitMQ
-# with persistent confirmed messages, or moto at ~60 msg/s, takes too long.
+# with persistent confirmed messages, or moto at ~60 msg/s, takes too long. W4 and W5
+# (aioworkers alone: the raw loops have one queue and no retries) run when asked (--only).
 DEFAULT_WORKLOADS = {
-    "redis": WORKLOADS,
+    "redis": WORKLOADS[:5],
     "amqp": WORKLOADS[:4],
     "sqs": WORKLOADS[:4],
-    "sqlite": WORKLOADS,
-    "postgres": WORKLOADS,
+    "sqlite": WORKLOADS[:5],
+    "postgres": WORKLOADS[:5],
 }
+AIO_ONLY = frozenset({"W4", "W5"})
+W4_QUEUES = 20  # W4: one worker on this many queues, the jobs spread over them
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 SQS_ENV = {
@@ -330,7 +333,8 @@ class Harness:
             conn = await aio_pika.connect(self.amqp_url)
             try:
                 channel = await conn.channel()
-                for name in (spec.stream, spec.queue, f"{spec.queue}.dead"):
+                dead = [f"{queue}.dead" for queue in spec.queue_names()]
+                for name in (spec.stream, *spec.queue_names(), *dead):
                     if name:
                         await channel.queue_delete(name)
             finally:
@@ -375,6 +379,8 @@ class Harness:
             "W2": ("w2", p.w2_jobs, p.w2_jobs),
             "W3": ("w3", 0, int(p.w3_rate * p.w3_seconds)),
             "RSS": ("w1", t.depth, p.rss_jobs),
+            "W4": ("w1", p.w1_jobs, p.w1_jobs),
+            "W5": ("w5", p.w1_jobs, p.w1_jobs),
         }[t.workload]
         spec = Spec(
             workload=t.workload,
@@ -399,6 +405,7 @@ class Harness:
             warmup=int(p.w3_rate * p.w3_warmup),
             uvloop=self.uvloop,
             otel=OTEL_MODES.get(t.side, ""),
+            queues=W4_QUEUES if t.workload == "W4" else 1,
         )
         return spec, queued
 
@@ -501,7 +508,10 @@ class Harness:
             if t.side == "raw":
                 await self.publish_raw(spec, [envelope(spec.task, [i]) for i in ids])
             else:
-                calls = (aioworkers.Call(spec.task, (i,), queue=spec.queue) for i in ids)
+                queues = spec.queue_names()  # W4: spread over its queues
+                calls = (
+                    aioworkers.Call(spec.task, (i,), queue=queues[i % len(queues)]) for i in ids
+                )
                 await self.app.enqueue_many(calls)
 
     async def produce(self, t: Trial, spec: Spec) -> None:
@@ -568,6 +578,8 @@ class Harness:
                 for depth in self.preset.rss_depths:
                     yield from (Trial("RSS", side, 0, depth) for side in sides)
                 continue
+            if workload in AIO_ONLY:
+                sides = [side for side in sides if side != "raw"]
             for rep in range(self.preset.repeat):
                 # Rotate which side goes first (two sides: alternate), so drift in the
                 # machine's load evens out.
