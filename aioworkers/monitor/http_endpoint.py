@@ -11,6 +11,7 @@ request line and headers, at most 8 KiB (no body); each connection carries one.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import selectors
@@ -118,7 +119,9 @@ class MetricsEndpoint:
             return
         self._stopping = True
         if self._thread.is_alive():
-            self._waker.send(b"\0")
+            # The thread may be on its way out already, its end of the pipe closed.
+            with contextlib.suppress(OSError):
+                self._waker.send(b"\0")
             self._thread.join()
         else:  # never started, or already stopped by an error (and closed)
             self._close_all()
