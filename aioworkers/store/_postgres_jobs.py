@@ -5,11 +5,18 @@ one order, so two batches never deadlock on each other)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from ..brokers._postgres_conn import Connection
 from ._postgres_sql import StoreStatements
-from .base import FINAL, JobFinish, JobRecord, JobStatus, JobUpdate, as_status, check_expect
+from .base import (
+    FINAL,
+    JobFinish,
+    JobRecord,
+    JobStatus,
+    JobUpdate,
+    as_status,
+    check_expect,
+)
 
 
 async def _lock(conn: Connection, sql: StoreStatements, ids: list[str]) -> dict[str, JobStatus]:
@@ -96,43 +103,3 @@ async def extend_held(
     keys, owners = [k for k, _ in held], [o for _, o in held]
     kept = {(r[0], r[1]) for r in await conn.fetch(statement, keys, owners, lease)}
     return [pair for pair in held if pair not in kept]
-
-
-def record_row(r: JobRecord) -> tuple[Any, ...]:
-    return (
-        r.id,
-        r.task,
-        r.queue,
-        r.status,
-        r.attempt,
-        r.enqueued_at,
-        r.started_at,
-        r.finished_at,
-        r.error_type,
-        r.error,
-        r.traceback,
-        r.result,
-        r.result_error,
-    )
-
-
-def as_record(row: Any) -> JobRecord:
-    (job_id, task, queue, status, attempt, enqueued, started, finished, *rest) = row
-    error_type, error, traceback, result, result_error = rest
-    checked = as_status(status)
-    assert checked is not None
-    return JobRecord(
-        job_id,
-        task,
-        queue,
-        checked,
-        attempt,
-        enqueued,
-        started,
-        finished,
-        error_type,
-        error,
-        traceback,
-        None if result is None else bytes(result),
-        result_error,
-    )

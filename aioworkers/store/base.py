@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from ..errors import AioworkersError
 
@@ -313,3 +313,45 @@ def as_status(value: str | bytes | None) -> JobStatus | None:
         if status == text:
             return status
     raise ValueError(f"unknown job status {text!r} in the store")
+
+
+def record_row(r: JobRecord) -> tuple[Any, ...]:
+    """A record as the column values the SQL stores keep (`as_record` reads them back)."""
+    return (
+        r.id,
+        r.task,
+        r.queue,
+        r.status,
+        r.attempt,
+        r.enqueued_at,
+        r.started_at,
+        r.finished_at,
+        r.error_type,
+        r.error,
+        r.traceback,
+        r.result,
+        r.result_error,
+    )
+
+
+def as_record(row: Any) -> JobRecord:
+    """The record of a row of `record_row`'s columns."""
+    (job_id, task, queue, status, attempt, enqueued, started, finished, *rest) = row
+    error_type, error, traceback, result, result_error = rest
+    checked = as_status(status)
+    assert checked is not None
+    return JobRecord(
+        job_id,
+        task,
+        queue,
+        checked,
+        attempt,
+        enqueued,
+        started,
+        finished,
+        error_type,
+        error,
+        traceback,
+        None if result is None else bytes(result),
+        result_error,
+    )

@@ -27,7 +27,7 @@ import asyncpg
 from ..brokers._postgres_conn import ERRORS, Connection, Pool, driver_connection, parse_url
 from ..errors import AioworkersError, BrokerUnavailable, ConfigError
 from . import _postgres_sql as psql
-from ._postgres_jobs import as_record, extend_held, finish_jobs, record_row, update_jobs
+from ._postgres_jobs import extend_held, finish_jobs, update_jobs
 from ._wait import Waiters, wait_final
 from .base import (
     FINAL,
@@ -38,10 +38,12 @@ from .base import (
     JobStatus,
     JobUpdate,
     StoreUnavailable,
+    as_record,
     as_status,
     check_limit,
     check_rate,
     check_times,
+    record_row,
 )
 
 log = logging.getLogger("aioworkers")

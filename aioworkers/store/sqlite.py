@@ -13,7 +13,7 @@ import functools
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from .._sqlite import SqliteFile, parse_url, seconds_option, transaction
 from ..errors import ConfigError
@@ -28,11 +28,13 @@ from .base import (
     JobStatus,
     JobUpdate,
     StoreUnavailable,
+    as_record,
     as_status,
     check_expect,
     check_limit,
     check_rate,
     check_times,
+    record_row,
 )
 
 T = TypeVar("T")
@@ -131,7 +133,7 @@ class SqliteStore:
             return
 
         def put(db: sqlite3.Connection, now: float) -> None:
-            db.executemany(sql.JOB_PUT, [(*_row(r), now + ttl) for r in records])
+            db.executemany(sql.JOB_PUT, [(*record_row(r), now + ttl) for r in records])
 
         await self._write(put)
         for record in records:
@@ -144,7 +146,7 @@ class SqliteStore:
     async def get_job(self, job_id: str) -> JobRecord | None:
         def get(db: sqlite3.Connection, now: float) -> JobRecord | None:
             row = db.execute(sql.JOB_GET, (job_id, now)).fetchone()
-            return None if row is None else _record(row)
+            return None if row is None else as_record(row)
 
         return await self._read(get)
 
@@ -353,46 +355,6 @@ def _status(db: sqlite3.Connection, job_id: str, now: float) -> JobStatus | None
     return None if row is None else as_status(row[0])
 
 
-def _row(r: JobRecord) -> tuple[object, ...]:
-    return (
-        r.id,
-        r.task,
-        r.queue,
-        r.status,
-        r.attempt,
-        r.enqueued_at,
-        r.started_at,
-        r.finished_at,
-        r.error_type,
-        r.error,
-        r.traceback,
-        r.result,
-        r.result_error,
-    )
-
-
-def _record(row: Any) -> JobRecord:
-    (job_id, task, queue, status, attempt, enqueued, started, finished, *rest) = row
-    error_type, error, traceback, result, result_error = rest
-    checked = as_status(status)
-    assert checked is not None
-    return JobRecord(
-        job_id,
-        task,
-        queue,
-        checked,
-        attempt,
-        enqueued,
-        started,
-        finished,
-        error_type,
-        error,
-        traceback,
-        None if result is None else bytes(result),
-        result_error,
-    )
-
-
 def _finish(
     finishes: Sequence[JobFinish], db: sqlite3.Connection, now: float
 ) -> list[JobStatus | None]:
@@ -405,7 +367,7 @@ def _finish(
         outcome = (f.error_type, f.error, f.traceback, f.result, f.result_error)
         if status is None:
             record = JobRecord(f.id, f.task, f.queue, f.status, attempt=f.attempt or 1)
-            db.execute(sql.JOB_PUT, (*_row(record), now + f.ttl))
+            db.execute(sql.JOB_PUT, (*record_row(record), now + f.ttl))
         db.execute(sql.JOB_END, (f.status, f.finished_at, f.attempt, *outcome, now + f.ttl, f.id))
     return before
 
