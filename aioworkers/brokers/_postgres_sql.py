@@ -315,6 +315,17 @@ ON CONFLICT (queue) DO UPDATE SET
         self.dead_letters = (
             f"SELECT entry, body, facts::text FROM {dead} WHERE queue = $1 ORDER BY entry LIMIT $2"
         )
+        # Dead-letter pages: keyset on (queue, entry); $2 the cursor, $3 the rows read.
+        letters = f"SELECT entry, body, facts::text FROM {dead} WHERE queue = $1"
+        self.dead_page_older = f"{letters} AND entry < $2 ORDER BY entry DESC LIMIT $3"
+        self.dead_page_newer = f"{letters} AND entry > $2 ORDER BY entry LIMIT $3"
+        self.dead_newer_exists = (
+            f"SELECT EXISTS (SELECT 1 FROM {dead} WHERE queue = $1 AND entry >= $2)"
+        )
+        self.dead_older_exists = (
+            f"SELECT EXISTS (SELECT 1 FROM {dead} WHERE queue = $1 AND entry <= $2)"
+        )
+        self.dead_by_id = f"{letters} AND entry = ANY($2::bigint[]) ORDER BY entry"
         self.remove_dead = f"DELETE FROM {dead} WHERE queue = $1 AND entry = ANY($2::bigint[])"
         self.purge_dead = f"DELETE FROM {dead} WHERE queue = $1"
         self.vacuum = f"VACUUM (SKIP_LOCKED) {jobs}, {counts}"

@@ -191,6 +191,68 @@ class DeadLetterAdmin(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetterPage:
+    """One page of a DLQ, newest entry first. ``older`` is the cursor of the next page
+    toward the oldest entry (None: this page ends with the oldest), ``newer`` the cursor of
+    the page before it (None: it starts with the newest). A cursor is an ``entry_id``."""
+
+    entries: list[DeadLetter]
+    older: str | None
+    newer: str | None
+
+    @classmethod
+    def of(
+        cls, read: Sequence[DeadLetter], *, limit: int, newest_first: bool, beyond: bool
+    ) -> DeadLetterPage:
+        """The page from ``read``: up to ``limit + 1`` entries read away from the cursor
+        (``newest_first``: toward the oldest), the one past ``limit`` only saying that
+        more lie that way; ``beyond``: whether any entry lies the other way."""
+        more = len(read) > limit
+        entries = list(read[:limit]) if newest_first else list(reversed(read[:limit]))
+        if not entries:
+            return cls([], None, None)
+        older = more if newest_first else beyond
+        newer = beyond if newest_first else more
+        return cls(
+            entries,
+            older=entries[-1].entry_id if older else None,
+            newer=entries[0].entry_id if newer else None,
+        )
+
+
+def entry_number(cursor: str) -> int:
+    """A cursor of a broker whose entry ids are integers (memory, SQLite, PostgreSQL)."""
+    if not (cursor.isascii() and cursor.isdigit() and len(cursor) < 19):
+        raise ValueError(f"not a dead-letter cursor: {cursor[:40]!r}")
+    return int(cursor)
+
+
+def entry_numbers(entry_ids: Collection[str]) -> list[int]:
+    """The ids among ``entry_ids`` that can be integer entry ids, the others dropped."""
+    return [int(e) for e in entry_ids if e.isascii() and e.isdigit() and len(e) < 19]
+
+
+@runtime_checkable
+class DeadLetterPages(Protocol):
+    """Pages through a DLQ by cursor (keyset, never an offset): each call reads one page,
+    however long the DLQ. Brokers that can only list from the front (RabbitMQ, SQS) lack it."""
+
+    async def dead_letter_page(
+        self, queue: str, *, before: str | None = None, after: str | None = None, limit: int = 50
+    ) -> DeadLetterPage:
+        """The ``limit`` entries just older than the cursor ``before``, or just newer than
+        ``after`` (``after=""``: the oldest ``limit``), or the newest ``limit`` when neither
+        is given. A cursor whose entry was removed still works; one that cannot be an
+        ``entry_id`` of this broker raises ``ValueError``."""
+        ...
+
+    async def dead_letters_by_id(self, queue: str, entry_ids: Collection[str]) -> list[DeadLetter]:
+        """The entries among ``entry_ids`` still in the DLQ, oldest first (ids that cannot
+        be this broker's are ignored)."""
+        ...
+
+
 @runtime_checkable
 class Totals(Protocol):
     """Counters for rates (``aioworkers stats --watch``)."""

@@ -4,6 +4,7 @@ single-process use. Nothing survives the process."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import heapq
 import itertools
@@ -17,7 +18,16 @@ import anyio
 from .._runtime.clock import SYSTEM_CLOCK, Clock
 from ..errors import LeaseLost
 from ._kit import LeaseTable
-from .base import DEFAULT_LEASE, DeadLetter, Delivery, QueueDepth, handed_back
+from .base import (
+    DEFAULT_LEASE,
+    DeadLetter,
+    DeadLetterPage,
+    Delivery,
+    QueueDepth,
+    entry_number,
+    entry_numbers,
+    handed_back,
+)
 
 # How many lease tokens of applied retries and dead letters are remembered, so that one
 # re-sent after a lost reply is answered as done (see `MemoryBroker._not_held`).
@@ -285,6 +295,32 @@ class MemoryBroker:
 
     async def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetter]:
         return list(itertools.islice(self._q(queue).dead.values(), limit))
+
+    async def dead_letter_page(
+        self, queue: str, *, before: str | None = None, after: str | None = None, limit: int = 50
+    ) -> DeadLetterPage:
+        """`DeadLetterPages`: a bisection on the entry ids (increasing integers, in
+        insertion order), after copying the id list (the references only)."""
+        dead = self._q(queue).dead
+        ids = list(dead)
+        limit = max(limit, 1)
+        if after is not None:
+            start = bisect.bisect_right(ids, entry_number(after), key=int) if after else 0
+            read = ids[start : start + limit + 1]
+            newest_first, beyond = False, start > 0
+        else:
+            end = len(ids)
+            if before is not None:
+                end = bisect.bisect_left(ids, entry_number(before), key=int)
+            read = ids[max(end - limit - 1, 0) : end][::-1]
+            newest_first, beyond = True, end < len(ids)
+        letters = [dead[i] for i in read]
+        return DeadLetterPage.of(letters, limit=limit, newest_first=newest_first, beyond=beyond)
+
+    async def dead_letters_by_id(self, queue: str, entry_ids: Collection[str]) -> list[DeadLetter]:
+        dead = self._q(queue).dead
+        found = sorted({n for n in entry_numbers(entry_ids) if str(n) in dead})
+        return [dead[str(n)] for n in found]
 
     async def remove_dead_letters(self, queue: str, entry_ids: Collection[str] | None) -> int:
         dead = self._q(queue).dead

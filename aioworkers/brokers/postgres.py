@@ -37,7 +37,15 @@ from ._postgres_conn import (
     schema_version,
 )
 from ._postgres_sql import MAX_PAYLOAD, MIGRATIONS, SCHEMA_VERSION, Statements, migration_lock
-from .base import DEFAULT_LEASE, DeadLetter, Delivery, QueueDepth
+from .base import (
+    DEFAULT_LEASE,
+    DeadLetter,
+    DeadLetterPage,
+    Delivery,
+    QueueDepth,
+    entry_number,
+    entry_numbers,
+)
 
 log = logging.getLogger("aioworkers")
 
@@ -303,19 +311,42 @@ class PostgresBroker:
     async def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetter]:
         async with self._pool.connection() as conn:
             rows = await conn.fetch(self._sql.dead_letters, queue, max(limit, 0))
-        return [
-            DeadLetter.from_facts(
-                _getter(orjson.loads(facts)), queue=queue, entry_id=str(entry), body=bytes(body)
-            )
-            for entry, body, facts in rows
-        ]
+        return _letters(queue, rows)
+
+    async def dead_letter_page(
+        self, queue: str, *, before: str | None = None, after: str | None = None, limit: int = 50
+    ) -> DeadLetterPage:
+        """`DeadLetterPages`: keyset on the (queue, entry) index, ``limit + 1`` rows read
+        from the cursor, and an EXISTS probe the other way, in one snapshot."""
+        limit = max(limit, 1)
+        sql = self._sql
+        newest_first = after is None
+        if newest_first:
+            cursor = _NO_ENTRY if before is None else entry_number(before)
+            read, probe = sql.dead_page_older, None if before is None else sql.dead_newer_exists
+        else:
+            cursor = entry_number(after) if after else 0
+            read, probe = sql.dead_page_newer, sql.dead_older_exists if after else None
+        async with self._pool.connection() as conn, conn.transaction(isolation="repeatable_read"):
+            rows = await conn.fetch(read, queue, cursor, limit + 1)
+            beyond = bool(probe is not None and await conn.fetchval(probe, queue, cursor))
+        return DeadLetterPage.of(
+            _letters(queue, rows), limit=limit, newest_first=newest_first, beyond=beyond
+        )
+
+    async def dead_letters_by_id(self, queue: str, entry_ids: Collection[str]) -> list[DeadLetter]:
+        wanted = entry_numbers(entry_ids)
+        if not wanted:
+            return []
+        async with self._pool.connection() as conn:
+            return _letters(queue, await conn.fetch(self._sql.dead_by_id, queue, wanted))
 
     async def remove_dead_letters(self, queue: str, entry_ids: Collection[str] | None) -> int:
         async with self._pool.connection() as conn:
             if entry_ids is None:
                 status = await conn.execute(self._sql.purge_dead, queue)
             else:
-                wanted = [int(e) for e in entry_ids if e.isascii() and e.isdigit() and len(e) < 19]
+                wanted = entry_numbers(entry_ids)
                 status = await conn.execute(self._sql.remove_dead, queue, wanted)
         return int(status.rsplit(" ", 1)[-1])
 
@@ -389,6 +420,18 @@ class PostgresBroker:
 
 def _keys(deliveries: Sequence[Delivery]) -> tuple[list[int], list[int]]:
     return [int(d.message_id) for d in deliveries], [int(d.token) for d in deliveries]
+
+
+_NO_ENTRY = 2**63 - 1  # above every entry id: the newest page
+
+
+def _letters(queue: str, rows: Sequence[Any]) -> list[DeadLetter]:
+    return [
+        DeadLetter.from_facts(
+            _getter(orjson.loads(facts)), queue=queue, entry_id=str(entry), body=bytes(body)
+        )
+        for entry, body, facts in rows
+    ]
 
 
 def _getter(facts: dict[str, Any]) -> Callable[[str], str | None]:

@@ -39,6 +39,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from ..errors import BrokerUnavailable, ConfigError, LeaseLost
+from . import _redis_dlq
 from . import _redis_lua as lua
 from ._kit import by_queue, chunks
 from ._redis_foreign import RETRY_RAW, ForeignRedis, delivery_of
@@ -59,7 +60,7 @@ from ._redis_io import (
     redis_io,
     text,
 )
-from .base import DEFAULT_LEASE, DeadLetter, Delivery, QueueDepth
+from .base import DEFAULT_LEASE, DeadLetter, DeadLetterPage, Delivery, QueueDepth
 
 __all__ = [
     "ACL_RULES",
@@ -419,6 +420,21 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
         async with self._io(sent=limit * 16_384):
             entries: Any = await self._redis.xrange(self.keys(queue).dead, count=limit)
         return [read_dead_letter(queue, text(entry_id), fields) for entry_id, fields in entries]
+
+    async def dead_letter_page(
+        self, queue: str, *, before: str | None = None, after: str | None = None, limit: int = 50
+    ) -> DeadLetterPage:
+        """`DeadLetterPages`: XREVRANGE / XRANGE by entry id, at most ``limit + 2`` read."""
+        limit = max(limit, 1)
+        async with self._io(sent=limit * 16_384):
+            dead = self.keys(queue).dead
+            return await _redis_dlq.page(
+                self._redis, queue, dead, before=before, after=after, limit=limit
+            )
+
+    async def dead_letters_by_id(self, queue: str, entry_ids: Collection[str]) -> list[DeadLetter]:
+        async with self._io(sent=len(entry_ids) * 16_384):
+            return await _redis_dlq.by_id(self._redis, queue, self.keys(queue).dead, entry_ids)
 
     async def remove_dead_letters(self, queue: str, entry_ids: Collection[str] | None) -> int:
         dead = self.keys(queue).dead

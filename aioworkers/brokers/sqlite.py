@@ -33,7 +33,16 @@ import orjson
 
 from .._sqlite import SqliteFile, parse_url, seconds_option, transaction
 from ..errors import BrokerUnavailable, ConfigError, LeaseLost
-from .base import DEFAULT_LEASE, DeadLetter, Delivery, QueueDepth, handed_back
+from .base import (
+    DEFAULT_LEASE,
+    DeadLetter,
+    DeadLetterPage,
+    Delivery,
+    QueueDepth,
+    entry_number,
+    entry_numbers,
+    handed_back,
+)
 
 log = logging.getLogger("aioworkers")
 
@@ -356,12 +365,39 @@ class SqliteBroker:
                 (queue, max(limit, 0)),
             ).fetchall()
 
-        return [
-            DeadLetter.from_facts(
-                _getter(orjson.loads(raw)), queue=queue, entry_id=str(entry), body=bytes(body)
-            )
-            for entry, body, raw in await self._file.read(read)
-        ]
+        return _letters(queue, await self._file.read(read))
+
+    async def dead_letter_page(
+        self, queue: str, *, before: str | None = None, after: str | None = None, limit: int = 50
+    ) -> DeadLetterPage:
+        """`DeadLetterPages`: keyset on the (queue, entry) index, ``limit + 1`` rows read
+        from the cursor, and an EXISTS probe of one index entry the other way."""
+        limit = max(limit, 1)
+        newest_first = after is None
+        if newest_first:
+            cursor = _NO_ENTRY if before is None else entry_number(before)
+            sql, probe = _PAGE_OLDER, None if before is None else _NEWER_EXISTS
+        else:
+            cursor = entry_number(after) if after else 0
+            sql, probe = _PAGE_NEWER, _OLDER_EXISTS if after else None
+
+        def read(db: sqlite3.Connection) -> tuple[list[tuple[int, bytes, bytes]], bool]:
+            rows = db.execute(sql, (queue, cursor, limit + 1)).fetchall()
+            beyond = probe is not None and db.execute(probe, (queue, cursor)).fetchone()[0]
+            return rows, bool(beyond)
+
+        rows, beyond = await self._file.read(read)
+        return DeadLetterPage.of(
+            _letters(queue, rows), limit=limit, newest_first=newest_first, beyond=beyond
+        )
+
+    async def dead_letters_by_id(self, queue: str, entry_ids: Collection[str]) -> list[DeadLetter]:
+        wanted = sorted(set(entry_numbers(entry_ids)))
+
+        def read(db: sqlite3.Connection) -> list[tuple[int, bytes, bytes]]:
+            return [row for n in wanted for row in db.execute(_BY_ID, (queue, n)).fetchall()]
+
+        return _letters(queue, await self._file.read(read)) if wanted else []
 
     async def remove_dead_letters(self, queue: str, entry_ids: Collection[str] | None) -> int:
         wanted = None
@@ -386,6 +422,24 @@ class SqliteBroker:
         """Close the file once the calls already made are done; a later call opens it
         again."""
         await self._file.aclose()
+
+
+_COLUMNS = "SELECT entry, body, facts FROM aioworkers_dead WHERE queue = ?"
+_PAGE_OLDER = f"{_COLUMNS} AND entry < ? ORDER BY entry DESC LIMIT ?"
+_PAGE_NEWER = f"{_COLUMNS} AND entry > ? ORDER BY entry LIMIT ?"
+_NEWER_EXISTS = "SELECT EXISTS (SELECT 1 FROM aioworkers_dead WHERE queue = ? AND entry >= ?)"
+_OLDER_EXISTS = "SELECT EXISTS (SELECT 1 FROM aioworkers_dead WHERE queue = ? AND entry <= ?)"
+_BY_ID = f"{_COLUMNS} AND entry = ?"
+_NO_ENTRY = 2**63 - 1  # above every entry id: the newest page
+
+
+def _letters(queue: str, rows: list[tuple[int, bytes, bytes]]) -> list[DeadLetter]:
+    return [
+        DeadLetter.from_facts(
+            _getter(orjson.loads(raw)), queue=queue, entry_id=str(entry), body=bytes(body)
+        )
+        for entry, body, raw in rows
+    ]
 
 
 def _getter(facts: dict[str, Any]) -> Callable[[str], str | None]:

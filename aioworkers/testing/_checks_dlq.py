@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..brokers.base import (
     DeadLetterAdmin,
+    DeadLetterPages,
     DeadLetterWriter,
     FileBacked,
     MessagingSystem,
@@ -85,6 +86,50 @@ async def check_dead_letters_list_with_limit_and_remove(ex: Exercise) -> None:
     assert await broker.dead_letters(queue) == []
     assert await broker.remove_dead_letters(queue, None) == 0
     await ex.wait_depth(queue, EMPTY)
+
+
+@check(DeadLetterAdmin, DeadLetterPages)
+async def check_dead_letter_pages_walk_both_ways_by_cursor(ex: Exercise) -> None:
+    """``DeadLetterPages``: pages newest first, ``older`` / ``newer`` cursors that reach
+    both ends and are None there, a cursor whose entry was removed still works, entries
+    read back by id oldest first, and a malformed cursor is a ValueError."""
+    broker, queue = ex.broker, ex.queue
+    assert isinstance(broker, DeadLetterAdmin)
+    assert isinstance(broker, DeadLetterPages)
+    names = "abcdefg"
+    await broker.publish(queue, [n.encode() for n in names])
+    got = sorted(await ex.fetch_n(queue, len(names), within=ex.slack + 1), key=lambda d: d.body)
+    for d in got:  # one at a time: entry ids follow the order of the writes
+        await broker.dead_letter(d, letter(d.body.decode()))
+    entry = {e.id: e.entry_id for e in await broker.dead_letters(queue)}
+
+    async def page(**cursor: str | None) -> tuple[str, str | None, str | None]:
+        found = await broker.dead_letter_page(queue, limit=3, **cursor)
+        ids = "".join(e.id for e in found.entries)
+        return ids, found.older, found.newer
+
+    assert await page() == ("gfe", entry["e"], None)
+    assert await page(before=entry["e"]) == ("dcb", entry["b"], entry["d"])
+    assert await page(before=entry["b"]) == ("a", None, entry["a"])
+    assert await page(after="") == ("cba", None, entry["c"])
+    assert await page(after=entry["c"]) == ("fed", entry["d"], entry["f"])
+    assert await page(after=entry["f"]) == ("g", entry["g"], None)
+
+    assert await broker.remove_dead_letters(queue, [entry["d"]]) == 1
+    assert await page(before=entry["e"]) == ("cba", None, entry["c"])
+    assert await page(after=entry["c"]) == ("gfe", entry["e"], None)
+    byid = await broker.dead_letters_by_id(queue, [entry["g"], entry["b"], entry["d"], "x"])
+    assert [e.id for e in byid] == ["b", "g"]
+    assert byid[0].body == b"b"
+    for bad in ("x", "1; DROP", "-1"):
+        try:
+            await broker.dead_letter_page(queue, before=bad)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"the cursor {bad!r} was taken")
+    empty = await broker.dead_letter_page(ex.case.queue())
+    assert (empty.entries, empty.older, empty.newer) == ([], None, None)
 
 
 @check()

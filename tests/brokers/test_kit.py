@@ -14,6 +14,7 @@ from aioworkers import App, Broker, BrokerUnavailable, ConfigError, Delivery
 from aioworkers.brokers import (
     ConfiguredLease,
     DeadLetterAdmin,
+    DeadLetterPages,
     DeadLetterWriter,
     FileBacked,
     MessagingSystem,
@@ -190,6 +191,7 @@ def test_capabilities_are_found_with_isinstance(directory: str) -> None:
             cap.__name__
             for cap in (
                 DeadLetterAdmin,
+                DeadLetterPages,
                 Totals,
                 DeadLetterWriter,
                 QueueNaming,
@@ -204,11 +206,13 @@ def test_capabilities_are_found_with_isinstance(directory: str) -> None:
     everyone = {"Broker", "DeadLetterAdmin", "MessagingSystem", "ConfiguredLease"}
     assert found == {
         # A DeadLetterWriter can dead-letter a message it never delivered (HTTP push, Lambda).
-        "memory": everyone - {"Broker"} | {"DeadLetterWriter"},
-        "redis": everyone - {"Broker"} | {"Totals", "DeadLetterWriter"},
+        # DeadLetterPages: a cursor into the DLQ (RabbitMQ and SQS list from the front only).
+        "memory": everyone - {"Broker"} | {"DeadLetterWriter", "DeadLetterPages"},
+        "redis": everyone - {"Broker"} | {"Totals", "DeadLetterWriter", "DeadLetterPages"},
         "rabbitmq": everyone - {"Broker"},
         "aws_sqs": everyone - {"Broker"} | {"DeadLetterWriter", "QueueNaming"},
-        "sqlite": everyone - {"Broker"} | {"Totals", "FileBacked", "DeadLetterWriter"},
+        "sqlite": everyone - {"Broker"}
+        | {"Totals", "FileBacked", "DeadLetterWriter", "DeadLetterPages"},
     }
     for system, broker in brokers(directory).items():
         assert isinstance(broker, Broker)
