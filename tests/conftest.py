@@ -64,11 +64,6 @@ SLOW_COPIES: dict[str, str] = {
     "brokers/test_conformance.py::TestSqs::test_extend_sets_the_lease_from_now_and_it_runs_out": (
         "test_leases.py [sqs]"
     ),
-    # NOT a copy: failed once in a full run (no redelivery within 20 s) and never alone
-    # (9 runs); left to -m slow until understood, so a flake cannot block a landing.
-    "consumers/test_redis.py::test_fields_then_redelivery_after_sigkill": (
-        "none: run it with -m slow; see the session note"
-    ),
 }
 
 
