@@ -208,9 +208,8 @@ class Dashboard:
         failures = await _dead.read_page(
             self.app,
             queue,
-            1,
+            _dead.View(size=_dead.RECENT),
             show_args=False,
-            load=False,
             total=row.depth.dead if row.depth else None,
         )
         return self.render(
@@ -221,14 +220,12 @@ class Dashboard:
         queue = self._known(request)
         if queue is None:
             return self.not_found(request, "No such queue in this app.")
-        page = _int(request.query_params.get("page"), 1)
         row = (await self.history.poll([queue], fresh=True))[queue]
         listing = await _dead.read_page(
             self.app,
             queue,
-            page,
+            _dead.View.of(request.query_params),
             show_args=self.show_args,
-            load=request.query_params.get("load") == "1",
             total=row.depth.dead if row.depth else None,
         )
         return self.render(
@@ -238,6 +235,7 @@ class Dashboard:
             queue=queue,
             dead=listing,
             max_browse=_dead.MAX_BROWSE,
+            sizes=_dead.SIZES,
         )
 
     async def workers(self, request: Request) -> Response:
@@ -305,13 +303,15 @@ class Dashboard:
             return self.not_found(request, "No such queue or action.")
         scope = _first(fields, "scope")
         only = _first(fields, "only")  # a row's own button
-        entries = [only] if only else [e for e in fields.get("entry", []) if e][: _dead.PAGE_SIZE]
+        entries = [only] if only else [e for e in fields.get("entry", []) if e][: max(_dead.SIZES)]
         if only:
             scope = "selected"
-        page = _int(_first(fields, "page"), 1)
-        back = f"{_root(request)}/queues/{quote(queue, safe='')}/dead"
+        # The page the form was on, to come back to (its query string, read again).
+        view = _dead.View.of({k: v[0] for k, v in parse_qs(_first(fields, "view")).items()})
+        back = f"{_root(request)}/queues/{quote(queue, safe='')}/dead?{view.query()}"
+        back += "&" if view.query() else ""
         if scope != "all" and not entries:
-            return RedirectResponse(f"{back}?{urlencode({'page': page, 'done': 'none'})}", 303)
+            return RedirectResponse(f"{back}done=none", 303)
         total = (await self.app.stats(queue)).dead
         if _first(fields, "confirmed") != "yes":
             return self.render(
@@ -322,22 +322,22 @@ class Dashboard:
                 action=action,
                 scope="all" if scope == "all" else "selected",
                 entries=entries,
-                page=page,
+                view=view,
                 total=total,
                 expensive=_dead.expensive(self.app),
             )
-        n = await self._apply(queue, action, entries if scope != "all" else None, page, total)
+        n = await self._apply(queue, action, entries if scope != "all" else None, view, total)
         done = "replayed" if action == "replay" else "purged"
-        return RedirectResponse(f"{back}?{urlencode({'page': page, 'done': done, 'n': n})}", 303)
+        return RedirectResponse(f"{back}{urlencode({'done': done, 'n': n})}", 303)
 
     async def _apply(
-        self, queue: str, action: str, entries: list[str] | None, page: int, total: int
+        self, queue: str, action: str, entries: list[str] | None, view: _dead.View, total: int
     ) -> int:
         if action == "purge":
             return await _dead.purge(self.app, queue, entries)
         if entries is None:
             return await _dead.replay_all(self.app, queue, total)
-        return await _dead.replay_some(self.app, queue, page, entries)
+        return await _dead.replay_some(self.app, queue, view, entries)
 
     async def job_cancel(self, request: Request) -> Response:
         fields = await self.form(request)

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 
 import pytest
 
 from aioworkers import App
+from aioworkers.brokers.memory import MemoryBroker
 from aioworkers.store import JobRecord
 from aioworkers.web import bearer_token, dashboard
 
-from .conftest import ENTRY, board, bury, client, csrf_of
+from .conftest import ENTRY, board, bury, client, csrf_of, make_app
 
 
 async def test_overview_shows_each_queue_as_the_broker_counts_it(app: App) -> None:
@@ -90,37 +92,108 @@ async def test_dead_letters_show_reason_error_traceback_attempts_not_arguments(a
     assert "4111-1111-1111-1111" in shown
 
 
-async def test_dead_letters_are_paged_never_read_whole(
+PREV = re.compile(r'rel="prev" href="\?([^"]*)"')
+NEXT = re.compile(r'rel="next" href="\?([^"]*)"')
+OLDEST = re.compile(r'id="page-last" href="\?([^"]*)"')
+
+
+async def test_dead_letters_are_paged_by_cursor_newest_first(
     app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = await bury(app, 120)
+    listed: list[int] = []
+    asked: list[int] = []
+    broker = app.broker
+    real_list, real_page = broker.dead_letters, broker.dead_letter_page  # type: ignore[attr-defined]
+
+    async def list_spy(queue: str, *, limit: int = 100) -> list[object]:
+        listed.append(limit)
+        return await real_list(queue, limit=limit)  # type: ignore[no-any-return]
+
+    async def page_spy(queue: str, **cursor: object) -> object:
+        asked.append(cursor["limit"])  # type: ignore[arg-type]
+        return await real_page(queue, **cursor)
+
+    monkeypatch.setattr(broker, "dead_letters", list_spy)
+    monkeypatch.setattr(broker, "dead_letter_page", page_spy)
+
+    def shown(html: str) -> list[str]:
+        return [i for i in re.findall(r'href="/job/([0-9a-f]+)"', html)]
+
+    async with client(board(app)) as c:
+        first = (await c.get("/queues/default/dead")).text
+        second = (await c.get(f"/queues/default/dead?{NEXT.findall(first)[0]}")).text
+        third = (await c.get(f"/queues/default/dead?{NEXT.findall(second)[0]}")).text
+        back = (await c.get(f"/queues/default/dead?{PREV.findall(third)[0]}")).text
+        oldest = (await c.get(f"/queues/default/dead?{OLDEST.findall(first)[0]}")).text
+        big = (await c.get("/queues/default/dead?size=200")).text
+        bad = (await c.get("/queues/default/dead?before=zz%3Cb%3E")).text
+    newest_first = ids[::-1]
+    assert shown(first) == newest_first[:50]
+    assert not PREV.findall(first)
+    assert shown(second) == newest_first[50:100]
+    assert shown(third) == newest_first[100:]
+    assert not NEXT.findall(third)
+    assert shown(back) == shown(second)
+    assert shown(oldest) == newest_first[70:]
+    assert shown(big) == newest_first
+    assert "not a cursor" in bad
+    assert "<b>" not in bad
+    assert asked == [50] * 5 + [200, 50]
+    assert listed == []  # never a listing from the front
+
+
+class _FrontOnly:
+    """A memory broker without cursors, as RabbitMQ and SQS are."""
+
+    def __init__(self) -> None:
+        self._inner = MemoryBroker()
+
+    def __getattr__(self, name: str) -> object:
+        if name in ("dead_letter_page", "dead_letters_by_id"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+async def test_without_cursors_pages_by_number_oldest_first_up_to_a_cap(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from aioworkers.web import _dead
 
-    monkeypatch.setattr(_dead, "PAGE_SIZE", 5)
-    monkeypatch.setattr(_dead, "MAX_BROWSE", 15)
-    ids = await bury(app, 40)
+    monkeypatch.setattr(_dead, "MAX_BROWSE", 100)
+    app = make_app("memory", Path())
+    app.set_broker(_FrontOnly())  # type: ignore[arg-type]
+    ids = await bury(app, 160)
     asked: list[int] = []
-    admin = app.broker
-    real = admin.dead_letters  # type: ignore[attr-defined]
+    real = app.broker.dead_letters  # type: ignore[attr-defined]
 
     async def spy(queue: str, *, limit: int = 100) -> list[object]:
         asked.append(limit)
         return await real(queue, limit=limit)  # type: ignore[no-any-return]
 
-    monkeypatch.setattr(admin, "dead_letters", spy)
+    monkeypatch.setattr(app.broker, "dead_letters", spy)
     async with client(board(app)) as c:
         first = (await c.get("/queues/default/dead")).text
-        second = (await c.get("/queues/default/dead?page=2")).text
+        second = (await c.get(f"/queues/default/dead?{NEXT.findall(first)[0]}")).text
         last = (await c.get("/queues/default/dead?page=99")).text
-    assert ENTRY.findall(first)
-    assert len(ENTRY.findall(first)) == 5
+        token = csrf_of(second)
+        entries = ENTRY.findall(second)[:2]
+        replay = await c.post(
+            "/queues/default/dead/replay",
+            data={"csrf": token, "view": "page=2", "entry": entries, "confirmed": "yes"},
+        )
+    assert len(ENTRY.findall(first)) == 50
     assert ids[0] in first
-    assert ids[5] not in first
-    assert ids[5] in second
-    assert ids[4] not in second
-    assert ids[10] in last
-    assert "Only the oldest 15 entries" in last
+    assert ids[50] not in first
+    assert ids[50] in second
+    assert ids[49] not in second
+    assert "lists dead letters from the oldest only" in second
+    assert ids[99] in last
+    assert "Only the oldest 100 entries" in last
     assert 'rel="next"' not in last
-    assert max(asked) <= 15 + 1  # never the 40
+    assert replay.headers["location"] == "/queues/default/dead?page=2&done=replayed&n=2"
+    assert max(asked) <= 100 + 1  # never the 160
+    await app.aclose()
 
 
 async def _confirm_then_do(c: object, path: str, fields: dict[str, object]) -> tuple[str, str]:
@@ -137,12 +210,12 @@ async def test_replay_one_some_and_all_with_a_confirmation(app: App) -> None:
     async with client(board(app)) as c:
         page = (await c.get("/queues/default/dead")).text
         token, entries = csrf_of(page), ENTRY.findall(page)
-        fields = {"csrf": token, "scope": "selected", "page": "1"}
+        fields = {"csrf": token, "scope": "selected", "view": ""}
         text, where = await _confirm_then_do(
             c, "/queues/default/dead/replay", fields | {"only": entries[0]}
         )
         assert "<strong>1</strong> selected" in text
-        assert where == "/queues/default/dead?page=1&done=replayed&n=1"
+        assert where == "/queues/default/dead?done=replayed&n=1"
         assert (await app.stats()).ready == 1
         await _confirm_then_do(c, "/queues/default/dead/replay", fields | {"entry": entries[1:3]})
         assert (await app.stats()).ready == 3
@@ -162,7 +235,7 @@ async def test_purge_one_some_and_all_with_a_confirmation(app: App) -> None:
     await bury(app, 5)
     async with client(board(app)) as c:
         page = (await c.get("/queues/default/dead")).text
-        fields = {"csrf": csrf_of(page), "scope": "selected", "page": "1"}
+        fields = {"csrf": csrf_of(page), "scope": "selected", "view": "size=200"}
         entries = ENTRY.findall(page)
         await _confirm_then_do(c, "/queues/default/dead/purge", fields | {"only": entries[0]})
         await _confirm_then_do(c, "/queues/default/dead/purge", fields | {"entry": entries[1:3]})
