@@ -2,9 +2,8 @@
 state store, and the dashboard lists the live ones. A worker that stops beating (killed,
 partitioned) is forgotten once its record lapses, `TTL_BEATS` beats after its last.
 
-The `Store` protocol has no listing primitive, so this module keeps the records beside
-the store's own state, through the store's connection: a Redis string per worker (expiring
-on the server's clock) and an index set; a SQLite table; a dict per `MemoryStore`.
+The records are JSON kept by the store's registry operations (`Store.put_worker`,
+`live_workers`, `forget_worker`): every store has them, so every store lists workers.
 """
 
 from __future__ import annotations
@@ -12,21 +11,17 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sqlite3
-import time
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Protocol
+from typing import Protocol
 
 import anyio
 import orjson
 
 from ._runtime.clock import Clock
-from ._sqlite import transaction
-from .store import MemoryStore, StoreUnavailable
-from .store.base import IdempotencyStore
+from .store import StoreUnavailable
+from .store.base import IdempotencyStore, Store
 
 log = logging.getLogger("aioworkers")
 
@@ -74,132 +69,33 @@ class WorkerInfo:
 _FIELDS = frozenset(f.name for f in fields(WorkerInfo))
 
 
-class Registry(Protocol):
+class Registry:
+    """The workers kept in one `Store`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
     async def beat(self, info: WorkerInfo, *, ttl: float) -> None:
         """Write ``info``, kept ``ttl`` seconds unless beaten again."""
-        ...
-
-    async def forget(self, worker_id: str) -> None: ...
-
-    async def workers(self) -> list[WorkerInfo]:
-        """The live workers, oldest first (at most `MAX_WORKERS`)."""
-        ...
-
-
-class MemoryRegistry:
-    """The workers of this process that share one `MemoryStore`."""
-
-    def __init__(self) -> None:
-        self._records: dict[str, tuple[WorkerInfo, float]] = {}
-
-    async def beat(self, info: WorkerInfo, *, ttl: float) -> None:
-        self._records[info.id] = (info, time.monotonic() + ttl)
+        await self.store.put_worker(info.id, info.dumps().decode(), ttl=ttl)
 
     async def forget(self, worker_id: str) -> None:
-        self._records.pop(worker_id, None)
+        await self.store.forget_worker(worker_id)
 
     async def workers(self) -> list[WorkerInfo]:
-        now = time.monotonic()
-        self._records = {k: v for k, v in self._records.items() if v[1] > now}
-        found = sorted((info for info, _ in self._records.values()), key=_started)
-        return found[:MAX_WORKERS]
-
-
-class RedisRegistry:
-    """``P|worker|<id>``: the record, expiring on the server; ``P|workers``: the ids by
-    start time, pruned of lapsed ids as they are read."""
-
-    def __init__(self, store: Any) -> None:
-        self._store = store  # a RedisStore: its connection and error mapping are reused
-        self._index = f"{store.prefix}|workers"
-
-    def _key(self, worker_id: str) -> str:
-        return f"{self._store.prefix}|worker|{worker_id}"
-
-    async def beat(self, info: WorkerInfo, *, ttl: float) -> None:
-        redis = self._store._redis
-        async with self._store._io(), redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._key(info.id), info.dumps(), px=max(1, round(ttl * 1000)))
-            pipe.zadd(self._index, {info.id: info.started_at}, nx=True)
-            await pipe.execute()
-
-    async def forget(self, worker_id: str) -> None:
-        redis = self._store._redis
-        async with self._store._io(), redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._key(worker_id))
-            pipe.zrem(self._index, worker_id)
-            await pipe.execute()
-
-    async def workers(self) -> list[WorkerInfo]:
-        redis = self._store._redis
-        async with self._store._io():
-            ids = [bytes(i).decode() for i in await redis.zrange(self._index, 0, MAX_WORKERS - 1)]
-            raws = await redis.mget([self._key(i) for i in ids]) if ids else []
-            lapsed = [i for i, raw in zip(ids, raws, strict=True) if raw is None]
-            if lapsed:
-                await redis.zrem(self._index, *lapsed)
-        return [info for raw in raws if raw is not None and (info := WorkerInfo.loads(raw))]
-
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS aioworkers_workers "
-    "(id TEXT PRIMARY KEY, started REAL NOT NULL, info TEXT NOT NULL, expires REAL NOT NULL)"
-)
-
-
-class SqliteRegistry:
-    """The ``aioworkers_workers`` table of the store's file."""
-
-    def __init__(self, store: Any) -> None:
-        self._file = store._file  # a SqliteStore's file: one writing thread, errors mapped
-
-    async def _write(self, fn: Callable[[sqlite3.Connection, float], Any]) -> Any:
-        def write(db: sqlite3.Connection) -> Any:
-            db.execute(_SCHEMA)
-            with transaction(db) as now:
-                return fn(db, now)
-
-        return await self._file.call(write)
-
-    async def beat(self, info: WorkerInfo, *, ttl: float) -> None:
-        def beat(db: sqlite3.Connection, now: float) -> None:
-            db.execute(
-                "INSERT OR REPLACE INTO aioworkers_workers VALUES (?, ?, ?, ?)",
-                (info.id, info.started_at, info.dumps().decode(), now + ttl),
-            )
-
-        await self._write(beat)
-
-    async def forget(self, worker_id: str) -> None:
-        await self._write(
-            lambda db, now: db.execute("DELETE FROM aioworkers_workers WHERE id = ?", (worker_id,))
-        )
-
-    async def workers(self) -> list[WorkerInfo]:
-        def read(db: sqlite3.Connection, now: float) -> list[str]:
-            db.execute("DELETE FROM aioworkers_workers WHERE expires <= ?", (now,))
-            rows = db.execute(
-                "SELECT info FROM aioworkers_workers ORDER BY started LIMIT ?", (MAX_WORKERS,)
-            )
-            return [row[0] for row in rows]
-
-        raws: list[str] = await self._write(read)
-        return [info for raw in raws if (info := WorkerInfo.loads(raw))]
-
-
-_MEMORY: weakref.WeakKeyDictionary[MemoryStore, MemoryRegistry] = weakref.WeakKeyDictionary()
+        """The live workers, oldest first (at most `MAX_WORKERS`); records this version
+        cannot read are left out."""
+        found = [
+            info
+            for raw in await self.store.live_workers(limit=MAX_WORKERS)
+            if (info := WorkerInfo.loads(raw)) is not None
+        ]
+        return sorted(found, key=_started)
 
 
 def registry_for(store: IdempotencyStore | None) -> Registry | None:
-    """The registry kept in ``store``, or None (no store, or one this module cannot list)."""
-    if isinstance(store, MemoryStore):
-        return _MEMORY.setdefault(store, MemoryRegistry())
-    kind = type(store).__name__
-    if kind == "RedisStore":  # by name: importing it would import redis
-        return RedisRegistry(store)
-    if kind == "SqliteStore":
-        return SqliteRegistry(store)
-    return None
+    """The registry kept in ``store``, or None (no store, or an idempotency store alone)."""
+    return Registry(store) if isinstance(store, Store) else None
 
 
 def _started(info: WorkerInfo) -> float:

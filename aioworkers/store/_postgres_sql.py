@@ -146,6 +146,24 @@ RETURNING s.key, s.member
         # Serializes the read-compute-write of one key's bucket across processes.
         self.lock_key = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
         self.now = f"SELECT {NOW}"
+        # -- the worker registry: rows of kind 'worker' (key: the id, value: the info, at:
+        # when first put). $1 id, $2 info, $3 ttl; a lapsed row is replaced whole.
+        self.worker_put = f"""
+INSERT INTO {state} AS w (kind, key, member, value, at, expires)
+VALUES ('worker', $1, '', $2, {NOW}, {NOW} + $3)
+ON CONFLICT (kind, key, member) DO UPDATE SET
+    value = excluded.value,
+    expires = excluded.expires,
+    at = CASE WHEN w.expires > {NOW} THEN w.at ELSE excluded.at END
+"""
+        self.workers_live = (
+            f"SELECT value FROM {state} WHERE kind = 'worker' AND expires > {NOW} "
+            "ORDER BY at, key LIMIT $1"
+        )
+        self.worker_forget = (
+            f"DELETE FROM {state} WHERE kind = 'worker' AND key = $1 AND member = '' "
+            f"AND expires > {NOW} RETURNING true"
+        )
         # -- the sweep: $1 rows at most per statement; rows locked by others are left --------
         self.sweep = tuple(
             f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("

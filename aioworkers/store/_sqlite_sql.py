@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS aioworkers_state (
 CREATE INDEX IF NOT EXISTS aioworkers_state_expires ON aioworkers_state (expires);
 """
 # aioworkers_state rows by kind: 'cancel' (key: job id), 'slot' (key: name and slot),
-# 'unique' (value: the holder's job id), 'lease' (member: its owner), 'bucket' (tokens, at).
+# 'unique' (value: the holder's job id), 'lease' (member: its owner), 'bucket' (tokens, at),
+# 'worker' (key: the worker id; value: its info; at: when first put).
 
 TABLES = ("aioworkers_idempotency", "aioworkers_jobs", "aioworkers_state")
 SWEEP = {
@@ -107,3 +108,19 @@ LEASES_DROP_LAPSED = (
 )
 LEASES_HELD = "SELECT member FROM aioworkers_state WHERE kind = 'lease' AND key = ?"
 BUCKET_GET = f"SELECT tokens, at FROM aioworkers_state WHERE {LIVE}"
+
+# -- the worker registry -------------------------------------------------------------------------
+# ? id, info, now, expires. A lapsed row (not swept yet) is replaced whole: back, it is new.
+WORKER_PUT = """
+INSERT INTO aioworkers_state AS w (kind, key, member, value, at, expires)
+VALUES ('worker', ?1, '', ?2, ?3, ?4)
+ON CONFLICT (kind, key, member) DO UPDATE SET
+    value = excluded.value,
+    expires = excluded.expires,
+    at = CASE WHEN w.expires > ?3 THEN w.at ELSE excluded.at END
+"""
+WORKERS_LIVE = (
+    "SELECT value FROM aioworkers_state WHERE kind = 'worker' AND expires > ? "
+    "ORDER BY at, key LIMIT ?"
+)
+WORKER_FORGET = "DELETE FROM aioworkers_state WHERE kind = 'worker' AND key = ? AND expires > ?"

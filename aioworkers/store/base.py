@@ -13,7 +13,9 @@ One store per app (`App.store`), on memory, SQLite or Redis, holds:
 - **limit leases**: `acquire_lease` / `extend_leases` / `release_lease`, at most ``limit``
   live holders of a key (concurrency limits; a dead worker's leases lapse);
 - **token buckets**: `take` (rate limits);
-- **unique keys**: `hold_unique` / `free_unique`, one job per key.
+- **unique keys**: `hold_unique` / `free_unique`, one job per key;
+- **the worker registry**: `put_worker` / `live_workers` / `forget_worker`, each live
+  worker's own record (the dashboard's Workers page, ``aioworkers stats``).
 
 Rules every backend keeps (the conformance suite, `aioworkers.testing.store_conformance`,
 checks them): every operation is one atomic step; what has an owner (a claim, a lease, a
@@ -228,6 +230,13 @@ class Store(IdempotencyStore, Protocol):
     ``key`` for ``ttl`` seconds (again: its hold is renewed), else the id of the job that
     holds it. ``free_unique(key, job_id)``: free it if ``job_id`` holds it; False if not.
 
+    **Worker registry.** ``put_worker(worker_id, info, ttl=)``: keep ``info`` (text the
+    store does not read: `aioworkers._registry` writes JSON) for ``ttl`` seconds, replacing
+    the last one; a worker beats it every few seconds. ``live_workers(limit=)``: the infos
+    not lapsed nor forgotten, in the order their workers were first put (one that lapsed
+    and comes back counts as new), at most ``limit``. ``forget_worker(worker_id)``: drop
+    it (a worker that stops); False if there was none.
+
     **One heartbeat.** ``beat(lease=, claims=, leases=, watch=)``: `extend` the claims,
     `extend_leases` the leases and read the cancel marks of ``watch``, in one round trip
     where the backend allows; returns a `Beat`.
@@ -268,6 +277,12 @@ class Store(IdempotencyStore, Protocol):
     async def hold_unique(self, key: str, job_id: str, *, ttl: float) -> str | None: ...
 
     async def free_unique(self, key: str, job_id: str) -> bool: ...
+
+    async def put_worker(self, worker_id: str, info: str, *, ttl: float) -> None: ...
+
+    async def live_workers(self, *, limit: int = 1000) -> list[str]: ...
+
+    async def forget_worker(self, worker_id: str) -> bool: ...
 
     async def beat(
         self,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
-from collections.abc import Callable, Collection, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -113,6 +114,8 @@ class MemoryStore:
         self._leases: _Table[str, dict[str, float]] = _Table(now)
         self._buckets: _Table[str, tuple[float, float]] = _Table(now)
         self._waiters = Waiters(self._clock)
+        # Worker id -> (info, expiry); in the order first put (an update keeps its place).
+        self._workers: dict[str, tuple[str, float]] = {}
 
     def __repr__(self) -> str:
         return f"<MemoryStore keys={len(self._claims)} jobs={len(self._jobs)}>"
@@ -307,6 +310,26 @@ class MemoryStore:
         # Idle for ``per`` seconds, a bucket is full again: the same as no bucket.
         self._buckets.put(key, (tokens, at), per)
         return wait
+
+    # -- the worker registry --------------------------------------------------------------
+
+    async def put_worker(self, worker_id: str, info: str, *, ttl: float) -> None:
+        check_times(ttl=ttl)
+        self._live_workers()  # a lapsed record goes first: back, it counts as new
+        self._workers[worker_id] = (info, self._clock.monotonic() + ttl)
+
+    async def live_workers(self, *, limit: int = 1000) -> list[str]:
+        return [info for info, _ in itertools.islice(self._live_workers(), max(limit, 0))]
+
+    async def forget_worker(self, worker_id: str) -> bool:
+        return self._workers.pop(worker_id, None) is not None
+
+    def _live_workers(self) -> Iterable[tuple[str, float]]:
+        now = self._clock.monotonic()
+        lapsed = [k for k, (_, expires) in self._workers.items() if expires <= now]
+        for worker_id in lapsed:
+            del self._workers[worker_id]
+        return self._workers.values()
 
     # -- the heartbeat --------------------------------------------------------------------
 

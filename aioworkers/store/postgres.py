@@ -233,6 +233,22 @@ class PostgresStore:
 
     # -- schedule slots, unique keys ------------------------------------------------------
 
+    # -- the worker registry ---------------------------------------------------------------
+
+    async def put_worker(self, worker_id: str, info: str, *, ttl: float) -> None:
+        check_times(ttl=ttl)
+        async with self._conn() as conn:
+            await conn.execute(self._sql.worker_put, worker_id, info, ttl)
+
+    async def live_workers(self, *, limit: int = 1000) -> list[str]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(self._sql.workers_live, max(limit, 0))
+        return [str(row[0]) for row in rows]
+
+    async def forget_worker(self, worker_id: str) -> bool:
+        async with self._conn() as conn:
+            return bool(await conn.fetchval(self._sql.worker_forget, worker_id))
+
     async def claim_slot(self, name: str, slot: str, *, ttl: float) -> bool:
         check_times(ttl=ttl)
         key = f"{len(name)}:{name}:{slot}"

@@ -56,6 +56,13 @@ MIN_BLOCK = 0.01
 _RESULTS: dict[bytes, ClaimResult] = {b"claimed": "claimed", b"done": "done", b"busy": "busy"}
 
 
+_PRUNE_ROUNDS = 5  # reads of the worker index a listing makes at most, pruning lapsed ids
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
@@ -174,6 +181,10 @@ class RedisStore:
 
     def _state(self, kind: str, key: str) -> str:
         return f"{self.prefix}|{kind}|{key}"
+
+    @property
+    def _workers(self) -> str:
+        return f"{self.prefix}|workers"
 
     # -- idempotency claims ---------------------------------------------------------------
 
@@ -302,6 +313,41 @@ class RedisStore:
 
     async def cancelled(self, job_ids: Collection[str]) -> set[str]:
         return (await self.beat(lease=1.0, watch=job_ids)).cancelled
+
+    # -- the worker registry --------------------------------------------------------------
+    # ``P|worker|<id>``: the info, expiring on the server's clock; ``P|workers``: the ids by
+    # the time first put (this client's clock: an order, not a deadline), pruned of lapsed
+    # ids as they are read.
+
+    async def put_worker(self, worker_id: str, info: str, *, ttl: float) -> None:
+        check_times(ttl=ttl)
+        async with self._io(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._state("worker", worker_id), info, px=_ms(ttl))
+            pipe.zadd(self._workers, {worker_id: time.time()}, nx=True)
+            await pipe.execute()
+
+    async def live_workers(self, *, limit: int = 1000) -> list[str]:
+        if limit <= 0:
+            return []
+        async with self._io():
+            for _ in range(_PRUNE_ROUNDS):
+                found: Any = await self._redis.zrange(self._workers, 0, limit - 1)
+                ids = [_text(i) for i in found]
+                keys = [self._state("worker", i) for i in ids]
+                infos = await self._redis.mget(keys) if ids else []
+                lapsed = [i for i, info in zip(ids, infos, strict=True) if info is None]
+                if lapsed:
+                    await self._redis.zrem(self._workers, *lapsed)
+                if not lapsed or len(ids) < limit:
+                    break
+        return [_text(info) for info in infos if info is not None]
+
+    async def forget_worker(self, worker_id: str) -> bool:
+        async with self._io(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._state("worker", worker_id))
+            pipe.zrem(self._workers, worker_id)
+            deleted, _ = await pipe.execute()
+        return bool(deleted)
 
     # -- schedule slots, unique keys ------------------------------------------------------
 

@@ -219,6 +219,26 @@ class SqliteStore:
             return set()
         return await self._read(functools.partial(_cancelled, list(job_ids)))
 
+    # -- the worker registry --------------------------------------------------------------
+
+    async def put_worker(self, worker_id: str, info: str, *, ttl: float) -> None:
+        check_times(ttl=ttl)
+        await self._write(
+            lambda db, now: db.execute(sql.WORKER_PUT, (worker_id, info, now, now + ttl))
+        )
+
+    async def live_workers(self, *, limit: int = 1000) -> list[str]:
+        def read(db: sqlite3.Connection, now: float) -> list[str]:
+            return [row[0] for row in db.execute(sql.WORKERS_LIVE, (now, max(limit, 0)))]
+
+        return await self._read(read)
+
+    async def forget_worker(self, worker_id: str) -> bool:
+        def forget(db: sqlite3.Connection, now: float) -> bool:
+            return db.execute(sql.WORKER_FORGET, (worker_id, now)).rowcount > 0
+
+        return await self._write(forget)
+
     # -- schedule slots, unique keys ------------------------------------------------------
 
     async def claim_slot(self, name: str, slot: str, *, ttl: float) -> bool:

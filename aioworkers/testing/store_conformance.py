@@ -32,13 +32,13 @@ from contextlib import AbstractAsyncContextManager
 import anyio
 import pytest
 
-from . import _store_checks_jobs, _store_checks_keys, _store_processes
+from . import _store_checks_jobs, _store_checks_keys, _store_checks_workers, _store_processes
 from ._store_exercise import STORE_CHECKS, StoreCase, StoreCheck, StoreExercise
 
 __all__ = ["STORE_CHECKS", "StoreCase", "StoreCheck", "StoreConformance", "StoreExercise"]
 
 # The checks register on import; they run in this order of their modules.
-_MODULES = (_store_checks_keys, _store_checks_jobs, _store_processes)
+_MODULES = (_store_checks_keys, _store_checks_jobs, _store_checks_workers, _store_processes)
 
 
 class StoreConformance:

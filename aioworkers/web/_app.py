@@ -28,6 +28,8 @@ from .._cli_schedules import _row as schedule_row
 from .._registry import registry_for
 from ..app import App
 from ..errors import AioworkersError, ConfigError, redact
+from ..monitor.stats_command import _live_workers as live_workers
+from ..monitor.stats_command import _workers_doc as workers_doc
 from . import _auth, _dead, _jobs
 from ._csrf import FIELD, Csrf
 from ._history import History, QueueNow
@@ -183,12 +185,23 @@ class Dashboard:
 
     async def overview(self, request: Request) -> Response:
         rows = await self.history.poll(self.app.queues(), fresh=True)
-        return self.render(request, "overview.html", title="Overview", rows=rows.values())
+        return self.render(
+            request,
+            "overview.html",
+            title="Overview",
+            rows=rows.values(),
+            workers=await self._workers_doc(self.app.queues()),
+        )
+
+    async def _workers_doc(self, queues: list[str]) -> dict[str, Any]:
+        """What the live workers counted, as ``aioworkers stats --json`` shows it."""
+        return workers_doc(await live_workers(self.app), queues)
 
     async def stats(self, request: Request) -> Response:
         """``{"ts", "queues": {queue: {ready, in_flight, delayed, dead, rates, error}},
-        "series": {queue: [[at, ready, in_flight, delayed, dead, enq/s, done/s, failed/s]]}}``:
-        the numbers of ``aioworkers stats --json``, and the history the charts draw."""
+        "series": {queue: [[at, ready, in_flight, delayed, dead, enq/s, done/s, failed/s]]},
+        "workers": {live, throttled, by_queue, outcomes}}``: the numbers of ``aioworkers
+        stats --json``, and the history the charts draw."""
         wanted = request.query_params.get("queue")
         queues = [q for q in self.app.queues() if wanted is None or q == wanted]
         rows = await self.history.poll(queues)
@@ -197,6 +210,7 @@ class Dashboard:
                 "ts": time.time(),
                 "queues": {q: _row_json(row) for q, row in rows.items()},
                 "series": {q: self.history.series(q) for q in queues},
+                "workers": await self._workers_doc(self.app.queues()),
             }
         )
 

@@ -65,6 +65,11 @@ async def flaky(n: int) -> None:
 @app.task
 async def later(n: int) -> None:
     ran(f"later {n}")
+
+
+@app.task(rate_limit="50/s")  # 20 slots on a burst of these: some wait, counted throttled
+async def limited(n: int) -> None:
+    ran(f"limited {n}")
 """
 
 ENQUEUE = """
@@ -75,6 +80,7 @@ async def main() -> None:
     calls = [app.tasks["work"].call(n) for n in range(int(sys.argv[1]))]
     calls += [app.tasks["flaky"].call(n) for n in range(int(sys.argv[2]))]
     calls += [app.tasks["work"].options(delay=3600).call(-n) for n in range(int(sys.argv[3]))]
+    calls += [app.tasks["limited"].call(n) for n in range(int(sys.argv[4]))]
     await app.enqueue_many(calls)
     await app.aclose()
 
@@ -109,9 +115,9 @@ class Shop:
         )
         return done.stdout
 
-    def enqueue(self, work: int, flaky: int, delayed: int) -> None:
+    def enqueue(self, work: int, flaky: int, delayed: int, limited: int = 0) -> None:
         subprocess.run(
-            [sys.executable, "enqueue.py", str(work), str(flaky), str(delayed)],
+            [sys.executable, "enqueue.py", str(work), str(flaky), str(delayed), str(limited)],
             cwd=self.dir,
             env=self.env,
             check=True,
@@ -119,8 +125,11 @@ class Shop:
         )
 
     def stats(self) -> dict[str, Any]:
+        return self.stats_doc()["queues"]["default"]
+
+    def stats_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads(self.cli("stats", "shop:app", "--json"))
-        return doc["queues"]["default"]
+        return doc
 
     def runs(self) -> list[str]:
         return self.ran.read_text().splitlines() if self.ran.exists() else []
@@ -151,7 +160,8 @@ def shop(tmp_path: Path) -> Iterator[Shop]:
         "SHOP_FIXED": str(tmp_path / "fixed"),
         "AIOWORKERS_WEB_USER": USER,
         "AIOWORKERS_WEB_PASSWORD": PASSWORD,
-        "PYTHONPATH": str(tmp_path),
+        # The shop first, then whatever this run imports aioworkers from.
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")])),
     }
     port = _free_port()
     commands = {
@@ -238,14 +248,24 @@ def test_login_is_enforced(shop: Shop, tmp_path: Path) -> None:
 
 
 def test_overview_chart_replay_and_workers(shop: Shop, tmp_path: Path) -> None:
-    shop.enqueue(work=300, flaky=3, delayed=4)
+    shop.enqueue(work=300, flaky=3, delayed=4, limited=100)
     settled = {"ready": 0, "in_flight": 0, "delayed": 4, "dead": 3}
     wait_for(lambda: {k: shop.stats()[k] for k in settled} == settled, "the worker to run the jobs")
+    wait_for(lambda: sum(r.startswith("limited") for r in shop.runs()) == 100, "the limited")
     with chromium(tmp_path / "ops") as page:
         page.goto(shop.url + "/")
-        # The overview shows what `aioworkers stats --json` shows.
-        stats = shop.stats()
+        # The overview shows what `aioworkers stats --json` shows: depths and throttled.
+        doc = shop.stats_doc()
+        stats = doc["queues"]["default"]
         assert cells(page) == {k: str(stats[k]) for k in settled}
+        workers = doc["workers"]
+        if _registry_hooked():
+            assert workers["live"] == 1
+            assert workers["throttled"] > 0  # 100 starts at 50/s on 20 slots
+            throttled = page.locator('tr[data-queue="default"] [data-field="throttled"]')
+            assert throttled.inner_text() == f"{workers['by_queue']['default']:,}"
+            total = page.locator('[data-workers="throttled"]').inner_text()
+            assert total == f"{workers['throttled']:,}"
         # The chart updates itself (a poll every 2 s), and so do the numbers.
         # (Read from here: the page's CSP allows no eval, so no wait_for_function.)
         chart = page.locator("#chart")
@@ -293,6 +313,8 @@ def test_overview_chart_replay_and_workers(shop: Shop, tmp_path: Path) -> None:
         page.screenshot(path=str(tmp_path / "workers.png"), full_page=True)
         if _registry_hooked():
             assert page.locator("tr.worker").count() == 1
+            throttled = page.locator("tr.worker td.throttled").inner_text()
+            assert throttled == f"{shop.stats_doc()['workers']['throttled']:,}"
 
 
 def _registry_hooked() -> bool:

@@ -311,6 +311,35 @@ async def test_workers_page_lists_the_registry(app: App) -> None:
     assert "RUNNING" in page
 
 
+async def test_throttled_counts_on_the_overview_and_workers_page(app: App) -> None:
+    from aioworkers._registry import WorkerInfo, registry_for
+    from aioworkers.monitor.stats_command import _live_workers, _workers_doc
+
+    registry = registry_for(app.store)
+    assert registry is not None
+
+    def worker(worker_id: str, queues: tuple[str, ...], throttled: int) -> WorkerInfo:
+        outcomes = {"ok": 3, "throttled": throttled}
+        return WorkerInfo(
+            worker_id, "h", 1, queues, 5, 0, 9, 3, 0, 1.0, 2.0, "RUNNING", throttled, outcomes
+        )
+
+    await registry.beat(worker("w1", ("default",), 5), ttl=30)
+    await registry.beat(worker("w2", ("default", "other"), 2), ttl=30)
+    async with client(board(app)) as c:
+        overview = (await c.get("/")).text
+        doc = (await c.get("/api/stats")).json()
+        workers = (await c.get("/workers")).text
+    cli = _workers_doc(await _live_workers(app), app.queues())  # what `stats --json` prints
+    assert doc["workers"] == cli
+    assert cli["live"] == 2
+    assert cli["throttled"] == 7
+    assert cli["by_queue"] == {"default": 5}  # w2 is on two queues: only in the total
+    assert 'data-field="throttled">5<' in overview
+    assert '<span data-workers="throttled">7</span>' in overview
+    assert re.findall(r'class="throttled">(\d+)<', workers) == ["5", "2"]
+
+
 async def test_static_assets_ship_in_the_package(app: App) -> None:
     async with client(board(app)) as c:
         js = await c.get("/static/dashboard.js")
@@ -467,3 +496,31 @@ async def test_a_running_worker_is_listed_and_forgotten_when_it_stops(app: App) 
     assert page.count('class="worker"') == 1
     assert "<td>7</td>" in page  # its concurrency
     assert 'class="worker"' not in gone
+
+
+async def test_the_schedules_page_shows_the_last_slot_once_it_fired(app: App) -> None:
+    fired = asyncio.Event()
+
+    # A real timer: the schedule fires on the wall clock's next whole second.
+    @app.periodic(every=1, name="tick")
+    async def tick() -> None:
+        fired.set()
+
+    async with client(board(app)) as c:
+        before = (await c.get("/schedules")).text
+        async with app.worker(concurrency=2):
+            await asyncio.wait_for(fired.wait(), 10)
+            for _ in range(200):  # the slot's outcome is written as the job ends
+                after = (await c.get("/schedules")).text
+                if 'href="/job/' in after:
+                    break
+                await asyncio.sleep(0.01)
+    slot = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00"
+    row = re.compile(rf"<td>({slot})</td><td>({slot}|-)</td><td>([a-z-]+)</td>")
+    (_, last_before, outcome_before) = row.findall(before)[0]
+    (next_after, last_after, outcome_after) = row.findall(after)[0]
+    assert (last_before, outcome_before) == ("-", "-")
+    assert last_after != "-"
+    assert last_after < next_after  # the slot that fired, then the one to come
+    assert outcome_after != "-"
+    assert 'href="/job/' in after

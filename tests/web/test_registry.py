@@ -1,5 +1,6 @@
 """The worker registry (aioworkers._registry) on each store: a beat is listed, a record
-that is not beaten again lapses after its TTL, a stopped worker forgets itself."""
+that is not beaten again lapses after its TTL, a stopped worker forgets itself; and the
+dashboard's Workers page of an app on PostgreSQL lists its running worker."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from aioworkers._registry import WorkerInfo, keep_registered, registry_for
 from aioworkers.store import MemoryStore, Store
 from aioworkers.testing import FakeClock
 
-from ..services import REDIS, REDIS_URL, ensure
+from ..services import REDIS, REDIS_URL, ensure, postgres_database
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     if request.param == "memory":
         yield MemoryStore()
@@ -28,6 +29,16 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         sqlite = SqliteStore(f"sqlite:///{tmp_path}/state.db")
         yield sqlite
         await sqlite.aclose()
+        return
+    if request.param == "postgres":
+        pytest.importorskip("asyncpg")
+        from aioworkers.store.postgres import PostgresStore
+
+        async with postgres_database("aw_registry") as url:
+            postgres = PostgresStore(url)
+            await postgres.migrate()
+            yield postgres
+            await postgres.aclose()
         return
     ensure(REDIS)
     from aioworkers.store.redis import RedisStore
@@ -96,3 +107,33 @@ async def test_no_store_no_registry() -> None:
 
     await keep_registered(Reporter(), missing, FakeClock())  # returns at once, quietly
     assert registry_for(None) is None
+
+
+async def test_the_workers_page_of_a_postgres_app_lists_its_running_worker() -> None:
+    pytest.importorskip("asyncpg")
+    from aioworkers import App
+
+    from .conftest import board, client
+
+    async with postgres_database("aw_web") as url:
+        app = App(url)  # the broker's database is the store too
+
+        @app.task()
+        async def noop() -> None: ...
+
+        await app.migrate()
+        try:
+            async with client(board(app)) as c:
+                async with app.worker(concurrency=6, queues=["default"]):
+                    for _ in range(300):  # its first beat is written as it starts
+                        page = (await c.get("/workers")).text
+                        if 'class="worker"' in page:
+                            break
+                        await asyncio.sleep(0.01)
+                gone = (await c.get("/workers")).text
+        finally:
+            await app.aclose()
+    assert page.count('class="worker"') == 1
+    assert "<td>6</td>" in page  # its concurrency
+    assert "keeps no worker registry" not in page
+    assert 'class="worker"' not in gone  # forgotten as it stopped

@@ -36,6 +36,19 @@ function updateTable(queues) {
   }
 }
 
+// What the live workers counted (the worker registry): the throttled column and the line.
+function updateWorkers(workers) {
+  if (!workers || workers.live === null) return;
+  for (const row of document.querySelectorAll("tr[data-queue]")) {
+    const cell = row.querySelector('[data-field="throttled"]');
+    const n = workers.by_queue[row.dataset.queue];
+    if (cell && n !== undefined) cell.textContent = fmtNum(n);
+  }
+  for (const el of document.querySelectorAll("[data-workers]")) {
+    el.textContent = fmtNum(workers[el.dataset.workers]);
+  }
+}
+
 // Sums the queues' series by time (the samples of one poll share their time).
 function combine(series) {
   const byTime = new Map();
@@ -95,6 +108,7 @@ async function poll(canvas) {
     if (!reply.ok) return;
     const doc = await reply.json();
     updateTable(doc.queues);
+    updateWorkers(doc.workers);
     const points = combine(doc.series);
     draw(canvas, points);
     canvas.dataset.samples = String(points.length);
