@@ -6,7 +6,8 @@ FROM (SELECT ... FOR UPDATE SKIP LOCKED LIMIT n)`` with a random token, visible 
 after 30 s: a killed worker's jobs come back, as in aioworkers); an empty fetch waits for
 a NOTIFY (the parent's inserts send one) or 1 s. One asyncio task per row (decode the
 envelope, call the handler it names); finished rows deleted by id and token, one
-statement per batch, while the next rows run (the loop is `_rawloop.py`'s). No retries,
+statement per batch, while the next rows run (the loop is `_rawloop.py`'s); the lease and
+the delete committed without waiting for the WAL flush, as aioworkers'. No retries,
 delivery counts, dead letters, counters or lease extension. Imports no part of aioworkers.
 
     python benchmarks/_raw_postgres.py '<spec json>'    (started by run.py --broker postgres)
@@ -54,6 +55,10 @@ DELETE = """
 DELETE FROM raw_jobs AS j USING unnest($1::bigint[], $2::bigint[]) AS t(id, lease)
 WHERE j.id = t.id AND j.lease = t.lease
 """
+# The lease and the delete of a finished row are committed asynchronously, as aioworkers'
+# are (a server crash may forget the last of them: those jobs run again); the parent's
+# inserts are durable commits, as aioworkers' enqueues.
+ASYNC_COMMIT = {"synchronous_commit": "off"}
 FETCH_MAX = 100
 IDLE_WAIT = 1.0
 
@@ -70,8 +75,9 @@ class RawPostgres(RawLoop[tuple[int, int]]):
         self.wake = asyncio.Event()
 
     async def start(self) -> asyncio.Task[None]:
-        self.fetcher = await asyncpg.connect(self.url)
-        self.settler = await asyncpg.connect(self.url)
+        # As aioworkers' take and ack: committed without waiting for the WAL flush.
+        self.fetcher = await asyncpg.connect(self.url, server_settings=ASYNC_COMMIT)
+        self.settler = await asyncpg.connect(self.url, server_settings=ASYNC_COMMIT)
         self.listener = await asyncpg.connect(self.url)
         await self.listener.add_listener(CHANNEL, lambda *_: self.wake.set())
         return await super().start()

@@ -2,6 +2,7 @@
 
     python benchmarks/run.py [--quick | --smoke] [--only W1,W2]
                              [--broker redis|amqp|sqs|sqlite|postgres]
+                             [--sides raw,aioworkers[,procrastinate]]
 
 Each workload runs for every side, each in its own fresh worker subprocess (so peak RSS
 is per side), with the sides' order rotating between repeats; every figure is reported
@@ -54,7 +55,12 @@ from aioworkers.envelope import Envelope, encode, new_id, now_ms
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SIDES = {"raw": HERE / "_raw.py", "aioworkers": HERE / "_aio.py"}
+SIDES = {
+    "raw": HERE / "_raw.py",
+    "aioworkers": HERE / "_aio.py",
+    # --broker postgres only: the peer, procrastinate (installed apart: the bench extra).
+    "procrastinate": HERE / "_procrastinate.py",
+}
 # --otel modes and the extra aioworkers side each adds (side names end up in Redis keys,
 # AMQP and SQS queue names: letters, digits and hyphens only).
 OTEL_SIDES = {
@@ -182,6 +188,7 @@ class Harness:
         self.pg_db = ""  # postgres: this trial's database
         self.pg_trials = 0
         self.pg: Any = None  # postgres: asyncpg connection of the raw side's producer
+        self.peer: Any = None  # postgres: the procrastinate App that defers its side's jobs
         self.env = dict(os.environ)
         if self.broker == "amqp":
             self.broker_url = self.amqp_url
@@ -302,6 +309,9 @@ class Harness:
         if self.pg is not None:
             await self.pg.close()
             self.pg = None
+        if self.peer is not None:
+            await self.peer.close_async()
+            self.peer = None
         if self.pg_db:
             await self.app.aclose()
             admin = await asyncpg.connect(self.pg_url)
@@ -398,7 +408,7 @@ class Harness:
                 "sqlite": self.sqlite_path,
                 "postgres": self.broker_url,
             }.get(self.broker, "")
-            if t.side == "raw"
+            if t.side in ("raw", "procrastinate")
             else "",
             broker_url=self.broker_url if t.side != "raw" else "",
             sleep=p.w2_sleep,
@@ -418,6 +428,8 @@ class Harness:
         try:
             if t.side == "raw":
                 await self.create_raw_queue(spec)
+            elif t.side == "procrastinate":
+                await self.open_peer()
             await self.enqueue(t, spec, queued)
             result = await self.spawn(t, spec)
             counter = int(await self.redis.get(spec.counter) or 0)
@@ -458,6 +470,23 @@ class Harness:
             await self.pg.execute(PG_SCHEMA)
         else:
             await self.redis.xgroup_create(spec.stream, GROUP, "0", mkstream=True)
+
+    async def open_peer(self) -> None:
+        """postgres, the procrastinate side: its schema in the trial's database, and an App
+        of its own to defer with."""
+        from _procrastinate import make_app
+
+        self.peer = make_app(self.broker_url)
+        await self.peer.open_async()
+        await self.peer.schema_manager.apply_schema_async()
+
+    async def defer_peer(self, spec: Spec, args: list[list[Any]]) -> None:
+        """The procrastinate side's producer: its own API, one statement per call."""
+        deferrer = self.peer.configure_task(spec.task, queue=spec.queue)
+        if len(args) == 1:
+            await deferrer.defer_async(args=args[0])
+        else:
+            await deferrer.batch_defer_async(*({"args": a} for a in args))
 
     async def publish_raw(self, spec: Spec, bodies: list[bytes]) -> None:
         """The raw side's producer: XADD; persistent messages with publisher confirms;
@@ -507,6 +536,8 @@ class Harness:
             ids = range(start, min(n, start + ENQUEUE_CHUNK))
             if t.side == "raw":
                 await self.publish_raw(spec, [envelope(spec.task, [i]) for i in ids])
+            elif t.side == "procrastinate":
+                await self.defer_peer(spec, [[i] for i in ids])
             else:
                 queues = spec.queue_names()  # W4: spread over its queues
                 calls = (
@@ -526,11 +557,15 @@ class Harness:
             if t.side == "raw":
                 sent = time.time()
                 await self.publish_raw(spec, [envelope("w3", [sent, seq])])
+            elif t.side == "procrastinate":
+                await self.defer_peer(spec, [[time.time(), seq]])
             else:
                 await self.app.enqueue("w3", args=[time.time(), seq], queue=spec.queue)
 
     async def spawn(self, t: Trial, spec: Spec) -> dict[str, Any]:
-        script = RAW_SIDES[self.broker] if t.side == "raw" else SIDES["aioworkers"]
+        script = (
+            RAW_SIDES[self.broker] if t.side == "raw" else SIDES.get(t.side, SIDES["aioworkers"])
+        )
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             str(script),
@@ -613,7 +648,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pg-url", default=PG_URL, help="--broker postgres: a server where it may create databases"
     )
     parser.add_argument(
-        "--sides", default="raw,aioworkers", help="raw, aioworkers or both (--otel adds its own)"
+        "--sides",
+        default="raw,aioworkers",
+        help="raw, aioworkers or both (--otel adds its own); on postgres, procrastinate too",
     )
     parser.add_argument("--repeat", type=int, default=0, help="override the preset's repeat")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -638,6 +675,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown workloads {sorted(unknown)}; choose from {WORKLOADS}")
     if unknown := set(args.side_list) - set(SIDES):
         parser.error(f"unknown sides {sorted(unknown)}; choose from {list(SIDES)}")
+    if "procrastinate" in args.side_list and args.broker != "postgres":
+        parser.error("the procrastinate side runs on --broker postgres only")
     args.otel_modes = list(dict.fromkeys(m.strip() for m in args.otel.split(",") if m.strip()))
     if unknown := set(args.otel_modes) - set(OTEL_SIDES):
         parser.error(f"unknown --otel modes {sorted(unknown)}; choose from {list(OTEL_SIDES)}")
@@ -682,6 +721,10 @@ async def main(args: argparse.Namespace) -> int:
     doc = {"meta": meta, "summary": rows, "otel_overhead": otel_rows, "records": records}
     (args.out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     table = markdown(rows, meta, otel_rows)
+    if "procrastinate" in args.side_list:
+        from _procrastinate import peer_markdown
+
+        table += peer_markdown(records)
     (args.out / f"{name}.md").write_text(table)
     if not write_chart(rows, meta, args.out / f"{name}.png"):
         print("matplotlib is not installed: no chart", file=sys.stderr)

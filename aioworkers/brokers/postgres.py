@@ -4,6 +4,9 @@ A fetch leases up to n ready rows in one ``UPDATE ... FOR UPDATE SKIP LOCKED`` s
 that writes a random lease token and returns the rows; no transaction stays open while a
 job runs. Acks, retries, dead letters, extends and releases name the token (fencing), and
 each is one statement: acks and extends for a whole batch. Finished rows are deleted.
+Statements that only move leases (take, extend, ack, release) commit without waiting for
+the WAL flush: a server crash may forget the last of them, and those jobs run again (as
+after a worker's crash); enqueues, retries and dead letters are durable commits.
 Idle fetches wait for a ``NOTIFY`` sent when a job commits, and poll as a fallback (a
 notification sent while the LISTEN connection was down is lost). Publishing through a
 connection of the application (`publish_in`) makes the job part of its transaction.

@@ -16,7 +16,7 @@ import pytest
 from aioworkers import App, BrokerUnavailable, ConfigError, QueueDepth
 from aioworkers.brokers import open_broker
 from aioworkers.brokers._postgres_conn import ERRORS, parse_url
-from aioworkers.brokers._postgres_sql import SCHEMA_VERSION
+from aioworkers.brokers._postgres_sql import SCHEMA_VERSION, Statements
 from aioworkers.brokers.postgres import PostgresBroker
 
 from ..proxy import Proxy
@@ -274,3 +274,37 @@ async def test_a_cancelled_fetch_hands_its_rows_back(broker: PostgresBroker) -> 
     got = await broker.fetch("q", max_messages=5, wait=1)
     assert sorted(d.body for d in got) == [b"a", b"b"]
     assert all(d.count == 1 for d in got)  # a hand-back is not a delivery
+
+
+# -- durability -------------------------------------------------------------------------------
+
+
+async def test_leases_commit_asynchronously_and_enqueues_durably(url: str) -> None:
+    """Take, extend, ack and release set ``synchronous_commit=off`` for their own
+    transaction (a crash can only forget leases and acks: those jobs run again); publish,
+    retry and dead letter keep the server's setting, so an enqueue is on disk when it
+    returns. Each statement runs here inside an explicit transaction, to read the setting
+    it left for the commit."""
+    sql = Statements("public")
+    conn = await asyncpg.connect(url)
+
+    async def setting_after(statement: str, *args: object) -> str:
+        async with conn.transaction():
+            await conn.fetch(statement, *args)
+            setting = await conn.fetchval("SHOW synchronous_commit")
+        # Transaction-local: the session's setting is untouched.
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        return str(setting)
+
+    try:
+        assert await setting_after(sql.publish, "q", [b"a", b"b", b"c"], 0.0, "q") == "on"
+        assert await setting_after(sql.take, "q", 3, 7, 30.0, True) == "off"
+        assert await setting_after(sql.take, "empty", 3, 7, 30.0, True) == "off"
+        assert await setting_after(sql.extend, [1, 2, 3], [7, 7, 7], 30.0) == "off"
+        assert await setting_after(sql.ack, [1], [7]) == "off"
+        assert await setting_after(sql.release, [2], [7]) == "off"
+        assert await setting_after(sql.retry, 3, 7, b"c2", 0.0) == "on"
+        assert await setting_after(sql.dead_letter, 4, 7, "{}") == "on"  # not leased: no row
+        assert await conn.fetchval("SELECT count(*) FROM aioworkers_jobs") == 2  # b, c2
+    finally:
+        await conn.close()
