@@ -113,10 +113,15 @@ class Worker:
         self._telemetry = app.telemetry.for_worker(
             messaging_system(app.broker), self._inflight.snapshot
         )
-        self._acks = BatchedAcks(app.broker, clock=clock)
+        executor = executor_for(app, job_timeout=job_timeout, clock=clock)
+        records = executor.records
+        if records is not None:
+            records.batched = True  # a job's final records go with its ack
+        write = None if records is None else records.write
+        self._acks = BatchedAcks(app.broker, clock=clock, write_finishes=write)
         self._settler = Settler(self._acks, telemetry=self._telemetry, clock=clock)
         self._jobs = Jobs(
-            executor_for(app, job_timeout=job_timeout, clock=clock),
+            executor,
             self._settler,
             self._inflight,
             scheduler=self._scheduler,

@@ -55,7 +55,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +81,7 @@ MIN_SMALL = 2 * CONCURRENCY
 SOCKET_TIMEOUT = 600.0
 VISIBILITY = 600.0
 DEPTH_INTERVAL = 3600.0
+RESULT_TTL = 3600.0  # the ``results`` mode's task keeps its results this long
 ATTEMPTS = 3  # a run that is not clean (see `clean_run`) is tried again, on fresh jobs
 # What each mode configures; the order is the table's.
 MODES: dict[str, str] = {
@@ -92,6 +93,9 @@ MODES: dict[str, str] = {
     "sampled": "`MeterProvider` + `TracerProvider(ParentBased(TraceIdRatioBased(0.1)))`, batch",
     "upstream": "`MeterProvider` + `TracerProvider(ParentBased(ALWAYS_OFF))`, batch: "
     "a span only under a traced producer (none in W1)",
+    # Not telemetry: the same W1 for the cost of results (#14), and the raw loop (#20).
+    "results": "no provider, the task with `result_ttl` (records at enqueue, start and end)",
+    "raw": "not aioworkers: `benchmarks/_raw.py`'s redis.asyncio loop on the same jobs",
 }
 I_REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
@@ -100,8 +104,8 @@ I_REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 
 def providers(mode: str) -> tuple[MeterProvider | None, TracerProvider | None]:
-    """The SDK providers of ``mode`` (none for ``none`` and ``off``)."""
-    if mode in ("none", "off"):
+    """The SDK providers of ``mode`` (none for ``none``, ``off``, ``results``, ``raw``)."""
+    if mode in ("none", "off", "results", "raw"):
         return None, None
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -176,12 +180,14 @@ async def consume(mode: str, jobs: int, url: str, prefix: str, limit: float) -> 
         url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT
     )
     work = Work(spec, client)
+    if mode == "raw":
+        return await consume_raw(spec, work, client, tally, limit)
     app = aioworkers.App(
         spec.broker_url, queue=QUEUE, concurrency=CONCURRENCY, visibility_timeout=VISIBILITY
     )
-    app.task(TASK)(work.w1)
+    app.task(TASK, result_ttl=RESULT_TTL if mode == "results" else None)(work.w1)
     meter_provider, tracer_provider = providers(mode)
-    if mode == "none":
+    if mode in ("none", "results"):
         app.telemetry = Telemetry()
     else:
         app.telemetry = Telemetry(
@@ -219,6 +225,47 @@ async def consume(mode: str, jobs: int, url: str, prefix: str, limit: float) -> 
         "gc": [g["collections"] for g in gc.get_stats()],
         "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
     }
+
+
+async def consume_raw(
+    spec: Any, work: Any, client: Any, tally: Tally, limit: float
+) -> dict[str, Any]:
+    """`consume` for the raw loop (`_raw.RawRedis`), reading the stream aioworkers would."""
+    from _raw import GROUP, RawRedis
+
+    # The broker's key for the queue (`RedisBroker.keys`), under the run's prefix.
+    spec = replace(spec, stream=f"{spec.counter.rsplit(':', 1)[0]}:aio:{{{QUEUE}}}:stream")
+    await client.xgroup_create(spec.stream, GROUP, "0", mkstream=True)
+    side = RawRedis(spec, work)
+    side.client = aioredis_client(spec.redis_url)
+    t0 = time.perf_counter()
+    running = await side.start()
+    finished = asyncio.ensure_future(work.done.wait())
+    await asyncio.wait({finished, running}, timeout=limit, return_when="FIRST_COMPLETED")
+    elapsed = time.perf_counter() - t0
+    finished.cancel()
+    await side.stop()
+    count = int(await client.get(spec.counter) or 0)
+    await client.aclose()
+    return {
+        "mode": "raw",
+        "jobs": spec.target,
+        "count": count,
+        "outcomes": {"ok": count},
+        "warnings": tally.count,
+        "first_warnings": tally.first,
+        "elapsed": elapsed,
+        "gc": [g["collections"] for g in gc.get_stats()],
+        "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+    }
+
+
+def aioredis_client(url: str) -> Any:
+    import redis.asyncio as aioredis
+
+    return aioredis.from_url(
+        url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT
+    )
 
 
 def clean_run(result: dict[str, Any]) -> bool:
@@ -269,8 +316,9 @@ def broker_url(url: str, prefix: str) -> str:
     )
 
 
-async def enqueue(url: str, prefix: str, jobs: int) -> None:
-    """Put ``jobs`` W1 jobs where a child given ``prefix`` reads them."""
+async def enqueue(url: str, prefix: str, jobs: int, mode: str = "none") -> None:
+    """Put ``jobs`` W1 jobs where a child given ``prefix`` reads them (with ``results``,
+    their records too, as an app whose task keeps results writes them)."""
     import aioworkers
     from aioworkers.telemetry import Telemetry
 
@@ -278,7 +326,7 @@ async def enqueue(url: str, prefix: str, jobs: int) -> None:
     # No telemetry on the producer: the jobs carry no trace context, in every mode.
     app.telemetry = Telemetry(enabled=False)
 
-    @app.task(TASK)
+    @app.task(TASK, result_ttl=RESULT_TTL if mode == "results" else None)
     async def w1(i: int) -> None:  # only its name and arguments are enqueued here
         pass
 
@@ -350,7 +398,7 @@ def measure(r: Run, url: str) -> Run:
         r.attempts = attempt
         prefix = f"{r.prefix}-{attempt}"
         try:
-            asyncio.run(enqueue(url, prefix, r.jobs))
+            asyncio.run(enqueue(url, prefix, r.jobs, r.mode))
             instructions, result, why = callgrind(r, url, prefix)
         finally:
             asyncio.run(clean(url, prefix))
@@ -412,15 +460,17 @@ def summarize(runs: list[Run], small: int, large: int) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    # Against `off` when it ran, else against `none` (the results and raw modes).
+    base = "off" if any(row["mode"] == "off" for row in rows) else "none"
     lines = [
-        "| mode | configuration | instructions/job | overhead vs off |",
+        f"| mode | configuration | instructions/job | overhead vs {base} |",
         "|---|---|--:|--:|",
     ]
     for row in rows:
-        if row["vs_off"] is None:
+        if row[f"vs_{base}"] is None:
             vs_off = "—"
         else:
-            vs_off = f"{row['vs_off']:+,} ({row['vs_off_ratio']:+.1%})"
+            vs_off = f"{row[f'vs_{base}']:+,} ({row[f'vs_{base}_ratio']:+.1%})"
         lines.append(
             f"| `{row['mode']}` | {row['configuration']} | {row['instructions_per_job']:,} "
             f"| {vs_off} |"

@@ -30,7 +30,7 @@ from .inflight import Run
 from .limits import Limits
 from .outcome import ACK, CANCELLED, RELEASE, Decision, Outcome, TaskInfo
 from .policy import DEFAULT_POLICY, MAX_DELIVERIES, Policy
-from .records import Records
+from .records import Records, Unscreened
 from .threads import SyncThreads
 
 log = logging.getLogger("aioworkers")
@@ -198,11 +198,8 @@ class Executor:
             if task.result_ttl is None:
                 # Its cancel mark, read when its batch was fetched (`Records.screen`).
                 gate = self._records.screened(env.id)
-            else:  # and its record's start: one round trip for the jobs started together
-                with run.catch_cancel():
-                    gate = await self._records.before(env, task, delivery)
-                if run.cancel_taken:
-                    gate = RELEASE
+            else:
+                gate = await self._start_record(self._records, env, task, delivery, run)
         if gate is not None:
             detail = f"delivered {delivery.count} times" if gate is MAX_DELIVERIES else ""
             outcome = Outcome(env, task, gate, detail=detail)
@@ -214,9 +211,26 @@ class Executor:
         else:  # the hot path: no call more than before limits existed
             outcome = await self._run(delivery, env, task, run)
         if task.result_ttl is not None and self._records is not None:
-            with run.catch_cancel():  # the outcome stands; the record is best effort then
-                await self._records.after(outcome, task, delivery)
+            if outcome.decision is ACK and self._records.batched:
+                # Written by the acker, just before this job's ack batch (`BatchedAcks`).
+                outcome.finishes = self._records.finishes(outcome, task, delivery)
+            else:
+                with run.catch_cancel():  # the outcome stands; the record is best effort
+                    await self._records.after(outcome, task, delivery)
         return outcome
+
+    async def _start_record(
+        self, records: Records, env: Envelope, task: Runnable, delivery: Delivery, run: Run
+    ) -> Decision | None:
+        """The gate of a job of a task with results, once its record says it started."""
+        started = records.started(env.id)
+        if not isinstance(started, Unscreened):
+            return started  # its start was written with its batch's cancel marks read
+        # Not written yet: one round trip for the jobs started together.
+        gate = None
+        with run.catch_cancel():
+            gate = await records.before(env, task, delivery)
+        return RELEASE if run.cancel_taken else gate
 
     def _body(
         self, delivery: Delivery, env: Envelope, task: Runnable, run: Run

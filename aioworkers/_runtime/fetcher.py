@@ -124,6 +124,7 @@ class Fetcher:
             if not self.jobs.admit(got, reserved) and got:
                 # Went quiet while waiting: hand them to another worker at once. If the
                 # broker is down, their leases run out and it redelivers them.
+                await self.jobs.unscreen(got)
                 with contextlib.suppress(BrokerUnavailable):
                     await self.broker.release(got)
 

@@ -13,6 +13,7 @@ from . import unique
 from .executor import Executor, Prepared
 from .inflight import InFlight, Run
 from .outcome import OutcomeName
+from .records import Starting
 from .scheduler import Scheduler
 from .settle import Settler
 
@@ -52,19 +53,23 @@ class Jobs:
 
     async def screen(self, deliveries: Sequence[Delivery]) -> None:
         """Read the cancel marks of fetched deliveries, in one round trip, before they
-        are admitted (see `Records.screen`); their bodies are decoded here, once."""
+        are admitted (see `Records.screen`), and write the start of those whose tasks keep
+        results in the same one; their bodies are decoded here, once."""
         records = self._executor.records
         if records is not None and deliveries:
             prepare, prepared, ids = self._executor.prepare, self._prepared, []
+            starts: list[Starting] = []
             for delivery in deliveries:
                 try:
-                    env = (one := prepare(delivery))[0]
+                    env, task, invalid = one = prepare(delivery)
                 except Exception:  # left to its run, which logs it
                     continue
                 prepared[delivery] = one
                 if env is not None:
                     ids.append(env.id)
-            await records.screen_ids(ids)
+                    if invalid is None and task is not None and task.result_ttl is not None:
+                        starts.append((env, delivery, task.result_ttl))
+            await records.screen_ids(ids, starts)
 
     def admit(self, deliveries: Sequence[Delivery], reserved: int) -> bool:
         """Hand fetched deliveries to the scheduler (in the ``reserved`` slots fetched for)
@@ -72,8 +77,7 @@ class Jobs:
         assert self._scheduler is not None
         ready = self._scheduler.submit(deliveries, reserved)
         if ready is None:
-            self._unprepare(deliveries)
-            return False
+            return False  # the caller unscreens them
         for delivery, run in ready:
             self.start(delivery, run)
         return True
@@ -89,17 +93,24 @@ class Jobs:
 
     async def hand_back(self, deliveries: list[Delivery]) -> None:
         """Release deliveries held but never started (see `Settler.hand_back`)."""
-        self._unprepare(deliveries)
+        await self.unscreen(deliveries)
         try:
             await self._settler.hand_back(deliveries)
         finally:
             for delivery in deliveries:
                 self._inflight.remove(delivery)
 
-    def _unprepare(self, deliveries: Sequence[Delivery]) -> None:
-        if self._prepared:
-            for delivery in deliveries:
-                self._prepared.pop(delivery, None)
+    async def unscreen(self, deliveries: Sequence[Delivery]) -> None:
+        """Forget what `screen` did for deliveries that will not start here: what it
+        decoded, and the starts it wrote (their records say queued again)."""
+        ids = []
+        for delivery in deliveries:
+            one = self._prepared.pop(delivery, None)
+            if one is not None and one[0] is not None:
+                ids.append(one[0].id)
+        records = self._executor.records
+        if records is not None and ids:
+            await records.unstart(ids)
 
     async def run(
         self, delivery: Delivery, run: Run, prepared: Prepared | None = None

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from ..envelope import Envelope
+    from ..store.base import JobFinish
 
 
 class OutcomeName(StrEnum):
@@ -121,3 +122,5 @@ class Outcome:
     started_at: float = 0.0  # when it started, epoch seconds
     detail: str = ""
     value: object = None  # what the handler returned (kept for tasks with results)
+    # The final records its ack carries (a worker's task with results: `Records.batched`).
+    finishes: list[JobFinish] | None = None

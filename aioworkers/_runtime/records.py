@@ -68,6 +68,17 @@ class Recorded(Protocol):
     def idempotent(self) -> bool: ...
 
 
+# A job of a task with results, fetched: its envelope, delivery and result TTL.
+Starting = tuple[Envelope, Delivery, float]
+
+
+class Unscreened:
+    """`Records.started` of a job whose start was not written by `Records.screen_ids`."""
+
+
+UNSCREENED = Unscreened()
+
+
 class Coalesce(Generic[I, O]):
     """Calls of ``call(items)`` made in one turn of the event loop, as one call: `one`
     returns a future of the answer for its item (``call`` answers one per item, in
@@ -142,6 +153,11 @@ class Records:
         self._updates: Coalesce[JobUpdate, JobStatus | None] = Coalesce(store.update_jobs)
         self._finishes: Coalesce[JobFinish, JobStatus | None] = Coalesce(store.finish_jobs)
         self._screened: dict[str, None] = {}  # ids with a cancel mark, fetched, not started
+        # Ids whose start `screen_ids` wrote, not started yet: (their gate, the TTL).
+        self._starts: dict[str, tuple[Decision | None, float]] = {}
+        # Set by a worker: an ended job's final record goes with its ack (`finishes`),
+        # not in a round trip of its own (`after`).
+        self.batched = False
 
     async def screen(self, deliveries: Sequence[Delivery]) -> None:
         """Read the cancel marks of a fetched batch in one round trip, before its jobs are
@@ -149,19 +165,60 @@ class Records:
         a cancellation: if the store does not answer, the jobs run unchecked."""
         await self.screen_ids([i for i in map(peek_id, (d.body for d in deliveries)) if i])
 
-    async def screen_ids(self, ids: list[str]) -> None:
-        """`screen` for the jobs of these ids (their bodies already decoded)."""
+    async def screen_ids(self, ids: list[str], starts: Sequence[Starting] = ()) -> None:
+        """`screen` for the jobs of these ids (their bodies already decoded). ``starts``,
+        the jobs among them of tasks with results: their records' start is written in the
+        same round trip (`started` then answers for each, `unstart` takes it back for a
+        job handed back unstarted)."""
         if not ids:
             return
         try:
-            marked = await self._store.cancelled(ids)
+            if starts:
+                now = self._clock.time()
+                updates = [
+                    JobUpdate(env.id, ttl, status="running", attempt=env.attempt, started_at=now)
+                    for env, _, ttl in starts
+                ]
+                # The start first, then the marks (one pipeline on Redis): a cancel that
+                # lands between them has found the record running and left a mark.
+                befores, marked = await asyncio.gather(
+                    self._store.update_jobs(updates), self._store.cancelled(ids)
+                )
+                self._started(starts, befores, marked)
+            else:
+                marked = await self._store.cancelled(ids)
         except Exception as exc:
-            _unchecked(exc)
+            _unchecked(exc)  # (the starts are written again by `before`)
             return
         for job_id in marked:
             self._screened[job_id] = None
         while len(self._screened) > MAX_SCREENED:
             del self._screened[next(iter(self._screened))]
+
+    def _started(
+        self,
+        starts: Sequence[Starting],
+        befores: Sequence[JobStatus | None],
+        marked: set[str],
+    ) -> None:
+        gates = self._starts
+        for (env, _, ttl), before in zip(starts, befores, strict=True):
+            gate: Decision | None = None
+            if before == "cancelled":
+                gate = CANCELLED
+            elif before in FINAL:
+                gate = DUPLICATE
+            elif before in ("queued", "delayed"):
+                # A cancel of a queued job ends its record at once: none came before this
+                # start (one that comes after leaves a mark the lease beat reads).
+                gate = None
+            elif env.id in marked:  # cancelled while running (a redelivery), or no record
+                gate = CANCELLED
+            elif before is None:
+                continue  # no record (enqueued by name, or expired): `before` puts one
+            gates[env.id] = (gate, ttl)
+        while len(gates) > MAX_SCREENED:
+            del gates[next(iter(gates))]
 
     def screened(self, job_id: str) -> Decision | None:
         """CANCELLED if `screen` found the job's cancel mark, else None (run it)."""
@@ -170,6 +227,32 @@ class Records:
             log.info("job %s was cancelled before it started", job_id)
             return CANCELLED
         return None
+
+    def started(self, job_id: str) -> Decision | Unscreened | None:
+        """The gate of a job whose start `screen_ids` wrote, at once (no round trip), or
+        `UNSCREENED`: `before` then writes the start."""
+        found = self._starts.pop(job_id, None) if self._starts else None
+        if found is None:
+            return UNSCREENED
+        self._screened.pop(job_id, None)
+        gate: Decision | None = found[0]
+        return gate
+
+    async def unstart(self, job_ids: Sequence[str]) -> None:
+        """Jobs whose start `screen_ids` wrote, handed back without starting: their records
+        say queued again (best effort: a record left running is corrected when the job
+        starts again or ends)."""
+        updates = []
+        for job_id in job_ids:
+            found = self._starts.pop(job_id, None) if self._starts else None
+            if found is not None and found[0] is None:
+                expect: frozenset[JobStatus] = frozenset({"running"})
+                updates.append(JobUpdate(job_id, found[1], status="queued", expect=expect))
+        if updates:
+            try:
+                await self._store.update_jobs(updates)
+            except Exception as exc:
+                log.warning("%d records of jobs handed back say running: %s", len(updates), exc)
 
     async def _read_marks(self, ids: list[str]) -> list[Decision | None]:
         marked = await self._store.cancelled(ids)
@@ -322,6 +405,16 @@ class Records:
     async def _succeeded(
         self, outcome: Outcome, task: Recorded, delivery: Delivery, ttl: float
     ) -> None:
+        await self._finishes.many(self._success(outcome, task, delivery, ttl))
+
+    def finishes(self, outcome: Outcome, task: Recorded, delivery: Delivery) -> list[JobFinish]:
+        """The final records of a job that succeeded, for its ack to carry (`batched`)."""
+        assert task.result_ttl is not None
+        return self._success(outcome, task, delivery, task.result_ttl)
+
+    def _success(
+        self, outcome: Outcome, task: Recorded, delivery: Delivery, ttl: float
+    ) -> list[JobFinish]:
         env = outcome.envelope
         assert env is not None
         result, why = self._encode(outcome.value)
@@ -332,7 +425,35 @@ class Records:
             # Kept under the key too: a later job with this key answers with this result.
             key_id = alias(task.name, env.key)
             finishes.append(self._finish(outcome, delivery, "succeeded", ttl, key_id, result, why))
-        await self._finishes.many(finishes)
+        return finishes
+
+    async def write(self, finishes: list[JobFinish]) -> None:
+        """Write the final records an ack batch carries, before it is sent (a result is
+        stored before its job is acked). A store outage is retried for one lease; then
+        the jobs are acked all the same (their effects happened), with a warning."""
+        deadline = self._clock.monotonic() + self._lease
+        call = partial(self._store.finish_jobs, finishes)
+        try:
+            try:
+                await call()
+                return
+            except StoreUnavailable as exc:
+                for job_id in dict.fromkeys(f.id for f in finishes):
+                    log.warning("recording job %s failed, retrying: %s", job_id, exc)
+            what = f"recording {len(finishes)} ended jobs"
+            await backoff(
+                call,
+                what=what,
+                clock=self._clock,
+                deadline=deadline,
+                retry_on=(StoreUnavailable,),
+                cap=MAX_PAUSE,
+            )
+        except StoreUnavailable as exc:
+            for job_id in dict.fromkeys(f.id for f in finishes):
+                log.warning("job %s: its record was not written: %s", job_id, exc)
+        except Exception:
+            log.exception("the records of %d ended jobs were not written", len(finishes))
 
     async def _copy(self, outcome: Outcome, delivery: Delivery, source: str, ttl: float) -> None:
         """A duplicate of a job that completed its key: it ends as that job did."""

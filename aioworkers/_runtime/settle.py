@@ -18,6 +18,7 @@ from typing import Protocol, TypeVar
 from ..brokers.base import Broker, DeadLetter, DeadLetterWriter, Delivery
 from ..envelope import encode
 from ..errors import BrokerUnavailable, LeaseLost, printable
+from ..store.base import JobFinish
 from ..telemetry.worker import WorkerTelemetry
 from .backoff import backoff
 from .clock import SYSTEM_CLOCK, Clock
@@ -47,7 +48,9 @@ class Completer(Protocol):
     delivery to the broker to hand out again instead (counted as released), and raises
     `LeaseLost` (or `OutcomeUnknown`) if the delivery is no longer ours."""
 
-    async def ack(self, delivery: Delivery) -> bool: ...
+    async def ack(self, delivery: Delivery, finishes: list[JobFinish] | None = None) -> bool:
+        """``finishes``: the job's final records, written before the ack is sent."""
+        ...
 
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> bool: ...
 
@@ -93,7 +96,7 @@ class Settler:
         try:
             decision = outcome.decision
             if isinstance(decision, Ack):  # the hot path: no detour
-                done = await self._completer.ack(delivery)
+                done = await self._completer.ack(delivery, outcome.finishes)
             else:
                 done = await self._apply(delivery, outcome)
         except OutcomeUnknown as exc:
@@ -184,22 +187,33 @@ class Settler:
 class BatchedAcks:
     """The worker's completer. Acks are batched: every ack that arrives while a round trip
     is in progress goes out together in the next one, and each job waits for its own to be
-    confirmed. Every call is retried while the broker is unavailable (see `backoff`)."""
+    confirmed. The final records the acks carry (``finishes``) are written by
+    ``write_finishes`` just before (one call for the batch). Every call is retried while
+    the broker is unavailable (see `backoff`)."""
 
     def __init__(
-        self, broker: Broker, *, max_ack_batch: int = 1000, clock: Clock = SYSTEM_CLOCK
+        self,
+        broker: Broker,
+        *,
+        max_ack_batch: int = 1000,
+        clock: Clock = SYSTEM_CLOCK,
+        write_finishes: Callable[[list[JobFinish]], Awaitable[None]] | None = None,
     ) -> None:
         self._broker = broker
         self._clock = clock
-        # Each ack's future says whether the broker took it (False: the lease was lost).
-        self._acks: list[tuple[Delivery, asyncio.Future[bool]]] = []
+        self._write_finishes = write_finishes
+        # Each ack's future says whether the broker took it (False: the lease was lost),
+        # and the final records to write before it.
+        self._acks: list[tuple[Delivery, asyncio.Future[bool], list[JobFinish] | None]] = []
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
         self._max_batch = max_ack_batch
 
-    async def ack(self, delivery: Delivery) -> bool:
+    async def ack(self, delivery: Delivery, finishes: list[JobFinish] | None = None) -> bool:
         acked: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._acks.append((delivery, acked))
+        if finishes and self._write_finishes is None:
+            raise RuntimeError("final records to write, but no writer for them")
+        self._acks.append((delivery, acked, finishes))
         self._wake.set()
         # Held (slot and lease) until the broker has the ack: a lease that lapsed while
         # the ack waited would hand a finished job to another worker.
@@ -263,12 +277,18 @@ class BatchedAcks:
             while self._acks:
                 batch = self._acks[: self._max_batch]
                 del self._acks[: self._max_batch]
+                finishes = [f for _, _, fs in batch if fs for f in fs]
                 try:
-                    lost = await self._call(partial(self._broker.ack, [d for d, _ in batch]), "ack")
+                    if finishes:
+                        assert self._write_finishes is not None
+                        await self._write_finishes(finishes)
+                    lost = await self._call(
+                        partial(self._broker.ack, [d for d, _, _ in batch]), "ack"
+                    )
                 except BaseException as exc:
                     # Not known to be acked: each job sees the error (or the cancel), and
                     # counts as nothing; the broker redelivers it after its lease.
-                    for _, acked in batch:
+                    for _, acked, _ in batch:
                         if not acked.done():
                             if isinstance(exc, asyncio.CancelledError):
                                 acked.cancel()
@@ -276,7 +296,7 @@ class BatchedAcks:
                                 acked.set_exception(exc)
                     raise
                 refused = {id(d) for d in lost}
-                for d, acked in batch:
+                for d, acked, _ in batch:
                     if not acked.done():
                         acked.set_result(id(d) not in refused)
 
@@ -296,7 +316,8 @@ class InlineCompleter:
         self._publisher = publisher
         self._writer = writer
 
-    async def ack(self, delivery: Delivery) -> bool:
+    async def ack(self, delivery: Delivery, finishes: list[JobFinish] | None = None) -> bool:
+        assert not finishes, "the Lambda adapter writes final records itself"
         return True
 
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> bool:

@@ -241,10 +241,19 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
                 return reclaimed
         # One round trip when jobs are waiting: move due delayed jobs, then read without
         # blocking. Only an empty read pays a second, blocking one.
+        promote_keys = [k.stream, k.delayed, k.payloads]
         async with self._io(), self._redis.pipeline(transaction=False) as pipe:
-            await self._promote(keys=[k.stream, k.delayed, k.payloads], args=[1000], client=pipe)
+            # EVALSHA, not the script object: a pipeline holding a script object first asks
+            # SCRIPT EXISTS, a round trip more on every fetch.
+            pipe.evalsha(self._promote.sha, 3, *promote_keys, 1000)
             pipe.xreadgroup(self.group, self.consumer, {k.stream: ">"}, count=max_messages)
-            next_eta_ms, reply = await pipe.execute()
+            next_eta_ms, reply = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, Exception):
+                raise reply
+            if isinstance(next_eta_ms, rexc.NoScriptError):  # the server lost its scripts
+                next_eta_ms = await self._promote(keys=promote_keys, args=[1000])
+            elif isinstance(next_eta_ms, Exception):
+                raise next_eta_ms
         out = self._deliveries(queue, reply)
         block_ms = int(wait * 1000)
         if int(next_eta_ms) >= 0:

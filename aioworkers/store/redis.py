@@ -32,6 +32,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from ..brokers._redis_io import connect, redis_io
 from . import _redis_lua as lua
+from ._redis_batch import Pipeliner
 from ._wait import wait_final
 from .base import (
     Beat,
@@ -169,6 +170,8 @@ class RedisStore:
         self._beat = register(lua.BEAT)
         self._release_lease = register(lua.RELEASE_LEASE)
         self._take = register(lua.TAKE)
+        # Calls made together (a batch's jobs, woken waiters) go out in one round trip.
+        self._batch = Pipeliner(self._redis)
 
     def __repr__(self) -> str:
         return f"<RedisStore {self._host} prefix={self.prefix}>"
@@ -191,7 +194,7 @@ class RedisStore:
     async def claim(self, key: str, owner: str, *, lease: float) -> ClaimResult:
         check_times(lease=lease)
         async with self._io():
-            got = await self._claim(keys=[self._key(key)], args=[owner, _ms(lease)])
+            got = await self._batch.script(self._claim, [self._key(key)], [owner, _ms(lease)])
         return _RESULTS[got]
 
     async def extend(
@@ -202,12 +205,12 @@ class RedisStore:
     async def complete(self, key: str, owner: str, *, ttl: float) -> bool:
         check_times(ttl=ttl)
         async with self._io():
-            done = await self._complete(keys=[self._key(key)], args=[owner, _ms(ttl)])
+            done = await self._batch.script(self._complete, [self._key(key)], [owner, _ms(ttl)])
         return bool(done == 1)
 
     async def release(self, key: str, owner: str) -> bool:
         async with self._io():
-            freed = await self._release(keys=[self._key(key)], args=[owner])
+            freed = await self._batch.script(self._release, [self._key(key)], [owner])
         return bool(freed == 1)
 
     # -- job records ----------------------------------------------------------------------
@@ -226,14 +229,14 @@ class RedisStore:
             )
         args = _packed(jobs, [record.result for record in records])
         async with self._io():
-            await self._put_jobs(keys=keys, args=args)
+            await self._batch.script(self._put_jobs, keys, args)
 
     async def put_job(self, record: JobRecord, *, ttl: float) -> None:
         await self.put_jobs([record], ttl=ttl)
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         async with self._io():
-            raw: dict[Any, Any] = await self._redis.hgetall(self._state("job", job_id))
+            raw: dict[Any, Any] = await self._batch.command("HGETALL", self._state("job", job_id))
         return _record(job_id, raw)
 
     async def update_jobs(self, updates: Sequence[JobUpdate]) -> list[JobStatus | None]:
@@ -256,7 +259,7 @@ class RedisStore:
             )
             jobs.append([str(_ms(u.ttl)), expect, items])
         async with self._io():
-            replies = await self._update_jobs(keys=keys, args=[orjson.dumps(jobs)])
+            replies = await self._batch.script(self._update_jobs, keys, [orjson.dumps(jobs)])
         return _statuses(replies)
 
     async def update_job(self, update: JobUpdate) -> JobStatus | None:
@@ -285,7 +288,7 @@ class RedisStore:
             jobs.append([str(_ms(f.ttl)), f.task, f.queue, cleared, items, has_result])
         args = _packed(jobs, [f.result for f in finishes])
         async with self._io():
-            replies = await self._finish_jobs(keys=keys, args=args)
+            replies = await self._batch.script(self._finish_jobs, keys, args)
         return _statuses(replies)
 
     async def wait_job(self, job_id: str, *, timeout: float | None) -> JobRecord | None:  # noqa: ASYNC109 (see wait_final)
@@ -308,7 +311,7 @@ class RedisStore:
         keys = [self._state(kind, job_id) for kind in kinds]
         async with self._io():
             args: list[str | int] = [_ms(ttl), repr(time.time()), int(known_only)]
-            marked = await self._mark_cancelled(keys=keys, args=args)
+            marked = await self._batch.script(self._mark_cancelled, keys, args)
         return bool(marked == 1)
 
     async def cancelled(self, job_ids: Collection[str]) -> set[str]:
@@ -367,7 +370,9 @@ class RedisStore:
 
     async def free_unique(self, key: str, job_id: str) -> bool:
         async with self._io():
-            freed = await self._free_unique(keys=[self._state("unique", key)], args=[job_id])
+            freed = await self._batch.script(
+                self._free_unique, [self._state("unique", key)], [job_id]
+            )
         return bool(freed == 1)
 
     # -- limit leases ---------------------------------------------------------------------
@@ -388,7 +393,9 @@ class RedisStore:
 
     async def release_lease(self, key: str, owner: str) -> bool:
         async with self._io():
-            freed = await self._release_lease(keys=[self._state("lease", key)], args=[owner])
+            freed = await self._batch.script(
+                self._release_lease, [self._state("lease", key)], [owner]
+            )
         return bool(freed == 1)
 
     # -- token buckets --------------------------------------------------------------------
@@ -397,7 +404,9 @@ class RedisStore:
         check_rate(rate, per)
         at = "" if now is None else repr(float(now))
         async with self._io():
-            wait = await self._take(keys=[self._state("bucket", key)], args=[rate, repr(per), at])
+            wait = await self._batch.script(
+                self._take, [self._state("bucket", key)], [rate, repr(per), at]
+            )
         return max(0.0, float(wait))
 
     # -- the heartbeat --------------------------------------------------------------------
@@ -421,7 +430,7 @@ class RedisStore:
         args += [owner for _, owner in claims] + [owner for _, owner in leases]
         # One script, so one round trip (a pipeline of scripts costs a SCRIPT EXISTS more).
         async with self._io():
-            kept_claims, kept_leases, marks = await self._beat(keys=keys, args=args)
+            kept_claims, kept_leases, marks = await self._batch.script(self._beat, keys, args)
         return Beat(
             [c for c, ok in zip(claims, kept_claims, strict=True) if ok != 1],
             [h for h, ok in zip(leases, kept_leases, strict=True) if ok != 1],
