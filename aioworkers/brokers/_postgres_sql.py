@@ -208,11 +208,11 @@ WITH added AS (
 SELECT pg_notify('{CHANNEL}', $4) WHERE $4::text IS NOT NULL
 """
         # $1 queue, $2 max rows, $3 lease token, $4 lease seconds, $5 look ahead -> the
-        # rows leased (id, body, count, NULL), or if none and $5, one row (NULL, NULL,
-        # NULL, seconds until the queue's next row becomes visible, or NULL).
+        # rows leased (id, body, count, NULL), and if fewer than $2 and $5, one more row
+        # (NULL, NULL, NULL, seconds until the queue's next row becomes visible, or NULL).
         # The subquery leases the oldest ready rows that no other fetch holds a lock on right
         # now (SKIP LOCKED): fetches never wait for each other, and the row locks end with
-        # this statement. The look ahead runs only when nothing was taken.
+        # this statement. The look ahead runs only when the ready rows ran out.
         self.take = f"""
 WITH next AS MATERIALIZED (
     SELECT id FROM {jobs} WHERE queue = $1 AND visible_at <= now()
@@ -228,7 +228,7 @@ UNION ALL
 SELECT NULL, NULL, NULL, (
     SELECT extract(epoch FROM min(visible_at) - now())::float8 FROM {jobs}
     WHERE queue = $1 AND visible_at > now()
-) WHERE $5 AND NOT EXISTS (SELECT 1 FROM taken)
+) WHERE $5 AND (SELECT count(*) FROM taken) < $2
 """
         # $1 ids, $2 tokens -> the ids deleted.
         self.ack = f"""

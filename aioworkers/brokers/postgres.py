@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -83,6 +84,10 @@ class PostgresBroker:
         self._pool = Pool(self.settings, self._sql)
         self._listener = Listener(self.settings, self._notify)
         self._wake: dict[str, asyncio.Event] = {}
+        # Queues whose last look found their ready rows run out, with no notification since:
+        # loop time until which nothing becomes ready there without one (the next delayed
+        # row or lease end). An idle fetch waits for the NOTIFY instead of looking again.
+        self._dry: dict[str, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fold_at = 0.0
         self._vacuum_at = 0.0
@@ -97,7 +102,7 @@ class PostgresBroker:
     def _waiter(self, queue: str) -> asyncio.Event:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # an event belongs to the loop that first waits on it
-            self._loop, self._wake = loop, {}
+            self._loop, self._wake, self._dry = loop, {}, {}
         event = self._wake.get(queue)
         if event is None:
             event = self._wake[queue] = asyncio.Event()
@@ -108,7 +113,9 @@ class PostgresBroker:
         if not queue:
             events = list(self._wake.values())
             self._wake.clear()
+            self._dry.clear()
         else:
+            self._dry.pop(queue, None)
             event = self._wake.pop(queue, None)
             events = [] if event is None else [event]
         for event in events:
@@ -165,7 +172,22 @@ class PostgresBroker:
             wake = self._waiter(queue)
             if wait > 0:
                 self._listener.ensure()
+                dry = self._dry.get(queue, 0.0) - loop.time() if self._listener.up else 0.0
+                if dry > 0:
+                    # The last look (a fetch that took what was ready) found nothing more,
+                    # and no job was notified since: wait for one before looking again.
+                    # (Up to `poll`, as after an empty look.)
+                    del self._dry[queue]
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        return []
+                    await self._sleep_until(wake, min(remaining, self.poll, dry))
+                    continue
             got, next_in = await self._take(queue, max_messages, lease, look_ahead=wait > 0)
+            if wait > 0 and len(got) < max_messages and not wake.is_set():
+                # Taken up to the last ready row, none notified meanwhile: the next fetch
+                # waits for a notification (or the next row due) instead of looking.
+                self._dry[queue] = loop.time() + (next_in if next_in is not None else math.inf)
             await self._housekeeping(idle=not got)
             remaining = deadline - loop.time()
             if got or remaining <= 0:
@@ -173,12 +195,18 @@ class PostgresBroker:
             # The next row of the queue due (delayed, or a lease running out) is looked
             # for again when it is; a new job is announced by NOTIFY; polling covers a
             # notification lost while the listener reconnects.
+            self._dry.pop(queue, None)
             timeout = min(remaining, self.poll, next_in if next_in is not None else remaining)
-            try:
-                async with asyncio.timeout(max(timeout, 0.0)):
-                    await wake.wait()
-            except TimeoutError:
-                pass
+            await self._sleep_until(wake, timeout)
+
+    @staticmethod
+    async def _sleep_until(wake: asyncio.Event, seconds: float) -> None:
+        """Until ``wake`` is set, for at most ``seconds``."""
+        try:
+            async with asyncio.timeout(max(seconds, 0.0)):
+                await wake.wait()
+        except TimeoutError:
+            pass
 
     async def _take(
         self, queue: str, max_messages: int, lease: float, *, look_ahead: bool
@@ -200,9 +228,14 @@ class PostgresBroker:
     ) -> tuple[list[_Row], float | None]:
         async with self._pool.connection() as conn:
             rows = await conn.fetch(self._sql.take, queue, n, token, float(lease), look_ahead)
-        if rows and rows[0][0] is None:
-            return [], rows[0][3]
-        return sorted((r[0], r[1], r[2]) for r in rows), None
+        taken, next_in = [], None
+        for r in rows:
+            if r[0] is None:  # the look ahead's row: the ready rows ran out
+                next_in = r[3]
+            else:
+                taken.append((r[0], r[1], r[2]))
+        taken.sort()
+        return taken, next_in
 
     def _hand_back(
         self, done: asyncio.Future[tuple[list[_Row], float | None]], queue: str, token: int

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -308,3 +310,57 @@ async def test_leases_commit_asynchronously_and_enqueues_durably(url: str) -> No
         assert await conn.fetchval("SELECT count(*) FROM aioworkers_jobs") == 2  # b, c2
     finally:
         await conn.close()
+
+
+# -- idle fetches -----------------------------------------------------------------------------
+
+
+async def test_a_fetch_that_took_the_last_ready_rows_waits_for_a_notification(url: str) -> None:
+    """After a fetch that took fewer rows than it asked for, the next one waits for a NOTIFY
+    (or the queue's next row due) instead of looking again at once: one statement per job
+    when jobs trickle in, not two. A delayed row already there is still started when due."""
+    broker = PostgresBroker(f"{url}?poll=30", visibility_timeout=30)
+    producer = PostgresBroker(url)
+    looks = 0
+    real = broker._take_rows
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal looks
+        looks += 1
+        return await real(*args, **kwargs)
+
+    broker._take_rows = counted  # type: ignore[method-assign]
+    try:
+        # Listening first: while the LISTEN connection is not up, every fetch looks.
+        assert await broker.fetch("q", max_messages=10, wait=0.01) == []
+        for _ in range(500):
+            if broker._listener.up:
+                break
+            await asyncio.sleep(0.01)
+        looks = 0
+        # Rows already there, no notification on its way (one arriving during a look would
+        # make the next fetch look again at once, rightly).
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(Statements("public").publish, "q", [b"a"], 0.0, None)
+            await conn.execute(Statements("public").publish, "q", [b"later"], 0.5, None)
+        finally:
+            await conn.close()
+        (a,) = await broker.fetch("q", max_messages=10, wait=5)
+        assert (a.body, looks) == (b"a", 1)
+        # The look that took "a" also saw when "later" is due: the next fetch sleeps until
+        # then (a real timer: the delay is what is under test; poll is 30 s).
+        started = time.monotonic()
+        (later,) = await broker.fetch("q", max_messages=10, wait=5)
+        assert later.body == b"later"
+        assert 0.3 < time.monotonic() - started < 3.0
+        assert looks == 2
+        # Nothing due now: the fetch waits for the producer's NOTIFY, and looks once.
+        fetching = asyncio.create_task(broker.fetch("q", max_messages=10, wait=5))
+        await producer.publish("q", [b"b"])
+        (b,) = await fetching
+        assert (b.body, looks) == (b"b", 3)
+        await broker.ack([a, later, b])
+    finally:
+        await broker.aclose()
+        await producer.aclose()
