@@ -1,11 +1,23 @@
-"""Which tests the default run leaves to ``-m slow``: the slow copies of scenarios that a
-faster copy already runs by default, so the whole suite stays near ten minutes on two
-cores. Each entry names the copy that stays in the default run.
+"""How the default run is shaped, so the whole suite stays near ten minutes on two cores:
 
-(Soaks and chaos runs mark themselves with ``@pytest.mark.slow`` where they are written.)
+- which tests it leaves to ``-m slow``: the slow copies of scenarios that a faster copy
+  already runs by default (each entry names the copy that stays; soaks and chaos runs mark
+  themselves with ``@pytest.mark.slow`` where they are written);
+- which tests run alone: the run is spread over pytest-xdist workers (``-n 2`` in
+  pyproject.toml: most tests wait on worker processes and timers, not on the CPU), and a
+  test that changes a shared server for everyone (RabbitMQ's memory alarm, every
+  connection closed, a server setting) must not overlap another test. Every test holds a
+  shared lock while it runs; these hold it exclusively.
 """
 
 from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -67,8 +79,53 @@ SLOW_COPIES: dict[str, str] = {
 }
 
 
+# node id, or a prefix of it ending in "::" (a whole module) -> what it changes for everyone
+EXCLUSIVE: dict[str, str] = {
+    "brokers/test_amqp_faults.py::": (
+        "RabbitMQ's memory alarm (every publisher blocks), rabbit app settings, policies"
+    ),
+    "brokers/test_amqp.py::test_consumer_count_comes_back_after_rabbitmq_closes_every_connection": (
+        "rabbitmqctl close_all_connections"
+    ),
+    "e2e_matrix/test_restart.py::test_worker_rides_out_a_broker_restart_and_finishes_every_job_once[amqp]": (  # noqa: E501
+        "rabbitmqctl close_all_connections"
+    ),
+}
+
+
+def _exclusive(nodeid: str) -> bool:
+    node = nodeid.removeprefix("tests/")
+    return node in EXCLUSIVE or any(node.startswith(key) for key in EXCLUSIVE if key.endswith("::"))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     slow = pytest.mark.slow
     for item in items:
         if item.nodeid.removeprefix("tests/") in SLOW_COPIES:
             item.add_marker(slow)
+
+
+@contextmanager
+def _turn(run: str, exclusive: bool) -> Iterator[None]:
+    """A readers-writer lock between the xdist workers of one run, with a turnstile so that a
+    test waiting to run alone is not starved by the others' stream of shared turns."""
+    base = Path(tempfile.gettempdir()) / f"aioworkers-tests-{run}"
+    with open(f"{base}.gate", "a") as gate, open(f"{base}.turn", "a") as turn:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(turn, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(turn, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:  # one process: nothing overlaps
+        return (yield)
+    with _turn(run, _exclusive(item.nodeid)):
+        return (yield)

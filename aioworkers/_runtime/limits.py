@@ -37,6 +37,12 @@ MAX_THROTTLE = 30.0
 FIRST_GUESS = 1.0
 # Keys whose waiters this process counts (for spreading comebacks); past it, forgotten.
 MAX_TRACKED = 10_000
+# A rate token due within this long is waited for in place (a throttle through the broker
+# costs more than that), and a throttled job comes back this much before its turn: a job
+# late for its turn leaves that token unused, a spacing of the rate lost for good.
+NEAR = 0.1
+NEAR_TRIES = 3
+EARLY = 0.06
 
 
 def parse_rate(text: str) -> tuple[int, float]:
@@ -111,6 +117,8 @@ class _Waiting:
     throttled: int = 0
     duration: float | None = None
     paused_until: float = 0.0
+    next_turn: float = 0.0  # when the next job throttled by a rate here should ask again
+    in_place: bool = False  # a job of this key waits here for a token due within moments
 
 
 class Limiter:
@@ -154,9 +162,12 @@ class Limiter:
             raise RuntimeError(f"task {limits.task!r} has limits but the worker has no store")
         name = limits.name_for(env.args, env.kwargs)
         slot = (name, secrets.token_hex(8)) if limits.concurrency is not None else None
+        seen = self._waiting(name)
         try:
             with run.catch_cancel():
                 wait = await self._admit(store, limits, name, slot)
+                if wait is not None and 0 < wait <= NEAR and not seen.in_place:
+                    wait = await self._wait_in_place(store, limits, name, slot, seen, wait)
         except StoreUnavailable as exc:
             # Fail closed: without the store nothing says a slot or a token is free.
             return Outcome(env, task, defer(self._lease), detail=f"state store unavailable: {exc}")
@@ -164,7 +175,6 @@ class Limiter:
             if slot is not None:
                 await self._release(store, slot)  # it may have been taken before the cancel
             return Outcome(env, task, RELEASE)
-        seen = self._waiting(name)
         if wait is not None:
             seen.throttled += 1
             delay = self._comeback(limits, seen, wait)
@@ -183,6 +193,30 @@ class Limiter:
         if limits.rate is not None and isinstance(outcome.error, RateLimited):
             await self._pause(store, limits, name, seen, outcome.error.retry_after)
         return outcome
+
+    async def _wait_in_place(
+        self,
+        store: Store,
+        limits: Limits,
+        name: str,
+        slot: tuple[str, str] | None,
+        seen: _Waiting,
+        wait: float,
+    ) -> float | None:
+        """Wait here for a token due within moments, one job of a key at a time (the
+        others take turns through the broker); a job of another worker may still take it
+        first. Returns what the last `_admit` said."""
+        seen.in_place = True
+        try:
+            for _ in range(NEAR_TRIES):
+                await self._clock.sleep(wait)
+                got = await self._admit(store, limits, name, slot)
+                if got is None or not 0 < got <= NEAR:
+                    return got
+                wait = got
+            return wait
+        finally:
+            seen.in_place = False
 
     async def _admit(
         self, store: Store, limits: Limits, name: str, slot: tuple[str, str] | None
@@ -226,8 +260,19 @@ class Limiter:
     def _comeback(self, limits: Limits, seen: _Waiting, wait: float) -> float:
         """When a throttled job should ask again: when a token is due (rate), or after
         about one run of the task (slot), spread over how many wait with it here."""
+        if wait > 0 and limits.rate:
+            # Each waiter gets a turn of its own, one token's spacing after the one before:
+            # all coming back when the next token is due would start one and throttle the
+            # rest again, a round trip each, at every token.
+            spacing = limits.per / limits.rate
+            now = self._clock.time()
+            turn = max(min(seen.next_turn, now + MAX_THROTTLE), now + wait)
+            seen.next_turn = turn + spacing
+            early = min(EARLY, spacing * 0.5)  # before its turn, after the previous one's
+            jitter = early * 0.25 * self._rand()
+            return min(MAX_THROTTLE, max(turn - now - early, 0.0) + jitter)
         if wait > 0:
-            step = limits.per / limits.rate if limits.rate else wait
+            step = wait
         else:
             step = seen.duration if seen.duration is not None else FIRST_GUESS
             if limits.concurrency is not None:

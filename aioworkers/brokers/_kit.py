@@ -3,13 +3,18 @@
 - `map_exceptions`: a table from client errors to ours, applied at the I/O boundary;
 - `by_queue`, `chunks`: how batches are cut;
 - `LeaseTable`: the local lease table of the brokers that emulate leases;
-- `retry_batch`: a batch call whose entries may fail one by one, retried with backoff.
+- `retry_batch`: a batch call whose entries may fail one by one, retried with backoff;
+- `DueTimers`: wake-ups at the moments jobs this process delayed become due.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import heapq
 import itertools
+import logging
+import math
 from collections.abc import (
     Awaitable,
     Callable,
@@ -28,6 +33,8 @@ from .base import Delivery
 
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
+
+log = logging.getLogger("aioworkers")
 
 # A client error -> ours (an exception type is called with the error's text), or None for
 # "not a client error after all": it is raised as it is.
@@ -189,3 +196,59 @@ async def retry_batch(
         if attempt < attempts:
             await pauses.pause()
     raise BrokerUnavailable(f"{what}: {len(pending)} of {len(entries)} entries failed")
+
+
+class DueTimers:
+    """Calls ``due(queue)`` when a job this process delayed becomes due, on a broker whose
+    delayed jobs move to the queue only when a fetch asks for it (Redis): a fetch that
+    long-polls meanwhile would see the job only when its poll ends (a throttled job,
+    deferred by milliseconds, would come back up to a whole poll late, and a rate limit
+    would drain in waves a poll apart). Timers falling within one ``grain`` share one call;
+    at most ``limit`` wait per queue (past it the fetches' own moves still run them).
+    Best effort: a failed call is logged at debug level and changes nothing."""
+
+    def __init__(
+        self,
+        due: Callable[[str], Awaitable[object]],
+        *,
+        grain: float = 0.005,
+        limit: int = 1000,
+    ) -> None:
+        self._due = due
+        self._grain = grain
+        self._limit = limit
+        self._timers: dict[str, dict[int, asyncio.TimerHandle]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def after(self, queue: str, delay: float) -> None:
+        """Call ``due(queue)`` ``delay`` seconds from now (rounded up to the grain)."""
+        loop = asyncio.get_running_loop()
+        slot = math.ceil((loop.time() + delay) / self._grain)
+        timers = self._timers.setdefault(queue, {})
+        if slot in timers or len(timers) >= self._limit:
+            return
+        timers[slot] = loop.call_at(slot * self._grain, self._fire, queue, slot)
+
+    def _fire(self, queue: str, slot: int) -> None:
+        self._timers.get(queue, {}).pop(slot, None)
+        task = asyncio.get_running_loop().create_task(self._call(queue))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _call(self, queue: str) -> None:
+        try:
+            await self._due(queue)
+        except Exception as exc:  # the next fetch moves the job anyway
+            log.debug("could not move due jobs of %r now: %s", queue, exc)
+
+    async def aclose(self) -> None:
+        """Cancel every timer and wait for the calls in progress."""
+        for timers in self._timers.values():
+            for handle in timers.values():
+                handle.cancel()
+        self._timers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -41,7 +41,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from ..errors import BrokerUnavailable, ConfigError, LeaseLost
 from . import _redis_dlq
 from . import _redis_lua as lua
-from ._kit import by_queue, chunks
+from ._kit import DueTimers, by_queue, chunks
 from ._redis_foreign import RETRY_RAW, ForeignRedis, delivery_of
 from ._redis_io import (
     ACL_RULES,
@@ -147,6 +147,9 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
         self._depth = register(lua.DEPTH)
         self._prune = register(lua.PRUNE)
         self._probe = register(lua.PROBE)
+        # A job this process delays moves to its stream on time even while every fetch
+        # long-polls (see DueTimers): the move's XADD wakes them.
+        self._due = DueTimers(self._move_due)
 
     def __repr__(self) -> str:
         return f"<RedisBroker {self._host} prefix={self.prefix} consumer={self.consumer}>"
@@ -349,6 +352,13 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
         )
         if not done:
             raise LeaseLost(f"{delivery!r} is no longer held by {self.consumer}")
+        if delay > 0:
+            self._due.after(delivery.queue, delay)
+
+    async def _move_due(self, queue: str) -> None:
+        k = self.keys(queue)
+        async with self._io():
+            await self._promote(keys=[k.stream, k.delayed, k.payloads], args=[1000])
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
         """A fresh entry, visible at once; its deliveries count again from 1 (the PEL's
@@ -462,6 +472,7 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
 
     async def aclose(self) -> None:
         """Remove this consumer from its groups if it holds nothing, and disconnect."""
+        await self._due.aclose()
         try:
             for queue in self._groups:
                 stream = self.keys(queue).stream

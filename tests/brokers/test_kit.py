@@ -21,7 +21,14 @@ from aioworkers.brokers import (
     QueueNaming,
     Totals,
 )
-from aioworkers.brokers._kit import LeaseTable, by_queue, chunks, map_exceptions, retry_batch
+from aioworkers.brokers._kit import (
+    DueTimers,
+    LeaseTable,
+    by_queue,
+    chunks,
+    map_exceptions,
+    retry_batch,
+)
 from aioworkers.brokers.memory import MemoryBroker
 from aioworkers.testing import FakeClock
 
@@ -274,3 +281,51 @@ def test_the_cli_tells_brokers_apart_by_capability_not_by_url(directory: str) ->
     with pytest.raises(UsageError, match="lives inside one process"):
         _require_shared_broker(App(MemoryBroker()), "enqueue")
     _require_shared_broker(missing, "enqueue")  # a shared broker
+
+
+# -- DueTimers --------------------------------------------------------------------------------
+
+
+async def test_due_timers_call_at_each_eta_once_per_grain_and_stop_at_close() -> None:
+    loop = asyncio.get_running_loop()
+    calls: list[tuple[str, float]] = []
+    both = asyncio.Event()
+
+    async def due(queue: str) -> None:
+        calls.append((queue, loop.time()))
+        if len(calls) == 2:
+            both.set()
+
+    timers = DueTimers(due, grain=0.05)
+    start = loop.time()
+    timers.after("a", 0.1)
+    timers.after("a", 0.1)  # the same grain: one call
+    timers.after("b", 0.2)
+    timers.after("a", 30.0)  # cancelled by aclose
+    await asyncio.wait_for(both.wait(), 5)
+    await timers.aclose()
+    assert [queue for queue, _ in calls] == ["a", "b"]
+    # Never before the eta (the job would not be due yet): a real timer is under test.
+    assert calls[0][1] - start >= 0.1 - 0.001
+    assert calls[1][1] - start >= 0.2 - 0.001
+    assert timers._timers == {}  # the 30 s one was cancelled
+
+
+async def test_due_timers_log_a_failed_call_and_keep_no_task(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    failed = asyncio.Event()
+
+    async def due(queue: str) -> None:
+        failed.set()
+        raise BrokerUnavailable("down")
+
+    timers = DueTimers(due, grain=0.01)
+    with caplog.at_level("DEBUG", logger="aioworkers"):
+        timers.after("q", 0.0)
+        await asyncio.wait_for(failed.wait(), 5)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    assert "could not move due jobs of 'q' now: down" in caplog.text
+    assert not timers._tasks
+    await timers.aclose()

@@ -369,3 +369,29 @@ def test_a_lost_group_is_told_apart_and_a_bad_argument_is_not_the_servers_doing(
     assert (
         redis_broker.map_error(rexc.DataError("Invalid input of type"), BrokerUnavailable) is None
     )
+
+
+async def test_a_job_the_worker_delays_comes_back_on_time_while_the_fetch_long_polls(
+    prefix: str,
+) -> None:
+    # poll=10: once the job is fetched, the next fetch long-polls an empty stream for 10 s.
+    # The retry (0.2 s) is written after that poll began, so only the worker's own timer
+    # can bring it back before the poll ends. Real timers: the long poll is under test.
+    import aioworkers
+
+    app = aioworkers.App(f"{REDIS_URL}?prefix={prefix}")
+    runs: list[float] = []
+    again = asyncio.Event()
+
+    @app.task(retries=1, backoff=0.2)
+    async def flaky() -> None:
+        runs.append(time.monotonic())
+        if len(runs) == 1:
+            raise RuntimeError("once")
+        again.set()
+
+    await flaky.enqueue()
+    async with app.worker(concurrency=4, poll=10.0):
+        await asyncio.wait_for(again.wait(), 9)
+    await app.aclose()
+    assert 0.1 <= runs[1] - runs[0] < 5.0  # the backoff (0.2 s, jittered), not a poll

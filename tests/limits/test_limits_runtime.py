@@ -115,6 +115,32 @@ async def test_a_rate_limit_spaces_starts_evenly(app: App, clock: FakeClock) -> 
     assert worker.counts[OutcomeName.THROTTLED] > 0
 
 
+async def test_a_rate_limited_backlog_takes_turns_and_uses_every_token(
+    app: App, clock: FakeClock, store: CountingStore
+) -> None:
+    # 60 jobs at 10/s on 20 slots: the waiters must not all come back at each token (one
+    # would start and the rest be throttled again, a store call and a broker trip each),
+    # and no token may go unused while jobs wait (the backlog takes 59 spacings, no more).
+    ledger = Ledger()
+
+    @app.task(rate_limit="10/s")
+    async def call_partner(order_id: int) -> None:
+        ledger.start("partner", clock.time())
+        ledger.end("partner")
+
+    for order_id in range(60):
+        await call_partner.enqueue(order_id)
+    worker = app.worker(concurrency=20, poll=0.05, clock=clock)
+    async with running(worker, clock):
+        await advance_until(clock, lambda: ledger.done == 60, step=0.005, within=60)
+    times = sorted(at for at, _ in ledger.starts)
+    assert min(b - a for a, b in itertools.pairwise(times)) >= 0.1 - 1e-6
+    assert times[-1] - times[0] <= 59 * 0.1 * 1.1
+    assert worker.counts[OutcomeName.THROTTLED] <= 2 * 60
+    # a start, and per throttle: the take that throttled it and one or two at its turn
+    assert store.calls["take"] <= 4 * 60
+
+
 async def test_rate_limited_comes_back_after_retry_after_without_an_attempt(
     app: App, clock: FakeClock
 ) -> None:
