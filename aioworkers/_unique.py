@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable
 
 from ._runtime.unique import UNIQUE_HEADER
-from .job import _current
+from .job import running_job
 from .store.base import Store
 
 DEFAULT_UNIQUE_FOR = 3600.0
@@ -39,7 +39,7 @@ class Holds:
         ttl = DEFAULT_UNIQUE_FOR if unique_for is None else unique_for
         holder = await store.hold_unique(key, job_id, ttl=ttl)
         if holder is not None:
-            current = _current.get(None)
+            current = running_job()
             if current is None or current.id != holder:
                 return holder
             # Ours: hand it over. If another producer takes the key in between, its job is

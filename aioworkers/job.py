@@ -5,8 +5,12 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from .errors import AioworkersError
+
+if TYPE_CHECKING:
+    from .envelope import Envelope
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,15 +59,50 @@ class Job:
         await completion.commit_in(conn)
 
 
-_current: ContextVar[Job] = ContextVar("aioworkers_current_job")
+class Pending:
+    """The facts of the job a run holds, made into a `Job` when first asked for: most
+    handlers never ask, and a frozen dataclass costs microseconds to build."""
+
+    __slots__ = ("_count", "_env", "_job", "_queue")
+
+    def __init__(self, env: Envelope, queue: str, count: int) -> None:
+        self._env = env
+        self._queue = queue
+        self._count = count
+        self._job: Job | None = None
+
+    def job(self) -> Job:
+        if self._job is None:
+            env = self._env
+            self._job = Job(
+                id=env.id,
+                task=env.task,
+                attempt=env.attempt,
+                queue=self._queue,
+                key=env.key,
+                enqueued_at=from_epoch_ms(env.enqueued_at),
+                delivery_count=self._count,
+                headers=env.headers,
+                snoozes=env.snoozes,
+            )
+        return self._job
+
+
+_current: ContextVar[Job | Pending] = ContextVar("aioworkers_current_job")
+
+
+def running_job() -> Job | None:
+    """The job the caller runs in, or None outside one."""
+    value = _current.get(None)
+    return value.job() if type(value) is Pending else value  # type: ignore[return-value]
 
 
 def current_job() -> Job:
     """The job being run by the calling handler; raises outside a worker."""
-    try:
-        return _current.get()
-    except LookupError:
-        raise AioworkersError("current_job() called outside a job run by a worker") from None
+    job = running_job()
+    if job is None:
+        raise AioworkersError("current_job() called outside a job run by a worker")
+    return job
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

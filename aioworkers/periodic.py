@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .envelope import now_ms
 from .errors import ConfigError, Reject
-from .job import _current
+from .job import running_job
 from .store.base import JobFinish, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ def finish_runs(app: Any, task: Task[Any, Any]) -> None:
     retries = task.policy.retries
 
     async def run(*args: Any, **kwargs: Any) -> Any:
-        job = _current.get(None)
+        job = running_job()
         name = None if job is None else job.headers.get(SCHEDULE_HEADER)
         if job is None or name is None:
             return await fn(*args, **kwargs)

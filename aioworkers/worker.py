@@ -126,6 +126,7 @@ class Worker:
             self._inflight,
             scheduler=self._scheduler,
             telemetry=self._telemetry,
+            acks=self._acks,
         )
         self._quiet = False
         self._shutdown = shutdown.Shutdown(self._inflight, clock, grace)

@@ -18,7 +18,7 @@ from ..brokers.base import Delivery
 from ..envelope import Envelope, decode
 from ..errors import MAX_FIELD_CHARS, DecodeError, clip
 from ..idempotency.base import IdempotencyStore, StoreUnavailable
-from ..job import Job, _current, from_epoch_ms
+from ..job import Pending, _current, current_job
 from ..store.base import Store
 from . import handlers, limits, policy
 from .backoff import backoff
@@ -329,25 +329,13 @@ class Executor:
         # A plain async handler with no middleware is called as it is: no coroutine more.
         if task.handler is None and not self._middleware:
             return task.fn(*env.args, **env.kwargs)
-        job = _current.get()
+        job = current_job()
         return handlers.attempt(
             task.fn, task.handler, env.args, env.kwargs, job, self._middleware, self.threads, limit
         )
 
     async def _run(self, delivery: Delivery, env: Envelope, task: Runnable, run: Run) -> Outcome:
-        _current.set(
-            Job(
-                id=env.id,
-                task=env.task,
-                attempt=env.attempt,
-                queue=delivery.queue,
-                key=env.key,
-                enqueued_at=from_epoch_ms(env.enqueued_at),
-                delivery_count=delivery.count,
-                headers=env.headers,
-                snoozes=env.snoozes,
-            )
-        )
+        _current.set(Pending(env, delivery.queue, delivery.count))  # `current_job()`
         error: Exception | None = None
         value: Any = None
         clock = self._clock

@@ -12,10 +12,10 @@ from ..telemetry.worker import WorkerTelemetry
 from . import unique
 from .executor import Executor, Prepared
 from .inflight import InFlight, Run
-from .outcome import OutcomeName
+from .outcome import Ack, Outcome, OutcomeName
 from .records import Starting
 from .scheduler import Scheduler
-from .settle import Settler
+from .settle import BatchedAcks, Settler
 
 log = logging.getLogger("aioworkers")
 
@@ -39,6 +39,7 @@ class Jobs:
         scheduler: Scheduler | None = None,
         telemetry: WorkerTelemetry | None = None,
         keep_held: bool = False,
+        acks: BatchedAcks | None = None,
     ) -> None:
         self._executor = executor
         self._settler = settler
@@ -46,6 +47,11 @@ class Jobs:
         self._scheduler = scheduler
         self._telemetry = telemetry
         self._keep_held = keep_held
+        # With the worker's acker and no telemetry (a span ends with its job's task): a
+        # plain ack is handed to the acker, and the job's task ends without waiting for it.
+        self._acks = acks if telemetry is None and not keep_held else None
+        if self._acks is not None:
+            self._acks.on_acked = self._acked
         traced = telemetry is not None and telemetry.tracer is not None
         self._job = self._traced if traced else self.run
         # What `screen` decoded of deliveries not started yet: each body is decoded once.
@@ -118,6 +124,7 @@ class Jobs:
         """Execute and settle one delivery; ``prepared`` is what `Executor.prepare` made of
         it, if known."""
         run.started = True
+        held = False  # the delivery stays held after this task, until its ack is answered
         try:
             with run.catch_cancel():
                 outcome = await self._executor.execute(delivery, run, prepared)
@@ -128,6 +135,17 @@ class Jobs:
                 # From here the settle's own broker call says whether the lease is still
                 # ours: a heartbeat answered "not held" (it crossed the ack) cancels nothing.
                 run.settling = True
+                if (
+                    self._acks is not None
+                    and type(outcome.decision) is Ack
+                    and not (outcome.envelope and outcome.envelope.headers)
+                ):
+                    # The hot path: no task waits for its ack. The acker counts it and
+                    # frees its slot once the broker answers (`_acked`); until then the
+                    # delivery stays held, slot and lease.
+                    self._acks.ack_later(delivery, outcome)
+                    held = True
+                    return None
                 name = await self._settler.settle(delivery, outcome)
                 if name in unique.ENDED and outcome.envelope and outcome.envelope.headers:
                     await unique.free_ended(self._executor.shared, outcome, name)
@@ -141,13 +159,23 @@ class Jobs:
             log.exception("internal error while running %r; the broker will redeliver it", delivery)
         finally:
             # Free the slot (inline: this runs once a job), and start the next delivery.
-            if not self._keep_held:
-                self._inflight.remove(delivery)
-                if self._scheduler is not None:
-                    ready = self._scheduler.done()
-                    if ready is not None:
-                        self.start(*ready)
+            if not (self._keep_held or held):
+                self._free(delivery)
         return None
+
+    def _free(self, delivery: Delivery) -> None:
+        self._inflight.remove(delivery)
+        if self._scheduler is not None:
+            ready = self._scheduler.done()
+            if ready is not None:
+                self.start(*ready)
+
+    def _acked(self, delivery: Delivery, outcome: Outcome, answer: bool | BaseException) -> None:
+        """The broker answered an ack made without waiting (`BatchedAcks.ack_later`)."""
+        try:
+            self._settler.acked(delivery, outcome, answer)
+        finally:
+            self._free(delivery)
 
     async def _traced(
         self, delivery: Delivery, run: Run, prepared: Prepared | None = None

@@ -129,6 +129,40 @@ class Settler:
         self.count(name, delivery, outcome)
         return name
 
+    def acked(
+        self, delivery: Delivery, outcome: Outcome, answer: bool | BaseException
+    ) -> OutcomeName | None:
+        """Count an ack made with `BatchedAcks.ack_later` once the broker answered it:
+        ``answer`` is True (acked), False (refused: the lease was lost), or what the batch
+        raised; as `settle` counts an ack it awaited."""
+        if answer is True:
+            name = outcome.decision.name
+            self.count(name, delivery, outcome)
+            return name
+        if answer is False or isinstance(answer, LeaseLost):
+            self.count(OutcomeName.LEASE_LOST, delivery, outcome)
+            log.warning(
+                "lease lost, not settling %r (another worker owns it now)",
+                delivery,
+                extra={"job": job_fields(delivery, outcome)},
+            )
+            return OutcomeName.LEASE_LOST
+        if isinstance(answer, OutcomeUnknown):
+            log.warning(
+                "outcome of %r unknown: applied with its reply lost, or its lease was lost "
+                "meanwhile (counted as neither): %s",
+                delivery,
+                answer,
+                extra={"job": job_fields(delivery, outcome)},
+            )
+        elif isinstance(answer, Exception):
+            log.error(
+                "internal error while acking %r; the broker will redeliver it",
+                delivery,
+                exc_info=answer,
+            )
+        return None  # cancelled (a shutdown past its grace): counted as nothing
+
     async def _apply(self, delivery: Delivery, outcome: Outcome) -> bool:
         completer = self._completer
         match outcome.decision:
@@ -184,6 +218,13 @@ class Settler:
                 self.count(OutcomeName.RELEASED, delivery)
 
 
+# An ack waiting for its batch: the delivery, the future its job awaits (None for
+# `BatchedAcks.ack_later`), the final records to write first, the outcome (ack_later).
+_Pending = tuple[
+    Delivery, "asyncio.Future[bool] | None", "list[JobFinish] | None", "Outcome | None"
+]
+
+
 class BatchedAcks:
     """The worker's completer. Acks are batched: every ack that arrives while a round trip
     is in progress goes out together in the next one, and each job waits for its own to be
@@ -203,8 +244,10 @@ class BatchedAcks:
         self._clock = clock
         self._write_finishes = write_finishes
         # Each ack's future says whether the broker took it (False: the lease was lost),
-        # and the final records to write before it.
-        self._acks: list[tuple[Delivery, asyncio.Future[bool], list[JobFinish] | None]] = []
+        # and the final records to write before it; an `ack_later` has no future, its
+        # outcome is handed to ``on_acked`` instead.
+        self._acks: list[_Pending] = []
+        self.on_acked: Callable[[Delivery, Outcome, bool | BaseException], None] | None = None
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
         self._max_batch = max_ack_batch
@@ -213,13 +256,20 @@ class BatchedAcks:
         acked: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if finishes and self._write_finishes is None:
             raise RuntimeError("final records to write, but no writer for them")
-        self._acks.append((delivery, acked, finishes))
+        self._acks.append((delivery, acked, finishes, None))
         self._wake.set()
         # Held (slot and lease) until the broker has the ack: a lease that lapsed while
         # the ack waited would hand a finished job to another worker.
         if not await acked:
             raise LeaseLost(f"{delivery!r} was not acked")
         return True
+
+    def ack_later(self, delivery: Delivery, outcome: Outcome) -> None:
+        """`ack` without waiting: ``on_acked(delivery, outcome, answer)`` is called once the
+        broker answered (the job's task has ended by then: no task wakes up per job). The
+        caller keeps the delivery held (slot and lease) until then."""
+        self._acks.append((delivery, None, outcome.finishes, outcome))
+        self._wake.set()
 
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> bool:
         await self._call(partial(self._broker.retry, delivery, body=body, delay=delay), "retry")
@@ -277,28 +327,39 @@ class BatchedAcks:
             while self._acks:
                 batch = self._acks[: self._max_batch]
                 del self._acks[: self._max_batch]
-                finishes = [f for _, _, fs in batch if fs for f in fs]
+                finishes = [f for _, _, fs, _ in batch if fs for f in fs]
                 try:
                     if finishes:
                         assert self._write_finishes is not None
                         await self._write_finishes(finishes)
                     lost = await self._call(
-                        partial(self._broker.ack, [d for d, _, _ in batch]), "ack"
+                        partial(self._broker.ack, [entry[0] for entry in batch]), "ack"
                     )
                 except BaseException as exc:
                     # Not known to be acked: each job sees the error (or the cancel), and
                     # counts as nothing; the broker redelivers it after its lease.
-                    for _, acked, _ in batch:
-                        if not acked.done():
-                            if isinstance(exc, asyncio.CancelledError):
-                                acked.cancel()
-                            else:
-                                acked.set_exception(exc)
+                    self._answer(batch, exc)
                     raise
-                refused = {id(d) for d in lost}
-                for d, acked, _ in batch:
-                    if not acked.done():
-                        acked.set_result(id(d) not in refused)
+                self._answer(batch, {id(d) for d in lost})
+
+    def _answer(self, batch: list[_Pending], refused: set[int] | BaseException) -> None:
+        for delivery, acked, _, outcome in batch:
+            answer = refused if isinstance(refused, BaseException) else id(delivery) not in refused
+            if acked is None:
+                assert outcome is not None
+                assert self.on_acked is not None
+                try:
+                    self.on_acked(delivery, outcome, answer)
+                except Exception:
+                    log.exception("internal error after acking %r", delivery)
+            elif acked.done():
+                pass
+            elif isinstance(answer, asyncio.CancelledError):
+                acked.cancel()
+            elif isinstance(answer, BaseException):
+                acked.set_exception(answer)
+            else:
+                acked.set_result(answer)
 
     @property
     def pending_acks(self) -> int:
