@@ -112,6 +112,7 @@ class StrictFetcher:
                 left -= len(got)  # `admit` frees the slots it was given, filled or not
                 if fetcher.telemetry is not None:
                     fetcher.telemetry.fetched(fetcher.queue, len(got))
+                await fetcher.jobs.screen(got)  # their cancel marks, as `Fetcher` reads them
                 if not fetcher.jobs.admit(got, len(got)):
                     with contextlib.suppress(BrokerUnavailable):
                         await fetcher.broker.release(got)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from aioworkers import App, ConfigError
+from aioworkers._runtime.outcome import OutcomeName
 from aioworkers.testing import FakeClock
 
 from ..runtime.conftest import advance_until, running
@@ -76,3 +77,21 @@ async def test_strict_picks_up_work_on_any_queue_when_idle(app: App, clock: Fake
 def test_an_unknown_priority_is_a_config_error(app: App) -> None:
     with pytest.raises(ConfigError, match="priority"):
         app.worker(priority="loud")  # type: ignore[arg-type]
+
+
+async def test_strict_never_starts_a_job_cancelled_while_queued(app: App, clock: FakeClock) -> None:
+    # Strict priority fetches through its own path: the cancel marks of what it fetched
+    # must be read before the jobs start, as the fair path does (a task without results
+    # has no record to say it was cancelled).
+    order: list[str] = []
+    _tasks(app, order, clock)
+    await app.enqueue("work", ["high"], queue="high")
+    gone = await app.enqueue("work", ["low"], queue="low")
+    assert await app.cancel(gone.id)
+    worker = app.worker(queues=["high", "low"], priority="strict", concurrency=2, clock=clock)
+    async with running(worker, clock):
+        await advance_until(clock, lambda: worker.counts.get(OutcomeName.CANCELLED) == 1)
+        await advance_until(clock, lambda: order == ["high"])
+        later = clock.time() + 1.0
+        await advance_until(clock, lambda: clock.time() >= later)
+    assert order == ["high"]
