@@ -21,25 +21,46 @@ local function now_ms()
 end
 """
 
-# KEYS: stream. ARGV: group, consumer, id1, count1, ...
+# KEYS: stream. ARGV: group, consumer, 'id1 count1 id2 count2 ...' (one argument: each
+# argument costs the client more to encode than the script to split)
 # -> 0-based positions of the pairs whose lease is lost: still in the stream, not ours. An
 # entry no longer in the stream is settled already, mostly by this same ack retried after
 # its reply was lost (else by the worker that took it over): not reported as lost.
-ACK = (
-    OWNED
-    + """
-local lost = {}
-for i = 3, #ARGV, 2 do
-  if owned(KEYS[1], ARGV[1], ARGV[2], ARGV[i], ARGV[i + 1]) then
-    redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-    redis.call('XDEL', KEYS[1], ARGV[i])
-  elseif #redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i]) > 0 then
-    table.insert(lost, (i - 3) / 2)
+# Ownership (`owned`) is read for the whole batch with one XPENDING of this consumer's
+# entries (what this worker holds: about its concurrency), and the owned ones are acked and
+# deleted with one XACK and one XDEL.
+ACK = """
+local ids, counts = {}, {}
+for id, count in string.gmatch(ARGV[3], '(%S+) (%S+)') do
+  ids[#ids + 1] = id
+  counts[#counts + 1] = tonumber(count)
+end
+if #ids == 0 then return {} end
+local most = 1000
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', most, ARGV[2])
+local held = {}
+for _, p in ipairs(pending) do held[p[1]] = tonumber(p[4]) end
+local exact = #pending < most  -- else some are missing: ask per id
+local lost, mine = {}, {}
+for i = 1, #ids do
+  local id = ids[i]
+  local count = held[id]
+  if count == nil and not exact then
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1, ARGV[2])
+    if #p > 0 then count = tonumber(p[1][4]) end
   end
+  if count == counts[i] then
+    mine[#mine + 1] = id
+  elseif #redis.call('XRANGE', KEYS[1], id, id) > 0 then
+    lost[#lost + 1] = i - 1
+  end
+end
+if #mine > 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(mine))
+  redis.call('XDEL', KEYS[1], unpack(mine))
 end
 return lost
 """
-)
 
 # KEYS: stream, leases. ARGV: group, consumer, lease_ms, horizon_ms, id1, count1, ...
 # -> 0-based positions of the pairs whose lease is lost.

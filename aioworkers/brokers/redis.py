@@ -314,7 +314,23 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
         """Nothing to hand back: entries are only read on `fetch`."""
 
     async def ack(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
-        return await self._each_chunk(self._ack, deliveries)
+        lost: list[Delivery] = []
+        for queue, group in by_queue(deliveries).items():
+            stream = self.keys(queue).stream
+            for chunk in chunks(group, _CHUNK):
+                # One argument for the batch: 'id count id count ...' (stream ids, integers).
+                packed = " ".join([f"{d.message_id} {d.count}" for d in chunk])
+                try:
+                    async with self._io(sent=len(packed)):
+                        args = [self.group, self.consumer, packed]
+                        positions = await self._ack(keys=[stream], args=args)
+                except _GroupLost:
+                    # The group is gone (server restarted empty): nothing here is ours.
+                    self._groups.discard(queue)
+                    lost.extend(chunk)
+                    continue
+                lost.extend(chunk[int(i)] for i in positions)
+        return lost
 
     async def extend(self, deliveries: Sequence[Delivery], *, lease: float) -> list[Delivery]:
         horizon = lease if self._horizon is None else self._horizon

@@ -223,6 +223,19 @@ return {claims, leases, marks}
 """
 )
 
+# The cancel marks of many jobs (a fetched batch). ARGV: the marks' key prefix, the job ids
+# as one JSON array (one argument: each costs the client more to encode than the script to
+# decode) -> the ids that have a mark. The keys are built here, so not declared (the store
+# is for one Redis server, not a cluster).
+MARKS = """
+local ids = cjson.decode(ARGV[2])
+local marked = {}
+for i = 1, #ids do
+  if redis.call('GET', ARGV[1] .. ids[i]) then marked[#marked + 1] = ids[i] end
+end
+return marked
+"""
+
 # KEYS: set. ARGV: owner -> 1 if it held a live lease (now freed), else 0
 RELEASE_LEASE = (
     _NOW_MS

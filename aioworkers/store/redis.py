@@ -170,6 +170,7 @@ class RedisStore:
         self._beat = register(lua.BEAT)
         self._release_lease = register(lua.RELEASE_LEASE)
         self._take = register(lua.TAKE)
+        self._marks = register(lua.MARKS)
         # Calls made together (a batch's jobs, woken waiters) go out in one round trip.
         self._batch = Pipeliner(self._redis)
 
@@ -315,7 +316,12 @@ class RedisStore:
         return bool(marked == 1)
 
     async def cancelled(self, job_ids: Collection[str]) -> set[str]:
-        return (await self.beat(lease=1.0, watch=job_ids)).cancelled
+        if not job_ids:
+            return set()
+        args = [self._state("cancel", ""), orjson.dumps(list(job_ids))]
+        async with self._io():
+            marked = await self._batch.script(self._marks, [], args)
+        return {bytes(job_id).decode() for job_id in marked}
 
     # -- the worker registry --------------------------------------------------------------
     # ``P|worker|<id>``: the info, expiring on the server's clock; ``P|workers``: the ids by
