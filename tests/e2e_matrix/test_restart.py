@@ -58,12 +58,14 @@ async def test_worker_rides_out_a_broker_restart_and_finishes_every_job_once(
     assert await worker.wait(30) == 0
     log = worker.log()
     # Backed off, not a hot loop. (A short outage may not show at all: the client
-    # retries a stale connection before the worker sees an error.) On PostgreSQL the
-    # state store lives on the same server: each job in flight then retries completing its
-    # own key, each backing off, so those lines are counted per key.
+    # retries a stale connection before the worker sees an error.) Each job in flight
+    # backs off its own settle from 0.05 s, doubling, and on PostgreSQL, where the state
+    # store lives on the same server, its key's completion too: a few lines a job over an
+    # outage of a second or two (a loaded machine has shown 106 lines in all), where a
+    # loop that did not back off writes thousands.
     failures = re.findall(r"(?:unavailable|failed).*", log)
     per_key = Counter(re.findall(r"completing key '([^']+)' failed", log))
-    assert len(failures) - sum(per_key.values()) < 30, log[-3000:]
+    assert len(failures) < CONCURRENCY * 12, log[-3000:]
     assert max(per_key.values(), default=0) < 10, log[-3000:]
     assert own_tracebacks(worker) == []
     print(f"\n{e2e.name}: recovered in {recovered:.1f}s after the restart")
