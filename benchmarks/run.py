@@ -285,6 +285,15 @@ class Harness:
         self.broker_url = f"sqlite:///{self.sqlite_path}"  # an absolute path: four slashes
         self.app = aioworkers.App(self.broker_url)
 
+    @property
+    def worker_url(self) -> str:
+        """The URL the aioworkers side's worker runs on: on postgres with its leases and acks
+        committed as the raw loop's and procrastinate's are (``?async_commit=on``, the same
+        durability; aioworkers' default is durable)."""
+        if self.broker == "postgres":
+            return f"{self.broker_url}?async_commit=on"
+        return self.broker_url
+
     async def new_postgres_db(self) -> None:
         """postgres: a fresh database for the trial, migrated, and an app that enqueues to
         it; the raw side's table is made in `create_raw_queue`."""
@@ -410,7 +419,7 @@ class Harness:
             }.get(self.broker, "")
             if t.side in ("raw", "procrastinate")
             else "",
-            broker_url=self.broker_url if t.side != "raw" else "",
+            broker_url=self.worker_url if t.side != "raw" else "",
             sleep=p.w2_sleep,
             warmup=int(p.w3_rate * p.w3_warmup),
             uvloop=self.uvloop,

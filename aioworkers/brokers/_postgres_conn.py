@@ -29,7 +29,15 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 # -- the URL ----------------------------------------------------------------------------------
 
 # Our options: every other query parameter goes to asyncpg (sslmode, ...).
-_OPTIONS = ("poll", "pool_size", "schema", "command_timeout", "connect_timeout", "vacuum")
+_OPTIONS = (
+    "poll",
+    "pool_size",
+    "schema",
+    "command_timeout",
+    "connect_timeout",
+    "vacuum",
+    "async_commit",
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class Settings:
     command_timeout: float = 30.0
     connect_timeout: float = 10.0
     vacuum: float = 60.0
+    async_commit: bool = False  # leases and acks commit without their WAL flush (opt-in)
 
 
 def parse_url(url: str) -> Settings:
@@ -62,7 +71,17 @@ def parse_url(url: str) -> Settings:
         command_timeout=_seconds(ours, "command_timeout", 30.0, low=0.1),
         connect_timeout=_seconds(ours, "connect_timeout", 10.0, low=0.1),
         vacuum=_seconds(ours, "vacuum", 60.0, low=0.0),
+        async_commit=_switch(ours, "async_commit"),
     )
+
+
+def _switch(query: dict[str, str], name: str) -> bool:
+    raw = query.get(name, "off").lower()
+    if raw in ("on", "true", "1", "yes"):
+        return True
+    if raw in ("off", "false", "0", "no"):
+        return False
+    raise ConfigError(f"postgresql:// ?{name}= must be on or off, got {query[name]!r}")
 
 
 def _seconds(query: dict[str, str], name: str, default: float, low: float) -> float:

@@ -158,15 +158,15 @@ CHANNEL = "aioworkers_jobs"
 MAX_PAYLOAD = 1000
 
 
-# A condition that makes the statement's own transaction commit without waiting for its WAL
-# to reach the disk (asynchronous commit). Only in the statements that move leases (take,
-# extend, ack, release): if the server crashes, the last ~0.6 s of them (3x
-# wal_writer_delay) may be forgotten, and those jobs are delivered again, as after a
-# worker's crash (at-least-once). The flush is most of a short write's time (~1-4 ms on a
-# busy disk against ~0.1 ms for the rest) and it is on every job's path, twice. Enqueues,
-# retries and dead letters keep the server's setting: durable by default. An uncorrelated
-# subquery: evaluated once, before the first row, whatever the statement writes.
+# With ``?async_commit=on``: a condition that makes the statement's own transaction commit
+# without waiting for its WAL to reach the disk (asynchronous commit). Only in the
+# statements that move leases (take, extend, ack, release): if the server crashes, the last
+# ~0.6 s of them (3x wal_writer_delay) may be forgotten, and those jobs are delivered
+# again, finished ones too. Off by default: a job acknowledged stays acknowledged through
+# a server crash. An uncorrelated subquery: evaluated once, before the first row,
+# whatever the statement writes.
 ASYNC_COMMIT = "(SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL"
+DURABLE = "TRUE"
 
 
 def _payload(column: str) -> str:
@@ -188,8 +188,9 @@ def check_schema(name: str) -> str:
 class Statements:
     """The broker's statements, with the schema filled in. ``$n`` are asyncpg parameters."""
 
-    def __init__(self, schema: str) -> None:
+    def __init__(self, schema: str, *, async_commit: bool = False) -> None:
         s = check_schema(schema)
+        commit = ASYNC_COMMIT if async_commit else DURABLE
         self.schema = s
         jobs, dead = f"{s}.aioworkers_jobs", f"{s}.aioworkers_dead"
         counts = f"{s}.aioworkers_counts"
@@ -223,7 +224,7 @@ WITH next AS MATERIALIZED (
     FROM next WHERE j.id = next.id
     RETURNING j.id, j.body, j.count
 )
-SELECT id, body, count, NULL::float8 FROM taken WHERE {ASYNC_COMMIT}
+SELECT id, body, count, NULL::float8 FROM taken WHERE {commit}
 UNION ALL
 SELECT NULL, NULL, NULL, (
     SELECT extract(epoch FROM min(visible_at) - now())::float8 FROM {jobs}
@@ -239,7 +240,7 @@ WITH gone AS (
 ), counted AS (
     INSERT INTO {counts} (queue, removed) SELECT queue, count(*) FROM gone GROUP BY queue
 )
-SELECT id FROM gone WHERE {ASYNC_COMMIT}
+SELECT id FROM gone WHERE {commit}
 """
         # $1 ids -> those still there (under another lease: lost; the rest were acked).
         self.still_there = f"SELECT id FROM {jobs} WHERE id = ANY($1::bigint[])"
@@ -247,7 +248,7 @@ SELECT id FROM gone WHERE {ASYNC_COMMIT}
         self.extend = f"""
 UPDATE {jobs} AS j SET visible_at = now() + make_interval(secs => $3)
 FROM unnest($1::bigint[], $2::bigint[]) AS t(id, lease)
-WHERE j.id = t.id AND j.lease = t.lease AND {ASYNC_COMMIT}
+WHERE j.id = t.id AND j.lease = t.lease AND {commit}
 RETURNING j.id, j.lease
 """
         # $1 ids, $2 tokens. Ready at once, first in line, and the delivery not counted;
@@ -261,7 +262,7 @@ WITH back AS (
     RETURNING j.queue
 )
 SELECT queue, pg_notify('{CHANNEL}', {_payload("queue")}) IS NULL
-FROM (SELECT DISTINCT queue FROM back) AS q WHERE {ASYNC_COMMIT}
+FROM (SELECT DISTINCT queue FROM back) AS q WHERE {commit}
 """
         # $1 id, $2 token, $3 new body, $4 delay seconds -> the new id, or no row if the
         # delivery is no longer ours.

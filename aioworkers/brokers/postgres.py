@@ -80,7 +80,7 @@ class PostgresBroker:
         self.poll = self.settings.poll
         self.visibility_timeout = visibility_timeout
         self._lease = DEFAULT_LEASE if visibility_timeout is None else visibility_timeout
-        self._sql = Statements(self.settings.schema)
+        self._sql = Statements(self.settings.schema, async_commit=self.settings.async_commit)
         self._pool = Pool(self.settings, self._sql)
         self._listener = Listener(self.settings, self._notify)
         self._wake: dict[str, asyncio.Event] = {}

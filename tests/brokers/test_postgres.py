@@ -281,13 +281,21 @@ async def test_a_cancelled_fetch_hands_its_rows_back(broker: PostgresBroker) -> 
 # -- durability -------------------------------------------------------------------------------
 
 
-async def test_leases_commit_asynchronously_and_enqueues_durably(url: str) -> None:
-    """Take, extend, ack and release set ``synchronous_commit=off`` for their own
-    transaction (a crash can only forget leases and acks: those jobs run again); publish,
-    retry and dead letter keep the server's setting, so an enqueue is on disk when it
-    returns. Each statement runs here inside an explicit transaction, to read the setting
-    it left for the commit."""
-    sql = Statements("public")
+@pytest.mark.parametrize("async_commit", [False, True])
+async def test_every_commit_is_durable_unless_async_commit_is_asked_for(
+    url: str, async_commit: bool
+) -> None:
+    """By default every statement keeps the server's ``synchronous_commit`` (a job acked
+    stays acked through a server crash). With ``?async_commit=on``, take, extend, ack and
+    release set it off for their own transaction (a crash can then forget the last ~0.6 s
+    of leases and acks: those jobs run again); publish, retry and dead letter stay durable,
+    so an enqueue is on disk when it returns. Each statement runs here inside an explicit
+    transaction, to read the setting it left for the commit."""
+    sql = Statements("public", async_commit=async_commit)
+    assert parse_url(f"{url}?async_commit={'on' if async_commit else 'off'}").async_commit is (
+        async_commit
+    )
+    lease = "off" if async_commit else "on"
     conn = await asyncpg.connect(url)
 
     async def setting_after(statement: str, *args: object) -> str:
@@ -300,16 +308,22 @@ async def test_leases_commit_asynchronously_and_enqueues_durably(url: str) -> No
 
     try:
         assert await setting_after(sql.publish, "q", [b"a", b"b", b"c"], 0.0, "q") == "on"
-        assert await setting_after(sql.take, "q", 3, 7, 30.0, True) == "off"
-        assert await setting_after(sql.take, "empty", 3, 7, 30.0, True) == "off"
-        assert await setting_after(sql.extend, [1, 2, 3], [7, 7, 7], 30.0) == "off"
-        assert await setting_after(sql.ack, [1], [7]) == "off"
-        assert await setting_after(sql.release, [2], [7]) == "off"
+        assert await setting_after(sql.take, "q", 3, 7, 30.0, True) == lease
+        assert await setting_after(sql.take, "empty", 3, 7, 30.0, True) == lease
+        assert await setting_after(sql.extend, [1, 2, 3], [7, 7, 7], 30.0) == lease
+        assert await setting_after(sql.ack, [1], [7]) == lease
+        assert await setting_after(sql.release, [2], [7]) == lease
         assert await setting_after(sql.retry, 3, 7, b"c2", 0.0) == "on"
         assert await setting_after(sql.dead_letter, 4, 7, "{}") == "on"  # not leased: no row
         assert await conn.fetchval("SELECT count(*) FROM aioworkers_jobs") == 2  # b, c2
     finally:
         await conn.close()
+
+
+def test_async_commit_must_be_on_or_off() -> None:
+    assert parse_url("postgresql://h/db").async_commit is False
+    with pytest.raises(ConfigError, match=r"\?async_commit= must be on or off, got 'maybe'"):
+        parse_url("postgresql://h/db?async_commit=maybe")
 
 
 # -- idle fetches -----------------------------------------------------------------------------
