@@ -143,7 +143,9 @@ async def check_depth_counts_every_state(ex: Exercise) -> None:
     await broker.publish(queue, [b"d1", b"d2"], delay=later)
     await ex.wait_depth(queue, QueueDepth(ready=4, delayed=2))
 
-    got = await ex.fetch_n(queue, 2, within=ex.slack + 1)
+    # Leased for as long: a short lease running out under load would move them back to
+    # ready while the depth is read (this check is about counting, not leases).
+    got = await ex.fetch_n(queue, 2, within=ex.slack + 1, lease=later)
     assert all(d.body.startswith(b"r") for d in got)
     await ex.wait_depth(queue, QueueDepth(ready=2, in_flight=2, delayed=2))
 
