@@ -84,6 +84,11 @@ WHERE id IN (
 RETURNING id, body, count
 """
 _DELETE_OWNED = "DELETE FROM aioworkers_messages WHERE id = ? AND lease = ?"
+# An ack's rows of one lease token, deleted in one statement ({} is the ids' placeholders).
+_DELETE_LEASED = (
+    "DELETE FROM aioworkers_messages WHERE lease = ? AND id IN ({}) RETURNING id, queue"
+)
+_ACK_CHUNK = 500  # ids per statement: well inside SQLite's limit on parameters
 _EXISTS = "SELECT 1 FROM aioworkers_messages WHERE id = ?"
 _INSERT = "INSERT INTO aioworkers_messages (queue, body, visible_at) VALUES (?, ?, ?)"
 _EXTEND = "UPDATE aioworkers_messages SET visible_at = ? WHERE id = ? AND lease = ?"
@@ -240,17 +245,30 @@ class SqliteBroker:
         if not deliveries:
             return []
         pairs = [(int(d.message_id), d.token) for d in deliveries]
+        # One statement per lease token (a fetch's deliveries share one), not one per row.
+        by_token: dict[Any, list[int]] = {}
+        for row_id, token in pairs:
+            by_token.setdefault(token, []).append(row_id)
 
         def delete(db: sqlite3.Connection) -> list[int]:
             with transaction(db):
-                deleted = [db.execute(_DELETE_OWNED, pair).rowcount for pair in pairs]
-                removed = Counter(d.queue for d, n in zip(deliveries, deleted, strict=True) if n)
+                deleted: set[int] = set()
+                removed: Counter[str] = Counter()
+                for token, ids in by_token.items():
+                    for start in range(0, len(ids), _ACK_CHUNK):
+                        chunk = ids[start : start + _ACK_CHUNK]
+                        marks = ", ".join("?" * len(chunk))
+                        statement = _DELETE_LEASED.format(marks)
+                        for row_id, queue in db.execute(statement, (token, *chunk)):
+                            deleted.add(row_id)
+                            removed[queue] += 1
                 db.executemany(_TOTALS, [(q, 0, n, 0) for q, n in removed.items()])
                 # Not ours: lost if the row is still there (leased again, or waiting).
                 return [
                     i
-                    for i, n in enumerate(deleted)
-                    if n == 0 and db.execute(_EXISTS, (pairs[i][0],)).fetchone() is not None
+                    for i, (row_id, _) in enumerate(pairs)
+                    if row_id not in deleted
+                    and db.execute(_EXISTS, (row_id,)).fetchone() is not None
                 ]
 
         lost = await self._call(delete)
