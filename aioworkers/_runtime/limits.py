@@ -119,6 +119,7 @@ class _Waiting:
     paused_until: float = 0.0
     next_turn: float = 0.0  # when the next job throttled by a rate here should ask again
     in_place: bool = False  # a job of this key waits here for a token due within moments
+    last_throttle: float = float("-inf")  # when a job of this key was last throttled here
 
 
 class Limiter:
@@ -278,7 +279,14 @@ class Limiter:
             if limits.concurrency is not None:
                 step /= limits.concurrency
         # Jittered over a span as long as the line of waiters this process saw, so they
-        # do not all come back at the moment one token or slot frees.
+        # do not all come back at the moment one token or slot frees. Throttles more than
+        # a step apart are one job coming back alone, not a line: its comebacks stay about
+        # a step apart (counted on, they grew by a step at each, so that a lone job
+        # waiting for a slot came back ever later after it freed).
+        now = self._clock.time()
+        if now - seen.last_throttle > step:
+            seen.throttled = 1
+        seen.last_throttle = now
         spread = step * max(1, seen.throttled) * self._rand()
         return min(MAX_THROTTLE, wait + max(step, 0.01) * 0.5 + spread)
 
