@@ -244,6 +244,12 @@ def salvage_headers(body: bytes) -> dict[str, str] | None:
     return {k: v for k, v in headers.items() if isinstance(k, str) and isinstance(v, str)}
 
 
+# How every body `encode` makes begins, as a Lua pattern capturing the job id: a broker's
+# script may read the id so (a body it does not match, or whose decoded id differs, is
+# looked at by the runtime instead). `new_id` ids match; others may not.
+LUA_ID_PATTERN = '^{"v":1,"id":"([%w_%-]+)"'
+
+
 def peek_id(body: bytes) -> str | None:
     """The job id in ``body`` if it is an object with a string ``id`` (else None): read
     before a job starts, to look up its cancel mark; `decode` still checks everything."""

@@ -25,8 +25,9 @@ from ._runtime.priority import Priority, StrictFetcher, check_priority
 from ._runtime.scheduler import Scheduler
 from ._runtime.settle import BatchedAcks, Settler
 from ._runtime.summary import SUMMARY_INTERVAL, log_summaries
-from .brokers.base import Broker
+from .brokers.base import Broker, ScreensCancelMarks
 from .errors import AioworkersError, ConfigError
+from .store.base import CancelMarksAt
 from .telemetry import Telemetry, messaging_system
 
 log = logging.getLogger("aioworkers")
@@ -118,6 +119,16 @@ class Worker:
         if records is not None:
             records.batched = True  # a job's final records go with its ack
         write = None if records is None else records.write
+        # The broker reads the cancel marks as it fetches, if the store is on its server.
+        self._screening: ScreensCancelMarks | None = None
+        store, broker = app.idempotency, app.broker
+        if (
+            records is not None
+            and isinstance(broker, ScreensCancelMarks)
+            and isinstance(store, CancelMarksAt)
+            and broker.screen_cancel_marks(*store.cancel_marks_at())
+        ):
+            self._screening = broker
         self._acks = BatchedAcks(app.broker, clock=clock, write_finishes=write)
         self._settler = Settler(self._acks, telemetry=self._telemetry, clock=clock)
         self._jobs = Jobs(
@@ -287,6 +298,7 @@ class Worker:
             telemetry=self._telemetry,
             queues=len(self.queues),
             clock=self.clock,
+            screening=self._screening,
         )
         self._fetcher_list.append(fetcher)
         return fetcher

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
-from ..brokers.base import Broker
+from ..brokers.base import Broker, Screened, ScreensCancelMarks
 from ..errors import BrokerUnavailable
 from ..telemetry.worker import WorkerTelemetry
 from .backoff import Backoff
@@ -48,6 +48,7 @@ class Fetcher:
         telemetry: WorkerTelemetry | None = None,
         queues: int = 1,
         clock: Clock = SYSTEM_CLOCK,
+        screening: ScreensCancelMarks | None = None,
     ) -> None:
         self.broker = broker
         self.queue = queue
@@ -60,6 +61,7 @@ class Fetcher:
         self.telemetry = telemetry
         self.queues = queues
         self.clock = clock
+        self.screening = screening  # ``broker``, when it reads cancel marks as it fetches
         self._hungry = True  # the last fetch brought work: the queue may hold more
         self._pausing: anyio.CancelScope | None = None
 
@@ -100,10 +102,16 @@ class Fetcher:
             reserved, wait = await self._reserve()
             if reserved == 0:
                 continue
+            screened: list[Screened | None] | None = None
             try:
-                got = await self.broker.fetch(
-                    self.queue, max_messages=reserved, wait=wait, lease=self.lease
-                )
+                if self.screening is not None:  # the cancel marks read as it fetches
+                    got, screened = await self.screening.fetch_screened(
+                        self.queue, max_messages=reserved, wait=wait, lease=self.lease
+                    )
+                else:
+                    got = await self.broker.fetch(
+                        self.queue, max_messages=reserved, wait=wait, lease=self.lease
+                    )
             except BrokerUnavailable as exc:
                 self.scheduler.unreserve(reserved)
                 delay = pauses.delay()
@@ -120,7 +128,7 @@ class Fetcher:
             self._hungry = bool(got)
             if got and self.telemetry is not None:
                 self.telemetry.fetched(self.queue, len(got))
-            await self.jobs.screen(got)  # their cancel marks, one round trip
+            await self.jobs.screen(got, screened)  # their cancel marks, if not read yet
             if not self.jobs.admit(got, reserved) and got:
                 # Went quiet while waiting: hand them to another worker at once. If the
                 # broker is down, their leases run out and it redelivers them.

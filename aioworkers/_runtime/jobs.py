@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from ..brokers.base import Delivery
+from ..brokers.base import Delivery, Screened
 from ..telemetry.worker import WorkerTelemetry
 from . import unique
 from .executor import Executor, Prepared
@@ -57,25 +57,34 @@ class Jobs:
         # What `screen` decoded of deliveries not started yet: each body is decoded once.
         self._prepared: dict[Delivery, Prepared] = {}
 
-    async def screen(self, deliveries: Sequence[Delivery]) -> None:
+    async def screen(
+        self, deliveries: Sequence[Delivery], screened: Sequence[Screened | None] | None = None
+    ) -> None:
         """Read the cancel marks of fetched deliveries, in one round trip, before they
         are admitted (see `Records.screen`), and write the start of those whose tasks keep
-        results in the same one; their bodies are decoded here, once."""
+        results in the same one; their bodies are decoded here, once. ``screened``: what
+        the broker read of their marks as it fetched them (`ScreensCancelMarks`); the
+        store is asked only for the others."""
         records = self._executor.records
         if records is not None and deliveries:
             prepare, prepared, ids = self._executor.prepare, self._prepared, []
             starts: list[Starting] = []
-            for delivery in deliveries:
+            marked = []
+            for i, delivery in enumerate(deliveries):
                 try:
                     env, task, invalid = one = prepare(delivery)
                 except Exception:  # left to its run, which logs it
                     continue
                 prepared[delivery] = one
                 if env is not None:
-                    ids.append(env.id)
+                    seen = screened[i] if screened else None
+                    if seen is None or seen[0] != env.id:
+                        ids.append(env.id)
+                    elif seen[1]:
+                        marked.append(env.id)
                     if invalid is None and task is not None and task.result_ttl is not None:
                         starts.append((env, delivery, task.result_ttl))
-            await records.screen_ids(ids, starts)
+            await records.screen_ids(ids, starts, marked)
 
     def admit(self, deliveries: Sequence[Delivery], reserved: int) -> bool:
         """Hand fetched deliveries to the scheduler (in the ``reserved`` slots fetched for)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -165,11 +165,17 @@ class Records:
         a cancellation: if the store does not answer, the jobs run unchecked."""
         await self.screen_ids([i for i in map(peek_id, (d.body for d in deliveries)) if i])
 
-    async def screen_ids(self, ids: list[str], starts: Sequence[Starting] = ()) -> None:
+    async def screen_ids(
+        self, ids: list[str], starts: Sequence[Starting] = (), marked: Sequence[str] = ()
+    ) -> None:
         """`screen` for the jobs of these ids (their bodies already decoded). ``starts``,
-        the jobs among them of tasks with results: their records' start is written in the
+        the fetched jobs of tasks with results: their records' start is written in the
         same round trip (`started` then answers for each, `unstart` takes it back for a
-        job handed back unstarted)."""
+        job handed back unstarted), their marks read again after it. ``marked``: jobs
+        whose marks the broker found as it fetched them."""
+        self._mark(marked)
+        if starts:
+            ids = list(dict.fromkeys([*ids, *(env.id for env, _, _ in starts)]))
         if not ids:
             return
         try:
@@ -181,15 +187,18 @@ class Records:
                 ]
                 # The start first, then the marks (one pipeline on Redis): a cancel that
                 # lands between them has found the record running and left a mark.
-                befores, marked = await asyncio.gather(
+                befores, found = await asyncio.gather(
                     self._store.update_jobs(updates), self._store.cancelled(ids)
                 )
-                self._started(starts, befores, marked)
+                self._started(starts, befores, found)
             else:
-                marked = await self._store.cancelled(ids)
+                found = await self._store.cancelled(ids)
         except Exception as exc:
             _unchecked(exc)  # (the starts are written again by `before`)
             return
+        self._mark(found)
+
+    def _mark(self, marked: Collection[str]) -> None:
         for job_id in marked:
             self._screened[job_id] = None
         while len(self._screened) > MAX_SCREENED:

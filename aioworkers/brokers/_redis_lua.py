@@ -179,27 +179,62 @@ return 1
 # KEYS: stream, delayed, payloads. ARGV: limit -> ms until the next eta, or -1 if none.
 # Any number of workers may run it at once: each due id moves exactly once. A payload
 # behind the mark is a foreign entry's fields (`_redis_foreign.RETRY_RAW`).
-PROMOTE = (
+_PROMOTE = """
+local function promote(stream, delayed, payloads, most)
+  local now = now_ms()
+  local ids = redis.call('ZRANGE', delayed, '-inf', now, 'BYSCORE', 'LIMIT', 0, most)
+  local mark = '\\0aioworkers-fields\\0'
+  for _, id in ipairs(ids) do
+    local body = redis.call('HGET', payloads, id)
+    if body and string.sub(body, 1, #mark) == mark then
+      redis.call('XADD', stream, '*', unpack(cmsgpack.unpack(string.sub(body, #mark + 1))))
+    elseif body then
+      redis.call('XADD', stream, '*', 'b', body)
+    end
+  end
+  if #ids > 0 then
+    redis.call('ZREM', delayed, unpack(ids))
+    redis.call('HDEL', payloads, unpack(ids))
+  end
+  local nxt = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+  if #nxt == 0 then return -1 end
+  return math.max(0, tonumber(nxt[2]) - now)
+end
+"""
+
+PROMOTE = OWNED + _PROMOTE + "return promote(KEYS[1], KEYS[2], KEYS[3], ARGV[1])\n"
+
+# A fetch that reads the cancel marks of what it hands out, in the same step (a state
+# store on the same server keeps them: `RedisBroker.screen_cancel_marks`).
+# KEYS: stream, delayed, payloads. ARGV: group, consumer, count, most to promote, the marks'
+# key prefix, the Lua pattern of a body's job id (`envelope.LUA_ID_PATTERN`)
+# -> {ms to the next delayed job (-1: none), {id, fields, ...}, {job id or '', ...},
+#     {1 if marked, else 0, ...}}: a body the pattern does not match has job id ''.
+FETCH_SCREENED = (
     OWNED
+    + _PROMOTE
     + """
-local now = now_ms()
-local ids = redis.call('ZRANGE', KEYS[2], '-inf', now, 'BYSCORE', 'LIMIT', 0, ARGV[1])
-local mark = '\\0aioworkers-fields\\0'
-for _, id in ipairs(ids) do
-  local body = redis.call('HGET', KEYS[3], id)
-  if body and string.sub(body, 1, #mark) == mark then
-    redis.call('XADD', KEYS[1], '*', unpack(cmsgpack.unpack(string.sub(body, #mark + 1))))
-  elseif body then
-    redis.call('XADD', KEYS[1], '*', 'b', body)
+local next_eta = promote(KEYS[1], KEYS[2], KEYS[3], ARGV[4])
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
+  'STREAMS', KEYS[1], '>')
+local entries, ids, marks = {}, {}, {}
+if reply then
+  for _, entry in ipairs(reply[1][2]) do
+    local fields = entry[2]
+    local job_id = ''
+    for i = 1, #fields, 2 do
+      if fields[i] == 'b' then
+        job_id = string.match(fields[i + 1], ARGV[6]) or ''
+        break
+      end
+    end
+    entries[#entries + 1] = entry[1]
+    entries[#entries + 1] = fields
+    ids[#ids + 1] = job_id
+    marks[#marks + 1] = (job_id ~= '' and redis.call('GET', ARGV[5] .. job_id)) and 1 or 0
   end
 end
-if #ids > 0 then
-  redis.call('ZREM', KEYS[2], unpack(ids))
-  redis.call('HDEL', KEYS[3], unpack(ids))
-end
-local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-if #nxt == 0 then return -1 end
-return math.max(0, tonumber(nxt[2]) - now)
+return {next_eta, entries, ids, marks}
 """
 )
 

@@ -253,6 +253,28 @@ class DeadLetterPages(Protocol):
         ...
 
 
+# A delivery's job id and whether its cancel mark is set, as a broker read them.
+Screened = tuple[str, bool]
+
+
+@runtime_checkable
+class ScreensCancelMarks(Protocol):
+    """A broker that can read the state store's cancel marks in the same step as it fetches
+    (Redis, with the store on its server): the runtime then reads none for those jobs."""
+
+    def screen_cancel_marks(self, server: str, prefix: str) -> bool:
+        """Read the marks at keys ``prefix`` + job id, if ``server`` is this broker's;
+        returns whether it will."""
+        ...
+
+    async def fetch_screened(
+        self, queue: str, *, max_messages: int, wait: float, lease: float | None = None
+    ) -> tuple[list[Delivery], list[Screened | None]]:
+        """`Broker.fetch`, and per delivery what was read of its cancel mark (None: not
+        read, the runtime reads it)."""
+        ...
+
+
 @runtime_checkable
 class Totals(Protocol):
     """Counters for rates (``aioworkers stats --watch``)."""

@@ -38,6 +38,7 @@ from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
+from ..envelope import LUA_ID_PATTERN
 from ..errors import BrokerUnavailable, ConfigError, LeaseLost
 from . import _redis_dlq
 from . import _redis_lua as lua
@@ -60,7 +61,7 @@ from ._redis_io import (
     redis_io,
     text,
 )
-from .base import DEFAULT_LEASE, DeadLetter, DeadLetterPage, Delivery, QueueDepth
+from .base import DEFAULT_LEASE, DeadLetter, DeadLetterPage, Delivery, QueueDepth, Screened
 
 __all__ = [
     "ACL_RULES",
@@ -143,6 +144,10 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
         self._publish = register(lua.PUBLISH)
         self._publish_delayed = register(lua.PUBLISH_DELAYED)
         self._promote = register(lua.PROMOTE)
+        self._fetch_screened = register(lua.FETCH_SCREENED)
+        # The state store's cancel-mark key prefix, if it is on this server (see
+        # `screen_cancel_marks`).
+        self._marks: str | None = None
         self._reclaim = register(lua.RECLAIM)
         self._depth = register(lua.DEPTH)
         self._prune = register(lua.PRUNE)
@@ -216,32 +221,89 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
 
     # -- consumer -------------------------------------------------------------------------
 
+    def screen_cancel_marks(self, server: str, prefix: str) -> bool:
+        """`ScreensCancelMarks`: if the state store's cancel marks (keys ``prefix`` + job
+        id) are on this broker's server, `fetch_screened` reads them as it fetches."""
+        if server != self._host:
+            return False
+        self._marks = prefix
+        return True
+
     async def fetch(
         self, queue: str, *, max_messages: int, wait: float, lease: float | None = None
     ) -> list[Delivery]:
+        got, _ = await self.fetch_screened(queue, max_messages=max_messages, wait=wait, lease=lease)
+        return got
+
+    async def fetch_screened(
+        self, queue: str, *, max_messages: int, wait: float, lease: float | None = None
+    ) -> tuple[list[Delivery], list[Screened | None]]:
+        """`fetch`, and per delivery (job id, cancel mark set) as read in the same step,
+        or None where not read (see `screen_cancel_marks`)."""
         if self._horizon is None:
             self._horizon = DEFAULT_LEASE if lease is None else lease
         try:
-            got = await self._fetch(queue, max_messages, wait, self._horizon)
+            got, screened = await self._fetch(queue, max_messages, wait, self._horizon)
         except _GroupLost:
             # The server lost the group (restarted without persistence): recreate it.
             self._groups.discard(queue)
             await self._ensure_group(queue)
-            return []
+            return [], []
         if got and lease is not None and lease != self._horizon:
             # Another lease than the horizon: written per entry, as `extend` does.
             await self.extend(got, lease=lease)
-        return got
+        return got, screened
 
     async def _fetch(
         self, queue: str, max_messages: int, wait: float, horizon: float
-    ) -> list[Delivery]:
+    ) -> tuple[list[Delivery], list[Screened | None]]:
         await self._ensure_group(queue)
         k = self.keys(queue)
         if time.monotonic() >= self._reclaim_at.get(queue, 0.0):
             reclaimed = await self._reclaim_expired(queue, max_messages, horizon)
             if reclaimed:
-                return reclaimed
+                return reclaimed, [None] * len(reclaimed)
+        if self._marks is not None:
+            next_eta_ms, out, screened = await self._fetch_marked(queue, max_messages)
+        else:
+            next_eta_ms, out = await self._read_promoted(queue, max_messages)
+            screened = [None] * len(out)
+        block_ms = int(wait * 1000)
+        if int(next_eta_ms) >= 0:
+            # Never sleep past the next eta: the job due then is read on time.
+            block_ms = min(block_ms, max(int(next_eta_ms), 1))
+        if out or block_ms <= 0:
+            return out, screened
+        # The deadline is the block plus the reply timeout: an idle read is never cut short.
+        async with self._io(wait=block_ms / 1000):
+            reply = await self._redis.xreadgroup(
+                self.group, self.consumer, {k.stream: ">"}, count=max_messages, block=block_ms
+            )
+        out = self._deliveries(queue, reply)
+        return out, [None] * len(out)
+
+    async def _fetch_marked(
+        self, queue: str, max_messages: int
+    ) -> tuple[int, list[Delivery], list[Screened | None]]:
+        """Move due delayed jobs, read without blocking, and read the cancel marks of what
+        was read: one script."""
+        assert self._marks is not None
+        k = self.keys(queue)
+        args: list[Any] = [self.group, self.consumer, max_messages, 1000]
+        args += [self._marks, LUA_ID_PATTERN]
+        async with self._io():
+            next_eta_ms, flat, ids, marks = await self._fetch_screened(
+                keys=[k.stream, k.delayed, k.payloads], args=args
+            )
+        out = [delivery_of(queue, flat[i], pairs(flat[i + 1]), 1) for i in range(0, len(flat), 2)]
+        screened: list[Screened | None] = [
+            (text(job_id), mark == 1) if job_id else None
+            for job_id, mark in zip(ids, marks, strict=True)
+        ]
+        return int(next_eta_ms), out, screened
+
+    async def _read_promoted(self, queue: str, max_messages: int) -> tuple[int, list[Delivery]]:
+        k = self.keys(queue)
         # One round trip when jobs are waiting: move due delayed jobs, then read without
         # blocking. Only an empty read pays a second, blocking one.
         promote_keys = [k.stream, k.delayed, k.payloads]
@@ -257,19 +319,7 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
                 next_eta_ms = await self._promote(keys=promote_keys, args=[1000])
             elif isinstance(next_eta_ms, Exception):
                 raise next_eta_ms
-        out = self._deliveries(queue, reply)
-        block_ms = int(wait * 1000)
-        if int(next_eta_ms) >= 0:
-            # Never sleep past the next eta: the job due then is read on time.
-            block_ms = min(block_ms, max(int(next_eta_ms), 1))
-        if out or block_ms <= 0:
-            return out
-        # The deadline is the block plus the reply timeout: an idle read is never cut short.
-        async with self._io(wait=block_ms / 1000):
-            reply = await self._redis.xreadgroup(
-                self.group, self.consumer, {k.stream: ">"}, count=max_messages, block=block_ms
-            )
-        return self._deliveries(queue, reply)
+        return int(next_eta_ms), self._deliveries(queue, reply)
 
     @staticmethod
     def _deliveries(queue: str, reply: Any) -> list[Delivery]:

@@ -294,6 +294,16 @@ class Store(IdempotencyStore, Protocol):
     ) -> Beat: ...
 
 
+@runtime_checkable
+class CancelMarksAt(Protocol):
+    """A store whose cancel marks a broker on the same server can read itself (Redis: see
+    `aioworkers.brokers.base.ScreensCancelMarks`)."""
+
+    def cancel_marks_at(self) -> tuple[str, str]:
+        """(the server, as the broker names it; the marks' key prefix, before the job id)."""
+        ...
+
+
 def check_times(**seconds: float) -> None:
     """Leases and TTLs must be positive: a zero one would free a key at once."""
     for name, value in seconds.items():

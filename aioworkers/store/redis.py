@@ -315,6 +315,10 @@ class RedisStore:
             marked = await self._batch.script(self._mark_cancelled, keys, args)
         return bool(marked == 1)
 
+    def cancel_marks_at(self) -> tuple[str, str]:
+        """`CancelMarksAt`: a mark is the key ``P|cancel|<job id>`` on this server."""
+        return self._host, self._state("cancel", "")
+
     async def cancelled(self, job_ids: Collection[str]) -> set[str]:
         if not job_ids:
             return set()
