@@ -374,7 +374,7 @@ def test_a_lost_group_is_told_apart_and_a_bad_argument_is_not_the_servers_doing(
 async def test_a_job_the_worker_delays_comes_back_on_time_while_the_fetch_long_polls(
     prefix: str,
 ) -> None:
-    # poll=10: once the job is fetched, the next fetch long-polls an empty stream for 10 s.
+    # poll=5: once the job is fetched, the next fetch long-polls an empty stream for 5 s.
     # The retry (0.2 s) is written after that poll began, so only the worker's own timer
     # can bring it back before the poll ends. Real timers: the long poll is under test.
     import aioworkers
@@ -391,7 +391,7 @@ async def test_a_job_the_worker_delays_comes_back_on_time_while_the_fetch_long_p
         again.set()
 
     await flaky.enqueue()
-    async with app.worker(concurrency=4, poll=10.0):
-        await asyncio.wait_for(again.wait(), 9)
+    async with app.worker(concurrency=4, poll=5.0):
+        await asyncio.wait_for(again.wait(), 4.5)
     await app.aclose()
-    assert 0.1 <= runs[1] - runs[0] < 5.0  # the backoff (0.2 s, jittered), not a poll
+    assert 0.1 <= runs[1] - runs[0] < 2.5  # the backoff (0.2 s, jittered), not a poll
