@@ -96,6 +96,9 @@ MODES: dict[str, str] = {
     # Not telemetry: the same W1 for the cost of results (#14), and the raw loop (#20).
     "results": "no provider, the task with `result_ttl` (records at enqueue, start and end)",
     "raw": "not aioworkers: `benchmarks/_raw.py`'s redis.asyncio loop on the same jobs",
+    # W0: the jobs do nothing (counted in-process): the framework's own cost per job.
+    "w0": "`none`, the jobs no-ops (W0): the framework's own cost",
+    "raw-w0": "`raw`, the jobs no-ops (W0)",
 }
 I_REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
@@ -105,7 +108,7 @@ I_REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 def providers(mode: str) -> tuple[MeterProvider | None, TracerProvider | None]:
     """The SDK providers of ``mode`` (none for ``none``, ``off``, ``results``, ``raw``)."""
-    if mode in ("none", "off", "results", "raw"):
+    if mode in ("none", "off", "results", "raw", "w0", "raw-w0"):
         return None, None
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -180,14 +183,16 @@ async def consume(mode: str, jobs: int, url: str, prefix: str, limit: float) -> 
         url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT
     )
     work = Work(spec, client)
-    if mode == "raw":
+    if mode in ("w0", "raw-w0"):
+        work.handlers["w1"] = work.w0  # the W1 jobs, run as no-ops
+    if mode in ("raw", "raw-w0"):
         return await consume_raw(spec, work, client, tally, limit)
     app = aioworkers.App(
         spec.broker_url, queue=QUEUE, concurrency=CONCURRENCY, visibility_timeout=VISIBILITY
     )
-    app.task(TASK, result_ttl=RESULT_TTL if mode == "results" else None)(work.w1)
+    app.task(TASK, result_ttl=RESULT_TTL if mode == "results" else None)(work.handlers["w1"])
     meter_provider, tracer_provider = providers(mode)
-    if mode in ("none", "results"):
+    if mode in ("none", "results", "w0"):
         app.telemetry = Telemetry()
     else:
         app.telemetry = Telemetry(
@@ -212,7 +217,7 @@ async def consume(mode: str, jobs: int, url: str, prefix: str, limit: float) -> 
         tracer_provider.shutdown()
     if meter_provider is not None:
         meter_provider.shutdown()
-    count = int(await client.get(spec.counter) or 0)
+    count = work.count or int(await client.get(spec.counter) or 0)
     await client.aclose()
     return {
         "mode": mode,
@@ -245,7 +250,7 @@ async def consume_raw(
     elapsed = time.perf_counter() - t0
     finished.cancel()
     await side.stop()
-    count = int(await client.get(spec.counter) or 0)
+    count = work.count or int(await client.get(spec.counter) or 0)
     await client.aclose()
     return {
         "mode": "raw",
