@@ -100,23 +100,10 @@ class Settler:
             else:
                 done = await self._apply(delivery, outcome)
         except OutcomeUnknown as exc:
-            # Counted as neither: "lease_lost" would be false if the first call was applied.
-            log.warning(
-                "outcome of %r unknown: applied with its reply lost, or its lease was lost "
-                "meanwhile (counted as neither): %s",
-                delivery,
-                exc,
-                extra={"job": job_fields(delivery, outcome)},
-            )
+            _unknown(delivery, outcome, exc)
             return None
         except LeaseLost:
-            self.count(OutcomeName.LEASE_LOST, delivery, outcome)
-            log.warning(
-                "lease lost, not settling %r (another worker owns it now)",
-                delivery,
-                extra={"job": job_fields(delivery, outcome)},
-            )
-            return OutcomeName.LEASE_LOST
+            return self._lease_lost(delivery, outcome)
         name = decision.name
         if not done:
             log.warning(
@@ -140,21 +127,9 @@ class Settler:
             self.count(name, delivery, outcome)
             return name
         if answer is False or isinstance(answer, LeaseLost):
-            self.count(OutcomeName.LEASE_LOST, delivery, outcome)
-            log.warning(
-                "lease lost, not settling %r (another worker owns it now)",
-                delivery,
-                extra={"job": job_fields(delivery, outcome)},
-            )
-            return OutcomeName.LEASE_LOST
+            return self._lease_lost(delivery, outcome)
         if isinstance(answer, OutcomeUnknown):
-            log.warning(
-                "outcome of %r unknown: applied with its reply lost, or its lease was lost "
-                "meanwhile (counted as neither): %s",
-                delivery,
-                answer,
-                extra={"job": job_fields(delivery, outcome)},
-            )
+            _unknown(delivery, outcome, answer)
         elif isinstance(answer, Exception):
             log.error(
                 "internal error while acking %r; the broker will redeliver it",
@@ -162,6 +137,15 @@ class Settler:
                 exc_info=answer,
             )
         return None  # cancelled (a shutdown past its grace): counted as nothing
+
+    def _lease_lost(self, delivery: Delivery, outcome: Outcome) -> OutcomeName:
+        self.count(OutcomeName.LEASE_LOST, delivery, outcome)
+        log.warning(
+            "lease lost, not settling %r (another worker owns it now)",
+            delivery,
+            extra={"job": job_fields(delivery, outcome)},
+        )
+        return OutcomeName.LEASE_LOST
 
     async def _apply(self, delivery: Delivery, outcome: Outcome) -> bool:
         completer = self._completer
@@ -216,6 +200,17 @@ class Settler:
         if released:
             for delivery in deliveries:
                 self.count(OutcomeName.RELEASED, delivery)
+
+
+def _unknown(delivery: Delivery, outcome: Outcome, exc: BaseException) -> None:
+    # Counted as neither: "lease_lost" would be false if the first call was applied.
+    log.warning(
+        "outcome of %r unknown: applied with its reply lost, or its lease was lost "
+        "meanwhile (counted as neither): %s",
+        delivery,
+        exc,
+        extra={"job": job_fields(delivery, outcome)},
+    )
 
 
 # An ack waiting for its batch: the delivery, the future its job awaits (None for
