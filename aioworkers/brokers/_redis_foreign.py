@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import LeaseLost
-from ._redis_io import body_of, text
+from ._redis_io import body_of, pairs, text
 from ._redis_lua import OWNED
 from .base import ATTEMPT_HEADER, Delivery
 
@@ -58,8 +58,20 @@ return 1
 def delivery_of(queue: str, entry_id: Any, fields: dict[Any, Any], count: int) -> Delivery:
     """A stream entry as a `Delivery`: an attempt field is taken out of the body (a foreign
     entry's fields) into the delivery's token, where `message_meta` finds it."""
+    if len(fields) == 1:
+        # The hot path: an entry aioworkers wrote, its body alone in ``b``.
+        body = fields.get(b"b")
+        if type(body) is bytes:
+            return Delivery(queue, text(entry_id), body, count)
     attempt = fields.pop(_FIELD, None)
     return Delivery(queue, text(entry_id), body_of(fields), count, attempt)
+
+
+def delivery_of_flat(queue: str, entry_id: Any, flat: list[Any], count: int) -> Delivery:
+    """`delivery_of` for the fields as a script returns them, ``[name, value, ...]``."""
+    if len(flat) == 2 and flat[0] == b"b" and type(flat[1]) is bytes:
+        return Delivery(queue, text(entry_id), flat[1], count)
+    return delivery_of(queue, entry_id, pairs(flat), count)
 
 
 class ForeignRedis:

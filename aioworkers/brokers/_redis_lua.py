@@ -204,15 +204,34 @@ end
 
 PROMOTE = OWNED + _PROMOTE + "return promote(KEYS[1], KEYS[2], KEYS[3], ARGV[1])\n"
 
-# A fetch that reads the cancel marks of what it hands out, in the same step (a state
-# store on the same server keeps them: `RedisBroker.screen_cancel_marks`).
+# How a fetch reads the cancel mark of an entry it hands out (a state store on the same
+# server keeps the marks: `RedisBroker.screen_cancel_marks`): the job id the Lua pattern
+# finds in the body (field ``b``), or '' if it finds none, and 1 if the key ``marks`` ..
+# job id exists, else 0.
+_SCREEN = """
+local function screen(fields, marks, pattern)
+  for i = 1, #fields, 2 do
+    if fields[i] == 'b' then
+      local job_id = string.match(fields[i + 1], pattern)
+      if not job_id then return '', 0 end
+      return job_id, redis.call('GET', marks .. job_id) and 1 or 0
+    end
+  end
+  return '', 0
+end
+"""
+
+# A fetch that reads the cancel marks of what it hands out, in the same step.
 # KEYS: stream, delayed, payloads. ARGV: group, consumer, count, most to promote, the marks'
 # key prefix, the Lua pattern of a body's job id (`envelope.LUA_ID_PATTERN`)
 # -> {ms to the next delayed job (-1: none), {id, fields, ...}, {job id or '', ...},
-#     {1 if marked, else 0, ...}}: a body the pattern does not match has job id ''.
+#     {1 if marked, else 0, ...}, after}: ``after`` is '' unless nothing was read, then the
+# group's last-delivered-id. An entry a blocking read delivers to this consumer next has a
+# higher id, and none it held before has: `SCREEN_DELIVERED` finds it so.
 FETCH_SCREENED = (
     OWNED
     + _PROMOTE
+    + _SCREEN
     + """
 local next_eta = promote(KEYS[1], KEYS[2], KEYS[3], ARGV[4])
 local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
@@ -220,21 +239,47 @@ local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[
 local entries, ids, marks = {}, {}, {}
 if reply then
   for _, entry in ipairs(reply[1][2]) do
-    local fields = entry[2]
-    local job_id = ''
-    for i = 1, #fields, 2 do
-      if fields[i] == 'b' then
-        job_id = string.match(fields[i + 1], ARGV[6]) or ''
-        break
-      end
-    end
     entries[#entries + 1] = entry[1]
-    entries[#entries + 1] = fields
+    entries[#entries + 1] = entry[2]
+    local job_id, mark = screen(entry[2], ARGV[5], ARGV[6])
     ids[#ids + 1] = job_id
-    marks[#marks + 1] = (job_id ~= '' and redis.call('GET', ARGV[5] .. job_id)) and 1 or 0
+    marks[#marks + 1] = mark
   end
 end
-return {next_eta, entries, ids, marks}
+local after = ''
+if #entries == 0 then
+  after = '0-0'
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == ARGV[1] then after = info['last-delivered-id'] end
+  end
+end
+return {next_eta, entries, ids, marks, after}
+"""
+)
+
+# Sent right behind a blocking XREADGROUP on the same connection, so the server runs it
+# once that read is served: the cancel marks of the entries the read delivered, read after
+# the delivery (a mark set before it is seen), without a round trip of its own.
+# KEYS: stream. ARGV: group, consumer, after (FETCH_SCREENED's), count, the marks' key
+# prefix, the job id pattern -> {entry id, job id or '', 1 if marked else 0, ...} for the
+# entries pending for this consumer with ids above ``after``.
+SCREEN_DELIVERED = (
+    _SCREEN
+    + """
+local out = {}
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '(' .. ARGV[3], '+', ARGV[4], ARGV[2])
+for _, p in ipairs(pending) do
+  local e = redis.call('XRANGE', KEYS[1], p[1], p[1])
+  if #e > 0 then
+    local job_id, mark = screen(e[1][2], ARGV[5], ARGV[6])
+    out[#out + 1] = p[1]
+    out[#out + 1] = job_id
+    out[#out + 1] = mark
+  end
+end
+return out
 """
 )
 
@@ -324,6 +369,7 @@ try('XCLAIM', k, g, c, 0, '0-1', 'JUSTID')
 try('XAUTOCLAIM', k, g, c, 0, '0-0')
 try('XINFO', 'CONSUMERS', k, g)
 try('XINFO', 'STREAM', k)
+try('XINFO', 'GROUPS', k)
 try('XGROUP', 'DELCONSUMER', k, g, c)
 try('ZADD', k, 'XX', 0, 'm')
 try('ZRANGE', k, 0, 0)

@@ -43,7 +43,7 @@ from ..errors import BrokerUnavailable, ConfigError, LeaseLost
 from . import _redis_dlq
 from . import _redis_lua as lua
 from ._kit import DueTimers, by_queue, chunks
-from ._redis_foreign import RETRY_RAW, ForeignRedis, delivery_of
+from ._redis_foreign import RETRY_RAW, ForeignRedis, delivery_of, delivery_of_flat
 from ._redis_io import (
     ACL_RULES,
     KEEPALIVE,
@@ -56,7 +56,6 @@ from ._redis_io import (
     entries_added,
     error_code,
     map_error,
-    pairs,
     read_dead_letter,
     redis_io,
     text,
@@ -145,6 +144,7 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
         self._publish_delayed = register(lua.PUBLISH_DELAYED)
         self._promote = register(lua.PROMOTE)
         self._fetch_screened = register(lua.FETCH_SCREENED)
+        self._screen_delivered = register(lua.SCREEN_DELIVERED)
         # The state store's cancel-mark key prefix, if it is on this server (see
         # `screen_cancel_marks`).
         self._marks: str | None = None
@@ -263,8 +263,9 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
             reclaimed = await self._reclaim_expired(queue, max_messages, horizon)
             if reclaimed:
                 return reclaimed, [None] * len(reclaimed)
+        after = ""
         if self._marks is not None:
-            next_eta_ms, out, screened = await self._fetch_marked(queue, max_messages)
+            next_eta_ms, out, screened, after = await self._fetch_marked(queue, max_messages)
         else:
             next_eta_ms, out = await self._read_promoted(queue, max_messages)
             screened = [None] * len(out)
@@ -274,6 +275,8 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
             block_ms = min(block_ms, max(int(next_eta_ms), 1))
         if out or block_ms <= 0:
             return out, screened
+        if after:
+            return await self._block_screened(queue, max_messages, block_ms, after)
         # The deadline is the block plus the reply timeout: an idle read is never cut short.
         async with self._io(wait=block_ms / 1000):
             reply = await self._redis.xreadgroup(
@@ -284,23 +287,63 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
 
     async def _fetch_marked(
         self, queue: str, max_messages: int
-    ) -> tuple[int, list[Delivery], list[Screened | None]]:
+    ) -> tuple[int, list[Delivery], list[Screened | None], str]:
         """Move due delayed jobs, read without blocking, and read the cancel marks of what
-        was read: one script."""
+        was read: one script. Also returns where a blocking read goes on from (if nothing
+        was read: see `_block_screened`)."""
         assert self._marks is not None
         k = self.keys(queue)
         args: list[Any] = [self.group, self.consumer, max_messages, 1000]
         args += [self._marks, LUA_ID_PATTERN]
         async with self._io():
-            next_eta_ms, flat, ids, marks = await self._fetch_screened(
+            next_eta_ms, flat, ids, marks, after = await self._fetch_screened(
                 keys=[k.stream, k.delayed, k.payloads], args=args
             )
-        out = [delivery_of(queue, flat[i], pairs(flat[i + 1]), 1) for i in range(0, len(flat), 2)]
+        out = [delivery_of_flat(queue, flat[i], flat[i + 1], 1) for i in range(0, len(flat), 2)]
         screened: list[Screened | None] = [
             (text(job_id), mark == 1) if job_id else None
             for job_id, mark in zip(ids, marks, strict=True)
         ]
-        return int(next_eta_ms), out, screened
+        return int(next_eta_ms), out, screened, text(after)
+
+    async def _block_screened(
+        self, queue: str, max_messages: int, block_ms: int, after: str
+    ) -> tuple[list[Delivery], list[Screened | None]]:
+        """Wait for entries (XREADGROUP BLOCK) and read their cancel marks without a round
+        trip more: the script sent behind the read on its connection runs on the server as
+        soon as the read is served, so it reads each mark after the job was delivered. It
+        finds the entries by ``after`` (`lua.SCREEN_DELIVERED`); each delivery it missed
+        (an entry it could not read) is screened by the runtime, as before."""
+        assert self._marks is not None
+        k = self.keys(queue)
+        args: list[Any] = [self.group, self.consumer, after, max_messages, self._marks]
+        args.append(LUA_ID_PATTERN)
+        # The deadline is the block plus the reply timeout: an idle read is never cut short.
+        async with self._io(wait=block_ms / 1000), self._redis.pipeline(transaction=False) as pipe:
+            pipe.xreadgroup(
+                self.group, self.consumer, {k.stream: ">"}, count=max_messages, block=block_ms
+            )
+            # EVALSHA, not the script object: a pipeline holding one asks SCRIPT EXISTS first.
+            pipe.evalsha(self._screen_delivered.sha, 1, k.stream, *args)
+            reply, found = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, Exception):
+                raise reply
+        out = self._deliveries(queue, reply)
+        if not out:
+            return out, []
+        if isinstance(found, rexc.NoScriptError):  # the server lost its scripts: load it
+            try:
+                async with self._io():
+                    found = await self._screen_delivered(keys=[k.stream], args=args)
+            except BrokerUnavailable:
+                found = None  # the deliveries are ours all the same: the runtime screens them
+        by_entry: dict[str, Screened] = {}
+        if isinstance(found, list):
+            # Any other error leaves them to the runtime too, rather than to a reclaim.
+            for i in range(0, len(found), 3):
+                if found[i + 1]:
+                    by_entry[text(found[i])] = (text(found[i + 1]), found[i + 2] == 1)
+        return out, [by_entry.get(d.message_id) for d in out]
 
     async def _read_promoted(self, queue: str, max_messages: int) -> tuple[int, list[Delivery]]:
         k = self.keys(queue)
@@ -323,13 +366,17 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
 
     @staticmethod
     def _deliveries(queue: str, reply: Any) -> list[Delivery]:
+        """The deliveries in redis-py's XREADGROUP reply, of any protocol and shape."""
         if isinstance(reply, dict):  # RESP3
             reply = list(reply.items())
-        return [
-            delivery_of(queue, entry_id, fields, 1)
-            for _stream, entries in reply or ()
-            for entry_id, fields in entries
-        ]
+        out = []
+        for _stream, entries in reply or ():
+            for entry in entries:
+                if isinstance(entry, list):  # RESP3 (parse_xread_resp3): one list deeper
+                    out += [delivery_of(queue, i, fields, 1) for i, fields in entry]
+                else:
+                    out.append(delivery_of(queue, entry[0], entry[1], 1))
+        return out
 
     async def _reclaim_expired(self, queue: str, count: int, lease: float) -> list[Delivery]:
         """Take over entries whose lease ran out (their worker died): idle longer than
@@ -357,7 +404,7 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
                     keys=[self.keys(queue).stream], args=[self.group, idle_ms, self.consumer]
                 )
         return [
-            delivery_of(queue, entry_id, pairs(fields), int(n)) for entry_id, fields, n in entries
+            delivery_of_flat(queue, entry_id, fields, int(n)) for entry_id, fields, n in entries
         ]
 
     async def stop_fetching(self, queue: str) -> None:

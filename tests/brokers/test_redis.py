@@ -16,7 +16,9 @@ from redis._parsers.base import BaseParser
 from aioworkers import AioworkersError, BrokerUnavailable, ConfigError, LeaseLost, QueueDepth
 from aioworkers.brokers import redis as redis_broker
 from aioworkers.brokers.redis import RedisBroker
+from aioworkers.envelope import Envelope, encode, new_id, now_ms
 from aioworkers.idempotency.base import StoreUnavailable
+from aioworkers.store.redis import RedisStore
 
 from ..proxy import Proxy
 from ..services import REDIS, ensure
@@ -395,3 +397,85 @@ async def test_a_job_the_worker_delays_comes_back_on_time_while_the_fetch_long_p
         await asyncio.wait_for(again.wait(), 4.5)
     await app.aclose()
     assert 0.1 <= runs[1] - runs[0] < 2.5  # the backoff (0.2 s, jittered), not a poll
+
+
+# -- cancel marks, read by the fetch that hands the jobs out ----------------------------------
+
+
+@pytest.fixture
+async def store(prefix: str) -> AsyncIterator[RedisStore]:
+    """A state store on the broker's server: its cancel marks are read by the fetch."""
+    s = RedisStore(f"{REDIS_URL}?prefix={prefix}:store")
+    yield s
+    await s.aclose()
+
+
+def bodies(n: int) -> tuple[list[str], list[bytes]]:
+    envs = [Envelope(new_id(), "t", [], {}, enqueued_at=now_ms()) for _ in range(n)]
+    return [env.id for env in envs], [encode(env) for env in envs]
+
+
+@pytest.mark.parametrize("protocol", ["2", "3"])
+async def test_a_blocking_fetch_reads_the_marks_of_the_jobs_it_waited_for(
+    prefix: str, store: RedisStore, client: aioredis.Redis, protocol: str
+) -> None:
+    broker = RedisBroker(
+        f"{REDIS_URL}?prefix={prefix}&protocol={protocol}", visibility_timeout=30, consumer="c1"
+    )
+    producer = make(prefix, "producer")
+    assert broker.screen_cancel_marks(*store.cancel_marks_at())
+    (held_id,), held_body = bodies(1)
+    await producer.publish("q", held_body)
+    (held,), screened = await broker.fetch_screened("q", max_messages=10, wait=0)
+    assert screened == [(held_id, False)]  # held on: not screened again below
+    ids, jobs = bodies(3)
+    await store.mark_cancelled(ids[1], ttl=60)
+    odd = b'{"v":1,"id":"not one of ours"}'  # outside the id pattern: left to the runtime
+
+    async def publish_later() -> None:
+        await asyncio.sleep(0.3)  # the fetch below blocks by then (nothing was ready)
+        await producer.publish("q", [*jobs, odd])
+        await client.xadd(broker.keys("q").stream, {"data": "hand-written"})
+
+    later = asyncio.create_task(publish_later())
+    start = time.monotonic()
+    got, screened = await broker.fetch_screened("q", max_messages=10, wait=5.0)
+    assert time.monotonic() - start < 2.0  # woken by the publish, not the end of the wait
+    await later
+    assert [d.body for d in got] == [*jobs, odd]  # one script's XADDs: served together
+    assert screened == [(ids[0], False), (ids[1], True), (ids[2], False), None]
+    (foreign,), screened = await broker.fetch_screened("q", max_messages=10, wait=1.0)
+    assert b"hand-written" in foreign.body
+    assert screened == [None]
+    assert await broker.ack([held, *got, foreign]) == []
+    assert await broker.depth("q") == QueueDepth()
+    await broker.aclose()
+    await producer.aclose()
+
+
+async def test_consumers_blocked_together_each_read_the_marks_of_their_own_jobs(
+    prefix: str, store: RedisStore
+) -> None:
+    # Both read the group's position before blocking; the job the first is handed lies past
+    # the second's too, and must not be taken for the second's.
+    one, two = make(prefix, "c1"), make(prefix, "c2")
+    for broker in (one, two):
+        assert broker.screen_cancel_marks(*store.cancel_marks_at())
+    ids, jobs = bodies(2)
+    await store.mark_cancelled(ids[0], ttl=60)
+    fetches = [
+        asyncio.create_task(b.fetch_screened("q", max_messages=10, wait=5.0)) for b in (one, two)
+    ]
+    await asyncio.sleep(0.3)  # both block by then
+    for job in jobs:
+        await one.publish("q", [job])
+        await asyncio.sleep(0.1)
+    results = await asyncio.gather(*fetches)
+    seen = {}
+    for got, screened in results:
+        assert len(got) == len(screened) == 1
+        seen[got[0].body] = screened[0]
+    assert seen == {jobs[0]: (ids[0], True), jobs[1]: (ids[1], False)}
+    for broker, (got, _) in zip((one, two), results, strict=True):
+        assert await broker.ack(got) == []
+        await broker.aclose()

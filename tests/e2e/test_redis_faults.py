@@ -26,7 +26,9 @@ from aioworkers import App, Call, ConfigError, QueueDepth, current_job
 from aioworkers.brokers import redis as redis_broker
 from aioworkers.brokers.base import DeadLetter
 from aioworkers.brokers.redis import RedisBroker
+from aioworkers.envelope import Envelope, encode, new_id, now_ms
 from aioworkers.idempotency.redis import RedisStore
+from aioworkers.store.redis import RedisStore as StateStore
 
 from ..proxy import Proxy
 from ..services import REDIS, delete_prefix, ensure
@@ -389,6 +391,23 @@ async def test_the_acl_rules_the_error_names_are_enough_for_everything(
     assert await store.complete("k", "me", ttl=5)
     assert await store.claim("k2", "me", lease=5) == "claimed"
     assert await store.release("k2", "me")
+    # The cancel marks of a state store on the same server, read as the fetch blocks.
+    marks = StateStore(f"{url}?prefix=acl:state")
+    assert broker.screen_cancel_marks(*marks.cancel_marks_at())
+    assert await broker.fetch_screened("p", max_messages=1, wait=0) == ([], [])
+    job = Envelope(new_id(), "t", [], {}, enqueued_at=now_ms())
+    await marks.mark_cancelled(job.id, ttl=60)
+
+    async def publish_later() -> None:
+        await asyncio.sleep(0.3)  # the fetch blocks by then
+        await broker.publish("p", [encode(job)])
+
+    later = asyncio.create_task(publish_later())
+    got, screened = await broker.fetch_screened("p", max_messages=1, wait=5.0)
+    await later
+    assert screened == [(job.id, True)]
+    assert await broker.ack(got) == []
+    await marks.aclose()
     await broker.aclose()
     await store.aclose()
     await admin.aclose()
@@ -421,6 +440,40 @@ async def test_scripts_flushed_under_a_running_broker_are_loaded_again(
     assert await broker.ack([b2]) == []
     assert await broker.depth("q") == QueueDepth()
     await broker.aclose()
+    await store.aclose()
+    await admin.aclose()
+
+
+async def test_a_blocking_fetch_reads_marks_after_the_server_lost_its_scripts(
+    start_server: Callable[..., Awaitable[Server]],
+) -> None:
+    # The script sent behind a blocking read is never loaded on its own (a pipeline sends
+    # it by hash): the first use on a fresh server, and every use after a SCRIPT FLUSH,
+    # finds it missing, loads it, and still reads the marks of what the read delivered.
+    server = await start_server()
+    admin = server.client()
+    broker = RedisBroker(f"{server.url}?prefix=flush", visibility_timeout=30)
+    producer = RedisBroker(f"{server.url}?prefix=flush", visibility_timeout=30)
+    store = StateStore(f"{server.url}?prefix=flush:store")
+    assert broker.screen_cancel_marks(*store.cancel_marks_at())
+    for flush in (False, True):
+        if flush:
+            await admin.script_flush()
+        envs = [Envelope(new_id(), "t", [], {}, enqueued_at=now_ms()) for _ in range(2)]
+        await store.mark_cancelled(envs[0].id, ttl=60)
+
+        async def publish_later(envs: list[Envelope] = envs) -> None:
+            await asyncio.sleep(0.3)  # the fetch blocks by then
+            await producer.publish("q", [encode(env) for env in envs])
+
+        later = asyncio.create_task(publish_later())
+        got, screened = await broker.fetch_screened("q", max_messages=10, wait=5.0)
+        await later
+        assert [d.body for d in got] == [encode(env) for env in envs]
+        assert screened == [(envs[0].id, True), (envs[1].id, False)]
+        assert await broker.ack(got) == []
+    await broker.aclose()
+    await producer.aclose()
     await store.aclose()
     await admin.aclose()
 

@@ -5,12 +5,13 @@ read is screened by the store, as on every other broker."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Collection
 
 import pytest
 
-from aioworkers import App
+from aioworkers import App, current_job
 from aioworkers.envelope import Envelope, encode, new_id, now_ms
 from aioworkers.store.redis import RedisStore
 
@@ -88,3 +89,30 @@ async def test_a_body_the_fetch_cannot_read_is_screened_by_the_store(app: App) -
     assert ran == ["ran"]
     assert worker.counts["cancelled"] == 1
     assert asked == [odd]
+
+
+async def test_jobs_an_idle_worker_waited_for_are_screened_without_asking_the_store(
+    app: App,
+) -> None:
+    # The worker's fetch blocks on an empty queue when they arrive: the marks are read
+    # behind that blocking read, not in a round trip of their own before the jobs start.
+    ran: list[str] = []
+
+    @app.task
+    async def work() -> None:
+        ran.append(current_job().id)
+
+    envs = [Envelope(new_id(), "work", [], {}, enqueued_at=now_ms()) for _ in range(3)]
+    assert app.store is not None
+    asked: list[str] = []
+    spy_on_marks(app.store, asked)
+    async with app.worker(concurrency=5, poll=5.0) as worker:
+        await asyncio.sleep(0.3)  # nothing ready: the fetch blocks
+        await app.store.mark_cancelled(envs[0].id, ttl=60)
+        await app.broker.publish(app.queue, [encode(env) for env in envs])
+        await wait_until(
+            lambda: sum(worker.counts.values()) == 3, within=4, what="every job settled"
+        )
+    assert sorted(ran) == sorted(env.id for env in envs[1:])
+    assert {k: v for k, v in worker.counts.items() if v} == {"ok": 2, "cancelled": 1}
+    assert asked == []
