@@ -81,6 +81,7 @@ _STREAM_ID = re.compile(r"\d+-\d+")
 _CHUNK = 500  # ids per script call: well inside Lua's unpack() limit
 PRUNE_EVERY = 300.0  # seconds between sweeps for consumers of dead workers
 PRUNE_IDLE = 3600.0  # how long a consumer holding nothing must be idle to be dropped
+_KEYS_KEPT = 1024  # queues whose key names are kept built (a producer may name any number)
 PUBLISH_MARKER_TTL = 60.0  # seconds the server remembers a publish, to drop its re-sends
 
 
@@ -129,6 +130,7 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
         retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2)
         self._redis, self._reply_timeout = connect(url, client_query, retry=retry)
         self._groups: set[str] = set()
+        self._keys: dict[str, _Keys] = {}
         self._reclaim_at: dict[str, float] = {}
         self._cursor: dict[str, str] = {}
         self._prune_at: dict[str, float] = {}
@@ -168,9 +170,14 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
         return redis_io(self._deadline(sent, wait))
 
     def keys(self, queue: str) -> _Keys:
-        base = f"{self.prefix}:{{{queue}}}"
-        names = ("stream", "delayed", "payloads", "dead", "leases")
-        return _Keys(*(f"{base}:{name}" for name in names))
+        keys = self._keys.get(queue)
+        if keys is None:  # built once a queue (every fetch and ack asks), for so many queues
+            if len(self._keys) >= _KEYS_KEPT:
+                self._keys.clear()
+            base = f"{self.prefix}:{{{queue}}}"
+            names = ("stream", "delayed", "payloads", "dead", "leases")
+            keys = self._keys[queue] = _Keys(*(f"{base}:{name}" for name in names))
+        return keys
 
     async def _ensure_group(self, queue: str) -> None:
         if queue in self._groups:
@@ -299,7 +306,8 @@ class RedisBroker(ForeignRedis):  # RawRetry: _redis_foreign
             next_eta_ms, flat, ids, marks, after = await self._fetch_screened(
                 keys=[k.stream, k.delayed, k.payloads], args=args
             )
-        out = [delivery_of_flat(queue, flat[i], flat[i + 1], 1) for i in range(0, len(flat), 2)]
+        it = iter(flat)  # id, fields, id, fields, ...
+        out = [delivery_of_flat(queue, i, fields, 1) for i, fields in zip(it, it, strict=True)]
         screened: list[Screened | None] = [
             (text(job_id), mark == 1) if job_id else None
             for job_id, mark in zip(ids, marks, strict=True)
