@@ -6,15 +6,19 @@ another process's lock, and in WAL mode a long read never holds up a write."""
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import logging
 import os
+import queue
 import sqlite3
+import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import TypeVar
+from collections.abc import Callable
+from functools import partial
+from types import TracebackType
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from .brokers._kit import map_exceptions
@@ -52,6 +56,99 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
+
+# A call for a `_Lane`: the function, and the future to answer (none for a call nobody
+# waits for); None tells the thread to end.
+_Item = tuple[Callable[[], Any], "asyncio.Future[Any] | None"]
+
+
+class _Lane:
+    """One thread that runs calls one at a time, in the order given, and answers each on
+    the caller's event loop. A fetch and an ack are one call each, so this hop is paid
+    per batch: it skips what ``run_in_executor`` adds to it (a second, thread-safe future
+    chained to the asyncio one, a coroutine-function check), a third of its cost. As
+    there, a call whose caller was cancelled before it started is skipped, and one under
+    way finishes."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[[], _T]) -> asyncio.Future[_T]:
+        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+        self._put((fn, future))
+        return future
+
+    def post(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` in its turn; nothing waits for it."""
+        self._put((fn, None))
+
+    def _put(self, item: _Item) -> None:
+        if self._thread is None:
+            # The thread holds the queue, not the lane: a lane no longer used ends it.
+            self._thread = threading.Thread(
+                target=_serve, args=(self._queue,), name=self._name, daemon=True
+            )
+            self._thread.start()
+            weakref.finalize(self, self._queue.put, None)
+            _LANES.add(self)
+        self._queue.put(item)
+
+    def finish(self) -> None:
+        """Let the calls given so far run, then end the thread (at interpreter exit)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+
+def _serve(calls: queue.SimpleQueue[_Item | None]) -> None:
+    while (item := calls.get()) is not None:
+        fn, future = item
+        del item  # hold nothing of a finished call while waiting for the next one
+        if future is None:
+            _run_unanswered(fn)
+            continue
+        if future.cancelled():
+            continue
+        ok = True
+        try:
+            value = fn()
+        except BaseException as exc:
+            ok, value = False, exc
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is left to answer
+            future.get_loop().call_soon_threadsafe(_answer, future, ok, value)
+        del fn, future, value
+
+
+def _run_unanswered(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except Exception:
+        log.exception("a SQLite call nobody waits for failed")
+
+
+def _answer(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.cancelled():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+# Daemon threads, so an idle one never holds up exit; but calls already given (a
+# cancelled fetch's hand-back, a close) still run before the process ends, as with an
+# executor's threads.
+_LANES: weakref.WeakSet[_Lane] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_lanes() -> None:
+    for lane in list(_LANES):
+        lane.finish()
+
 
 # The WAL file is cut back to this after a checkpoint instead of keeping its high mark.
 _WAL_LIMIT = 64 * 1024 * 1024
@@ -133,8 +230,8 @@ class SqliteFile:
         self._reader: sqlite3.Connection | None = None
         self._closed = False
         # For the object's whole life, so every call, close included, runs in order.
-        self._writes = ThreadPoolExecutor(1, thread_name_prefix="aioworkers-sqlite")
-        self._reads = ThreadPoolExecutor(1, thread_name_prefix="aioworkers-sqlite-read")
+        self._writes = _Lane("aioworkers-sqlite")
+        self._reads = _Lane("aioworkers-sqlite-read")
 
     def _open(self, *, setup: bool) -> sqlite3.Connection:
         if setup:
@@ -208,15 +305,15 @@ class SqliteFile:
     def submit(self, fn: Callable[[sqlite3.Connection], _T]) -> asyncio.Future[_T]:
         """Run ``fn(connection)`` on the writing thread; calls run one at a time, in order."""
         self._closed = False
-        return asyncio.get_running_loop().run_in_executor(self._writes, self._write, fn)
+        return self._writes.submit(partial(self._write, fn))
 
     def clean_up(self, fn: Callable[[sqlite3.Connection], None]) -> asyncio.Future[None]:
         """Like `submit`, for work left over by a call that was cancelled: if the file was
         closed meanwhile, it is closed again afterwards."""
         closed = self._closed
-        future = asyncio.get_running_loop().run_in_executor(self._writes, self._write, fn)
+        future = self._writes.submit(partial(self._write, fn))
         if closed:
-            self._writes.submit(self._close_writer)
+            self._writes.post(self._close_writer)
         return future
 
     def vacuum(self, db: sqlite3.Connection) -> None:
@@ -243,8 +340,7 @@ class SqliteFile:
         """Run ``fn(connection)`` in one read transaction on the reading thread."""
         if self._db is None:
             await self.call(lambda db: None)  # the writer creates the file and its tables
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._reads, self._read, fn)
+        return await self._reads.submit(partial(self._read, fn))
 
     def _close_writer(self) -> None:
         db, self._db = self._db, None
@@ -260,21 +356,40 @@ class SqliteFile:
         """Close both connections, after every call already submitted; a later call opens
         them again. (The two threads stay, idle, for the object's life.)"""
         self._closed = True
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._reads, self._close_reader)
-        await loop.run_in_executor(self._writes, self._close_writer)
+        await self._reads.submit(self._close_reader)
+        await self._writes.submit(self._close_writer)
 
 
-@contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[float]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error; yields the time once
+class transaction:  # lower case: used as a function, ``with transaction(db) as now:``
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error; gives the time once
     the write lock is held, so a lease written in it is not shortened by the wait. The lock
-    is taken up front, so two processes never deadlock upgrading a read to a write."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield time.time()
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
+    is taken up front, so two processes never deadlock upgrading a read to a write. (A
+    class, not a generator: it runs on every fetch and ack.)"""
+
+    __slots__ = ("_db",)
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> float:
+        self._db.execute("BEGIN IMMEDIATE")
+        return time.time()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if kind is None:
+            try:
+                self._db.execute("COMMIT")
+                return
+            except BaseException:
+                self._rollback()
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")

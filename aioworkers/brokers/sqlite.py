@@ -84,14 +84,14 @@ WHERE id IN (
 RETURNING id, body, count
 """
 _DELETE_OWNED = "DELETE FROM aioworkers_messages WHERE id = ? AND lease = ?"
-# An ack's rows of one lease token, deleted in one statement ({} is the ids' placeholders).
-_DELETE_LEASED = (
-    "DELETE FROM aioworkers_messages WHERE lease = ? AND id IN ({}) RETURNING id, queue"
-)
-_ACK_CHUNK = 500  # ids per statement: well inside SQLite's limit on parameters
-_EXISTS = "SELECT 1 FROM aioworkers_messages WHERE id = ?"
+# The rows of one lease token, in one statement each ({} is the ids' placeholders).
+_DELETE_LEASED = "DELETE FROM aioworkers_messages WHERE lease = ? AND id IN ({})"
+_EXTEND_LEASED = "UPDATE aioworkers_messages SET visible_at = ? WHERE lease = ? AND id IN ({})"
+_CHUNK = 500  # ids per statement: well inside SQLite's limit on parameters
+# Which of these ids are still there / still leased by this token.
+_PRESENT = "SELECT id FROM aioworkers_messages WHERE id IN ({})"
+_HELD = "SELECT id FROM aioworkers_messages WHERE lease = ? AND id IN ({})"
 _INSERT = "INSERT INTO aioworkers_messages (queue, body, visible_at) VALUES (?, ?, ?)"
-_EXTEND = "UPDATE aioworkers_messages SET visible_at = ? WHERE id = ? AND lease = ?"
 _RELEASE = (
     "UPDATE aioworkers_messages SET lease = NULL, visible_at = 0, count = ? "
     "WHERE id = ? AND lease = ?"
@@ -148,6 +148,7 @@ class SqliteBroker:
         self._wake: dict[str, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._vacuum_at = 0.0
+        self._busy: set[str] = set()  # queues whose last take found rows (writer thread)
 
     def __repr__(self) -> str:
         return f"<SqliteBroker {self.path}>"
@@ -208,17 +209,26 @@ class SqliteBroker:
 
         def take(db: sqlite3.Connection) -> list[tuple[int, bytes, int]]:
             # Read first (no lock in WAL mode): idle workers polling an empty queue must
-            # not queue up for the write lock.
-            if db.execute(_ANY_READY, (queue, time.time())).fetchone() is None:
-                if time.monotonic() > self._vacuum_at:
-                    self._vacuum_at = time.monotonic() + VACUUM_EVERY
-                    self._file.vacuum(db)
-                return []
-            with transaction(db) as now:
-                # The lease starts once the lock is held: a wait for it must not shorten
-                # the lease (or hand out one that is already over).
-                args = (token, now + lease, queue, now, max_messages)
-                return sorted(db.execute(_TAKE, args).fetchall())
+            # not queue up for the write lock. Not while the queue is busy (the last take
+            # here found rows): then the read is a statement more per batch for nothing.
+            if (
+                queue in self._busy
+                or db.execute(_ANY_READY, (queue, time.time())).fetchone() is not None
+            ):
+                with transaction(db) as now:
+                    # The lease starts once the lock is held: a wait for it must not
+                    # shorten the lease (or hand out one that is already over).
+                    args = (token, now + lease, queue, now, max_messages)
+                    rows = db.execute(_TAKE, args).fetchall()
+                if rows:
+                    self._busy.add(queue)
+                    rows.sort()
+                    return rows
+                self._busy.discard(queue)
+            if time.monotonic() > self._vacuum_at:
+                self._vacuum_at = time.monotonic() + VACUUM_EVERY
+                self._file.vacuum(db)
+            return []
 
         future = self._file.submit(take)
         try:
@@ -244,35 +254,28 @@ class SqliteBroker:
     async def ack(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         if not deliveries:
             return []
-        pairs = [(int(d.message_id), d.token) for d in deliveries]
-        # One statement per lease token (a fetch's deliveries share one), not one per row.
-        by_token: dict[Any, list[int]] = {}
-        for row_id, token in pairs:
-            by_token.setdefault(token, []).append(row_id)
+        groups = _by_lease(deliveries)
 
-        def delete(db: sqlite3.Connection) -> list[int]:
+        def delete(db: sqlite3.Connection) -> set[tuple[int, Any]]:
             with transaction(db):
-                deleted: set[int] = set()
                 removed: Counter[str] = Counter()
-                for token, ids in by_token.items():
-                    for start in range(0, len(ids), _ACK_CHUNK):
-                        chunk = ids[start : start + _ACK_CHUNK]
-                        marks = ", ".join("?" * len(chunk))
-                        statement = _DELETE_LEASED.format(marks)
-                        for row_id, queue in db.execute(statement, (token, *chunk)):
-                            deleted.add(row_id)
-                            removed[queue] += 1
-                db.executemany(_TOTALS, [(q, 0, n, 0) for q, n in removed.items()])
-                # Not ours: lost if the row is still there (leased again, or waiting).
-                return [
-                    i
-                    for i, (row_id, _) in enumerate(pairs)
-                    if row_id not in deleted
-                    and db.execute(_EXISTS, (row_id,)).fetchone() is not None
-                ]
+                short: list[tuple[int, Any]] = []
+                for (queue, token), ids in groups.items():
+                    for chunk in _chunks(ids):
+                        statement = _DELETE_LEASED.format(_marks(chunk))
+                        n = db.execute(statement, (token, *chunk)).rowcount
+                        removed[queue] += n
+                        if n < len(chunk):
+                            short.extend((row_id, token) for row_id in chunk)
+                for queue, n in removed.items():
+                    if n:
+                        db.execute(_TOTALS, (queue, 0, n, 0))
+                # Not ours: lost if the row is still there (leased again, or waiting). Only
+                # asked when a statement deleted fewer rows than it named.
+                return _still_there(db, short)
 
         lost = await self._call(delete)
-        return [deliveries[i] for i in lost]
+        return [d for d in deliveries if (int(d.message_id), d.token) in lost] if lost else []
 
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> None:
         payload = bytes(body)
@@ -302,18 +305,22 @@ class SqliteBroker:
     async def extend(self, deliveries: Sequence[Delivery], *, lease: float) -> list[Delivery]:
         if not deliveries:
             return []
-        pairs = [(int(d.message_id), d.token) for d in deliveries]
+        groups = _by_lease(deliveries)
 
-        def extend(db: sqlite3.Connection) -> list[int]:
+        def extend(db: sqlite3.Connection) -> set[tuple[int, Any]]:
+            lost: set[tuple[int, Any]] = set()
             with transaction(db) as now:
-                return [
-                    i
-                    for i, (mid, token) in enumerate(pairs)
-                    if db.execute(_EXTEND, (now + lease, mid, token)).rowcount == 0
-                ]
+                for (_, token), ids in groups.items():
+                    for chunk in _chunks(ids):
+                        statement = _EXTEND_LEASED.format(_marks(chunk))
+                        n = db.execute(statement, (now + lease, token, *chunk)).rowcount
+                        if n < len(chunk):
+                            held = _ids(db, _HELD.format(_marks(chunk)), (token, *chunk))
+                            lost.update((i, token) for i in chunk if i not in held)
+            return lost
 
         lost = await self._call(extend)
-        return [deliveries[i] for i in lost]
+        return [d for d in deliveries if (int(d.message_id), d.token) in lost] if lost else []
 
     async def send_dead_letter(self, queue: str, body: bytes, letter: DeadLetter) -> None:
         """`DeadLetterWriter`: a body that was never a delivery here (a push request)."""
@@ -466,6 +473,42 @@ def _getter(facts: dict[str, Any]) -> Callable[[str], str | None]:
         return None if value is None else str(value)
 
     return get
+
+
+def _by_lease(deliveries: Sequence[Delivery]) -> dict[tuple[str, Any], list[int]]:
+    """Row ids by (queue, lease token): a fetch's deliveries share one, so an ack or an
+    extend of a batch is one statement, not one per row."""
+    groups: dict[tuple[str, Any], list[int]] = {}
+    for d in deliveries:
+        key = (d.queue, d.token)
+        ids = groups.get(key)
+        if ids is None:
+            groups[key] = [int(d.message_id)]
+        else:
+            ids.append(int(d.message_id))
+    return groups
+
+
+def _chunks(ids: list[int]) -> list[list[int]]:
+    if len(ids) <= _CHUNK:
+        return [ids]
+    return [ids[start : start + _CHUNK] for start in range(0, len(ids), _CHUNK)]
+
+
+def _marks(chunk: list[int]) -> str:
+    return ", ".join("?" * len(chunk))
+
+
+def _ids(db: sqlite3.Connection, statement: str, args: Sequence[object]) -> set[int]:
+    return {row_id for (row_id,) in db.execute(statement, args)}
+
+
+def _still_there(db: sqlite3.Connection, pairs: list[tuple[int, Any]]) -> set[tuple[int, Any]]:
+    """Those of ``pairs`` (row id, token) whose row still exists."""
+    there: set[int] = set()
+    for chunk in _chunks(sorted({row_id for row_id, _ in pairs})):
+        there |= _ids(db, _PRESENT.format(_marks(chunk)), chunk)
+    return {pair for pair in pairs if pair[0] in there}
 
 
 def _release(rows: list[tuple[int, str, int]], db: sqlite3.Connection) -> None:
