@@ -152,6 +152,29 @@ def _from_doc(doc: dict[str, Any]) -> Envelope:
     # Once per job: the usual envelope passes one combined test; any failure goes to
     # `_check_doc`, which names what is wrong. Exact type checks: orjson returns exact
     # types, and `type(x) is int` also refuses bools.
+    if len(doc) == len(_FIELDS):  # most jobs: no optional field, so no get for each
+        try:
+            version, job_id, task = doc["v"], doc["id"], doc["task"]
+            args, kwargs = doc["args"], doc["kwargs"]
+            attempt, enqueued_at = doc["attempt"], doc["enqueued_at"]
+        except KeyError:
+            pass  # an optional field instead of a required one: `_check_doc` says which
+        else:
+            if (
+                type(version) is int
+                and version == VERSION
+                and type(job_id) is str
+                and type(task) is str
+                and job_id
+                and task
+                and type(args) is list
+                and type(kwargs) is dict
+                and type(attempt) is int
+                and 1 <= attempt <= MAX_ATTEMPT
+                and type(enqueued_at) is int
+                and 0 <= enqueued_at <= MAX_EPOCH_MS
+            ):
+                return Envelope(job_id, task, args, kwargs, attempt, enqueued_at, None, None, {})
     get: Any = doc.get  # Any: each field is checked below
     job_id, task, args, kwargs = get("id"), get("task"), get("args"), get("kwargs")
     attempt, enqueued_at, eta = get("attempt"), get("enqueued_at"), get("eta")

@@ -217,16 +217,24 @@ def _fast_fit(
     positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
     names = frozenset(signature.parameters)
     required = frozenset(p.name for p in params if p.default is p.empty)
+    most = len(positional)
+    # Arguments by position only (the usual job): they fit if their count is in
+    # [least, most], least covering every required parameter (none if one is keyword-only).
+    if required <= set(positional):
+        least = max((i + 1 for i, name in enumerate(positional) if name in required), default=0)
+    else:
+        least = most + 1
 
     def fits(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
-        if len(args) > len(positional):
+        if not kwargs:
+            return least <= len(args) <= most
+        if len(args) > most:
             return False
         given = set(positional[: len(args)])
-        if kwargs:
-            keys = kwargs.keys()
-            if not keys <= names or not given.isdisjoint(keys):
-                return False
-            given.update(keys)
+        keys = kwargs.keys()
+        if not keys <= names or not given.isdisjoint(keys):
+            return False
+        given.update(keys)
         return required <= given
 
     return fits

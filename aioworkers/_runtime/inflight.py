@@ -102,13 +102,15 @@ class InFlight:
         return len(self._runs)
 
     def add(self, delivery: Delivery) -> Run:
+        if not self._runs:
+            self._empty.clear()
         run = self._runs[delivery] = Run()
-        self._empty.clear()
         return run
 
     def remove(self, delivery: Delivery) -> None:
-        self._runs.pop(delivery, None)
-        if not self._runs:
+        runs = self._runs
+        runs.pop(delivery, None)
+        if not runs:
             self._empty.set()
 
     def snapshot(self) -> list[Delivery]:

@@ -15,7 +15,7 @@ from .inflight import InFlight, Run
 from .outcome import Ack, Outcome, OutcomeName
 from .records import Starting
 from .scheduler import Scheduler
-from .settle import BatchedAcks, Settler
+from .settle import Answered, BatchedAcks, Settler
 
 log = logging.getLogger("aioworkers")
 
@@ -175,16 +175,21 @@ class Jobs:
     def _free(self, delivery: Delivery) -> None:
         self._inflight.remove(delivery)
         if self._scheduler is not None:
-            ready = self._scheduler.done()
-            if ready is not None:
+            for ready in self._scheduler.done():
                 self.start(*ready)
 
-    def _acked(self, delivery: Delivery, outcome: Outcome, answer: bool | BaseException) -> None:
-        """The broker answered an ack made without waiting (`BatchedAcks.ack_later`)."""
+    def _acked(self, answered: list[Answered], refused: set[int] | BaseException) -> None:
+        """The broker answered acks made without waiting (`BatchedAcks.ack_later`): count
+        them, then free their slots and start what waits for them."""
         try:
-            self._settler.acked(delivery, outcome, answer)
+            self._settler.acked_many(answered, refused)
         finally:
-            self._free(delivery)
+            remove = self._inflight.remove
+            for delivery, _ in answered:
+                remove(delivery)
+            if self._scheduler is not None:
+                for ready in self._scheduler.done(len(answered)):
+                    self.start(*ready)
 
     async def _traced(
         self, delivery: Delivery, run: Run, prepared: Prepared | None = None

@@ -89,29 +89,46 @@ class Scheduler:
         self.reserved -= reserved
         if self._closed:
             return None
-        for delivery in deliveries:
-            self._buffer.append((delivery, self._inflight.add(delivery)))
-        ready = []
-        while (one := self._next()) is not None:
-            ready.append(one)
-        self._next_turn()
+        add = self._inflight.add
+        held = [(delivery, add(delivery)) for delivery in deliveries]
+        # What may start now, in order: the buffer first, then these.
+        free = self.capacity - self.running
+        if self.limit is not None:
+            free = min(free, self.limit - self.started)
+        if not self._buffer and len(held) <= free:  # the usual batch: no buffering
+            ready = held
+            self._count_started(len(held))
+        else:
+            self._buffer.extend(held)
+            ready = []
+            while (one := self._next()) is not None:
+                ready.append(one)
+        if self._turns:
+            self._next_turn()
         return ready
 
-    def done(self) -> Ready | None:
-        """A job finished and was settled: its slot is free. Returns the buffered delivery
-        to start in it, if any."""
-        self.running -= 1
-        ready = self._next() if self._buffer else None
-        self._next_turn()
+    def done(self, n: int = 1) -> list[Ready]:
+        """``n`` jobs finished and were settled: their slots are free. Returns the buffered
+        deliveries to start in them."""
+        self.running -= n
+        ready = []
+        if self._buffer:
+            while len(ready) < n and (one := self._next()) is not None:
+                ready.append(one)
+        if self._turns:
+            self._next_turn()
         return ready
+
+    def _count_started(self, n: int) -> None:
+        self.running += n
+        self.started += n
+        if self.started == self.limit:
+            self.exhausted.set()
 
     def _next(self) -> Ready | None:
         if not self._buffer or self.running >= self.capacity or self.started == self.limit:
             return None
-        self.running += 1
-        self.started += 1
-        if self.started == self.limit:
-            self.exhausted.set()
+        self._count_started(1)
         return self._buffer.popleft()
 
     def _take(self, most: int) -> int:

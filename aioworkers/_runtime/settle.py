@@ -138,6 +138,24 @@ class Settler:
             )
         return None  # cancelled (a shutdown past its grace): counted as nothing
 
+    def acked_many(self, answered: list[Answered], refused: set[int] | BaseException) -> None:
+        """`acked` for a batch: ``refused`` holds the ``id()`` of the deliveries the broker
+        refused, or is what the batch raised."""
+        if (
+            isinstance(refused, set)
+            and not refused
+            and self._telemetry is None
+            and not log.isEnabledFor(logging.DEBUG)
+        ):
+            # The usual batch: every ack taken, nothing to record per job but its count.
+            counts = self.counts
+            for _, outcome in answered:
+                counts[outcome.decision.name] += 1
+            return
+        for delivery, outcome in answered:
+            answer = refused if isinstance(refused, BaseException) else id(delivery) not in refused
+            self.acked(delivery, outcome, answer)
+
     def _lease_lost(self, delivery: Delivery, outcome: Outcome) -> OutcomeName:
         self.count(OutcomeName.LEASE_LOST, delivery, outcome)
         log.warning(
@@ -215,6 +233,8 @@ def _unknown(delivery: Delivery, outcome: Outcome, exc: BaseException) -> None:
 
 # An ack waiting for its batch: the delivery, the future its job awaits (None for
 # `BatchedAcks.ack_later`), the final records to write first, the outcome (ack_later).
+# An ack made without waiting, answered: its delivery and the outcome acked.
+Answered = tuple[Delivery, Outcome]
 _Pending = tuple[
     Delivery, "asyncio.Future[bool] | None", "list[JobFinish] | None", "Outcome | None"
 ]
@@ -242,7 +262,7 @@ class BatchedAcks:
         # and the final records to write before it; an `ack_later` has no future, its
         # outcome is handed to ``on_acked`` instead.
         self._acks: list[_Pending] = []
-        self.on_acked: Callable[[Delivery, Outcome, bool | BaseException], None] | None = None
+        self.on_acked: Callable[[list[Answered], set[int] | BaseException], None] | None = None
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
         self._max_batch = max_ack_batch
@@ -251,8 +271,9 @@ class BatchedAcks:
         acked: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if finishes and self._write_finishes is None:
             raise RuntimeError("final records to write, but no writer for them")
+        if not self._acks:  # else the acker was woken already, and flushes until empty
+            self._wake.set()
         self._acks.append((delivery, acked, finishes, None))
-        self._wake.set()
         # Held (slot and lease) until the broker has the ack: a lease that lapsed while
         # the ack waited would hand a finished job to another worker.
         if not await acked:
@@ -260,11 +281,12 @@ class BatchedAcks:
         return True
 
     def ack_later(self, delivery: Delivery, outcome: Outcome) -> None:
-        """`ack` without waiting: ``on_acked(delivery, outcome, answer)`` is called once the
+        """`ack` without waiting: ``on_acked(answered, refused)`` is called once the
         broker answered (the job's task has ended by then: no task wakes up per job). The
         caller keeps the delivery held (slot and lease) until then."""
+        if not self._acks:
+            self._wake.set()
         self._acks.append((delivery, None, outcome.finishes, outcome))
-        self._wake.set()
 
     async def retry(self, delivery: Delivery, *, body: bytes, delay: float) -> bool:
         await self._call(partial(self._broker.retry, delivery, body=body, delay=delay), "retry")
@@ -338,23 +360,26 @@ class BatchedAcks:
                 self._answer(batch, {id(d) for d in lost})
 
     def _answer(self, batch: list[_Pending], refused: set[int] | BaseException) -> None:
+        # The acks made without waiting are answered together, in one call for the batch.
+        later: list[Answered] = []
         for delivery, acked, _, outcome in batch:
-            answer = refused if isinstance(refused, BaseException) else id(delivery) not in refused
             if acked is None:
                 assert outcome is not None
-                assert self.on_acked is not None
-                try:
-                    self.on_acked(delivery, outcome, answer)
-                except Exception:
-                    log.exception("internal error after acking %r", delivery)
+                later.append((delivery, outcome))
             elif acked.done():
                 pass
-            elif isinstance(answer, asyncio.CancelledError):
+            elif isinstance(refused, asyncio.CancelledError):
                 acked.cancel()
-            elif isinstance(answer, BaseException):
-                acked.set_exception(answer)
+            elif isinstance(refused, BaseException):
+                acked.set_exception(refused)
             else:
-                acked.set_result(answer)
+                acked.set_result(id(delivery) not in refused)
+        if later:
+            assert self.on_acked is not None
+            try:
+                self.on_acked(later, refused)
+            except Exception:
+                log.exception("internal error after acking %d jobs", len(later))
 
     @property
     def pending_acks(self) -> int:
