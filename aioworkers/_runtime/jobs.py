@@ -12,7 +12,7 @@ from ..telemetry.worker import WorkerTelemetry
 from . import unique
 from .executor import Executor, Prepared
 from .inflight import InFlight, Run
-from .outcome import Ack, Outcome, OutcomeName
+from .outcome import Ack, OutcomeName
 from .records import Starting
 from .scheduler import Scheduler
 from .settle import Answered, BatchedAcks, Settler

@@ -111,7 +111,7 @@ class Scheduler:
         """``n`` jobs finished and were settled: their slots are free. Returns the buffered
         deliveries to start in them."""
         self.running -= n
-        ready = []
+        ready: list[Ready] = []
         if self._buffer:
             while len(ready) < n and (one := self._next()) is not None:
                 ready.append(one)
