@@ -185,21 +185,37 @@ class Executor:
             return env, task, DecodeError("bad_arguments", clip(str(exc), MAX_BAD_ARGUMENTS))
         return env, task, None
 
-    async def execute(
+    def execute(
         self, delivery: Delivery, run: Run, prepared: Prepared | None = None
-    ) -> Outcome:
-        """Run ``delivery``; ``prepared`` is what `prepare` returned for it, if known."""
+    ) -> Coroutine[Any, Any, Outcome]:
+        """Run ``delivery``; ``prepared`` is what `prepare` returned for it, if known.
+        The gates a job passes before it starts are read here, at once: a job of a task
+        with none of the features that need a step of their own (results, limits, an
+        idempotency key) is the coroutine of `_run` itself, with no coroutine around it."""
         env, task, invalid = self.prepare(delivery) if prepared is None else prepared
         if invalid is not None or env is None or task is None:
-            attempt = env.attempt if env is not None else 1
-            return Outcome(env, task, policy.classify(invalid, attempt, DEFAULT_POLICY), invalid)
+            return self._invalid(env, task, invalid)
         gate = policy.before_start(delivery.count, self._max_deliveries, run.cancel_requested)
-        if gate is None and self._records is not None:
-            if task.result_ttl is None:
+        if task.result_ttl is None:
+            if gate is None and self._records is not None:
                 # Its cancel mark, read when its batch was fetched (`Records.screen`).
                 gate = self._records.screened(env.id)
-            else:
-                gate = await self._start_record(self._records, env, task, delivery, run)
+            if gate is None and task.limits is None and not task.idempotent:
+                return self._run(delivery, env, task, run)  # the hot path
+        return self._execute(delivery, env, task, run, gate)
+
+    async def _invalid(
+        self, env: Envelope | None, task: Runnable | None, invalid: DecodeError | None
+    ) -> Outcome:
+        attempt = env.attempt if env is not None else 1
+        return Outcome(env, task, policy.classify(invalid, attempt, DEFAULT_POLICY), invalid)
+
+    async def _execute(
+        self, delivery: Delivery, env: Envelope, task: Runnable, run: Run, gate: Decision | None
+    ) -> Outcome:
+        """`execute` past its first gates (``gate``: what they decided)."""
+        if gate is None and self._records is not None and task.result_ttl is not None:
+            gate = await self._start_record(self._records, env, task, delivery, run)
         if gate is not None:
             detail = f"delivered {delivery.count} times" if gate is MAX_DELIVERIES else ""
             outcome = Outcome(env, task, gate, detail=detail)
@@ -208,7 +224,7 @@ class Executor:
             outcome = await self._limiter.run(task.limits, env, task, run, body)
         elif task.idempotent:
             outcome = await self._run_once(delivery, env, task, run)
-        else:  # the hot path: no call more than before limits existed
+        else:
             outcome = await self._run(delivery, env, task, run)
         if task.result_ttl is not None and self._records is not None:
             if outcome.decision is ACK and self._records.batched:
@@ -342,13 +358,17 @@ class Executor:
         started_at = clock.time()
         start = clock.monotonic()
         # Ours (shutdown past grace, or lease lost): taken back, so the job is released.
-        # Anyone else's, or a second one on top of ours, propagates.
-        with run.catch_cancel():
+        # Anyone else's, or a second one on top of ours, propagates. (``with run``: what
+        # `Run.catch_cancel` returns, without the call.)
+        with run:
             try:
                 timeout = task.policy.timeout or self._default_timeout
                 run.job_id = env.id  # from now a cancel mark stops it (the lease beat reads it)
                 if timeout is None:
-                    value = await self._start(task, env)
+                    if task.handler is None and not self._middleware:
+                        value = await task.fn(*env.args, **env.kwargs)  # no coroutine more
+                    else:
+                        value = await self._start(task, env)
                 else:
                     # The loop's own timer, not the injected clock: a timer task per job
                     # would cost more than the job. A task's timeout is a real-time bound.
@@ -372,4 +392,4 @@ class Executor:
         else:
             decision = policy.classify(error, env.attempt, task.policy, snoozes=env.snoozes)
         duration = clock.monotonic() - start
-        return Outcome(env, task, decision, error, duration, started_at, value=value)
+        return Outcome(env, task, decision, error, duration, started_at, "", value)

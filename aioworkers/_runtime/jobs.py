@@ -135,7 +135,7 @@ class Jobs:
         run.started = True
         held = False  # the delivery stays held after this task, until its ack is answered
         try:
-            with run.catch_cancel():
+            with run:  # `run.catch_cancel()`, without the call
                 outcome = await self._executor.execute(delivery, run, prepared)
                 if run.lost:
                     # Another worker may hold it now: settling anything would act over it.
