@@ -369,6 +369,7 @@ class App(Enqueueing, ConsumerOptions):
         scheduler: bool = True,
         priority: Priority = "fair",
         summary_interval: float | None = SUMMARY_INTERVAL,
+        gc_freeze: bool = True,
     ) -> Worker:
         """A worker for ``queues`` (default: the app's queue and every task's queue).
 
@@ -381,7 +382,9 @@ class App(Enqueueing, ConsumerOptions):
         ``priority="strict"`` fills free slots from the first of ``queues`` first, and
         from each next one only what the earlier ones could not fill; ``"fair"``: the
         queues take turns. Every ``summary_interval`` seconds (None: never) the worker
-        logs an INFO line of what it did.
+        logs an INFO line of what it did. ``gc_freeze``: the first worker of the process
+        freezes what exists as it starts out of the garbage collector's walks
+        (`aioworkers.worker.freeze_gc`); False leaves the collector alone.
         """
         return Worker(
             self,
@@ -395,6 +398,7 @@ class App(Enqueueing, ConsumerOptions):
             periodic=periodic_for(self, clock) if scheduler and self.schedules else None,
             priority=priority,
             summary_interval=summary_interval,
+            gc_freeze=gc_freeze,
         )
 
     def job(self, job_id: str) -> JobHandle:
