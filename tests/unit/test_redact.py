@@ -52,7 +52,7 @@ HOSTILE: dict[str, Callable[[int], str]] = {
 
 def _seconds(fn: Callable[[str], object], text: str) -> float:
     best = float("inf")
-    for _ in range(2):
+    for _ in range(3):
         start = time.perf_counter()
         fn(text)
         best = min(best, time.perf_counter() - start)
@@ -80,8 +80,10 @@ def test_redaction_is_linear_time(shape: str, redactor: str) -> None:
     assert small < 0.5, f"64 KiB of {shape!r} took {small:.2f}s"
     big = _seconds(fn, make(MiB))
     assert big < 2.0, f"1 MiB of {shape!r} took {big:.2f}s"
-    # Tiny times are noise: compare only against a floor of 1 ms.
-    assert big < 48 * max(small, 0.001), f"{shape!r}: 64 KiB {small:.4f}s, 1 MiB {big:.4f}s"
+    # Tiny times are noise: compare only against a floor of 5 ms. 64 KiB takes ~2 ms
+    # here, so a quadratic cost (1 MiB: >= 256 x 2 ms) still fails the 48x bound; a linear
+    # one measured once at 0.09 s on a loaded machine, over the 1 ms floor's 0.087 s.
+    assert big < 48 * max(small, 0.005), f"{shape!r}: 64 KiB {small:.4f}s, 1 MiB {big:.4f}s"
 
 
 CUTTERS: dict[str, Callable[[str], object]] = {
