@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import importlib
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -12,6 +14,11 @@ from typing import Literal, Protocol
 
 import anyio
 import anyio.abc
+
+with contextlib.suppress(ImportError):
+    # The asyncio backend anyio imports on a worker's first task group: imported with the
+    # worker instead, so a starting worker's first fetch does not wait ~15 ms for it.
+    importlib.import_module("anyio._backends._asyncio")
 
 from ._registry import keep_registered
 from ._runtime import shutdown
