@@ -37,6 +37,8 @@ MAX_THROTTLE = 30.0
 FIRST_GUESS = 1.0
 # Keys whose waiters this process counts (for spreading comebacks); past it, forgotten.
 MAX_TRACKED = 10_000
+# Waiting jobs of one key this process keeps count of (past it, the oldest are dropped).
+MAX_LINE = 10_000
 # A rate token due within this long is waited for in place (a throttle through the broker
 # costs more than that), and a throttled job comes back this much before its turn: a job
 # late for its turn leaves that token unused, a spacing of the rate lost for good.
@@ -111,15 +113,16 @@ class Limits:
 
 @dataclass(slots=True)
 class _Waiting:
-    """What this process saw of one key lately: throttles since its last start, and how
-    long its runs take (an average), to spread the comebacks of jobs waiting on it."""
+    """What this process saw of one key lately: the jobs waiting on it, and how long its
+    runs take (an average), to spread the comebacks of jobs waiting on it."""
 
-    throttled: int = 0
+    # Job id -> when it was last throttled here, oldest first: the line of waiters. Jobs,
+    # not throttles, are counted: one job throttled again and again is a line of one.
+    line: dict[str, float] = field(default_factory=dict)
     duration: float | None = None
     paused_until: float = 0.0
     next_turn: float = 0.0  # when the next job throttled by a rate here should ask again
     in_place: bool = False  # a job of this key waits here for a token due within moments
-    last_throttle: float = float("-inf")  # when a job of this key was last throttled here
 
 
 class Limiter:
@@ -177,10 +180,10 @@ class Limiter:
                 await self._release(store, slot)  # it may have been taken before the cancel
             return Outcome(env, task, RELEASE)
         if wait is not None:
-            seen.throttled += 1
-            delay = self._comeback(limits, seen, wait)
+            delay = self._comeback(limits, seen, wait, env.id)
             return Outcome(env, task, Throttle(delay), detail=f"limit of {name!r} reached")
-        seen.throttled = 0
+        if seen.line:
+            seen.line.pop(env.id, None)
         run.slot = slot
         try:
             outcome = await body()
@@ -258,7 +261,7 @@ class Limiter:
             return max(wait, spacing)  # asks again; a token taken meanwhile is not missed
         return wait if wait > 0 else None
 
-    def _comeback(self, limits: Limits, seen: _Waiting, wait: float) -> float:
+    def _comeback(self, limits: Limits, seen: _Waiting, wait: float, job_id: str) -> float:
         """When a throttled job should ask again: when a token is due (rate), or after
         about one run of the task (slot), spread over how many wait with it here."""
         if wait > 0 and limits.rate:
@@ -278,17 +281,28 @@ class Limiter:
             step = seen.duration if seen.duration is not None else FIRST_GUESS
             if limits.concurrency is not None:
                 step /= limits.concurrency
-        # Jittered over a span as long as the line of waiters this process saw, so they
-        # do not all come back at the moment one token or slot frees. Throttles more than
-        # a step apart are one job coming back alone, not a line: its comebacks stay about
-        # a step apart (counted on, they grew by a step at each, so that a lone job
-        # waiting for a slot came back ever later after it freed).
-        now = self._clock.time()
-        if now - seen.last_throttle > step:
-            seen.throttled = 1
-        seen.last_throttle = now
-        spread = step * max(1, seen.throttled) * self._rand()
+        # Jittered over a span as long as the line of jobs this process saw waiting, so
+        # they do not all come back at the moment one slot frees; a lone job comes back
+        # within one and a half steps each time, however often it is throttled.
+        waiters = self._line(seen, job_id, step)
+        spread = step * waiters * self._rand()
         return min(MAX_THROTTLE, wait + max(step, 0.01) * 0.5 + spread)
+
+    def _line(self, seen: _Waiting, job_id: str, step: float) -> int:
+        """Put ``job_id`` at the back of the line of ``seen``; how many wait in it."""
+        now = self._clock.time()
+        line = seen.line
+        line.pop(job_id, None)
+        # A waiter not throttled again within its longest comeback (about a step per
+        # waiter, and one more) started in another process, or is gone.
+        stale = now - step * (len(line) + 2)
+        while line:
+            oldest = next(iter(line))
+            if line[oldest] >= stale and len(line) < MAX_LINE:
+                break
+            del line[oldest]
+        line[job_id] = now
+        return len(line)
 
     def _learn(self, seen: _Waiting, duration: float) -> None:
         if seen.duration is None:

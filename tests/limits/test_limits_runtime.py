@@ -13,6 +13,7 @@ import pytest
 
 import aioworkers
 from aioworkers import App, ConfigError, RateLimited, current_job
+from aioworkers._runtime.limits import FIRST_GUESS, Limiter, Limits
 from aioworkers._runtime.outcome import OutcomeName
 from aioworkers.brokers.memory import MemoryBroker
 from aioworkers.testing import FakeClock
@@ -348,3 +349,21 @@ async def test_a_throttled_lambda_record_is_handed_to_the_queue_not_reported() -
     assert failures(result) == []
     assert ran == []
     assert (await app.stats()).delayed == 1
+
+
+async def test_a_lone_waiters_comebacks_stay_within_a_step_and_a_half(clock: FakeClock) -> None:
+    # The worst jitter every time: a line counted by throttles (not jobs) grew with each
+    # comeback of one job, so it could start seconds after its slot freed.
+    limiter = Limiter(None, lease=VISIBILITY, clock=clock, rand=lambda: 1.0)
+    limits = Limits("export", concurrency=1, rate=None, per=1.0, key=None)
+    seen = limiter._waiting("export")
+    for _ in range(20):
+        delay = limiter._comeback(limits, seen, 0.0, "job-1")
+        assert delay <= 1.5 * FIRST_GUESS
+        await clock.advance(delay * 0.4)  # back sooner than its comeback
+    # A line of five jobs is spread over five steps; the last of them waits longest.
+    delays = [limiter._comeback(limits, seen, 0.0, f"job-{n}") for n in range(1, 6)]
+    assert delays[-1] == pytest.approx(0.5 + 5 * FIRST_GUESS)
+    # Waiters not seen again within their longest comeback have left the line.
+    await clock.advance(8 * FIRST_GUESS)
+    assert limiter._comeback(limits, seen, 0.0, "job-9") == pytest.approx(1.5 * FIRST_GUESS)
