@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,10 @@ class Consumers:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._recounting: dict[str, asyncio.Event] = {}  # message id -> original acked
+        # The consuming channel's delivery tags not yet settled (nor their frame queued),
+        # oldest first: an ack of the oldest ones in one frame (``multiple``) is safe only
+        # up to the first tag something else still holds.
+        self._unsettled: dict[int, None] = {}
 
     @property
     def gen(self) -> int:
@@ -124,6 +129,9 @@ class Consumers:
 
     def _on_message(self, c: Consumer) -> Any:
         async def on_message(message: DeliveredMessage) -> None:
+            if c.gen == self.gen:
+                # First, before any wait: tags are recorded in the order they arrived.
+                self._unsettled[tag(message)] = None
             recounting = self._recounting.get(message.header.properties.message_id or "")
             if recounting is not None:
                 # The copy a recount published overtook the ack of the original: hand it
@@ -224,14 +232,43 @@ class Consumers:
         ch = self._connections.consumer
         if gen != self.gen or ch is None or ch.is_closed:
             return False  # RabbitMQ requeued it with its channel: never settle it on another
+        delivery_tag = tag(message)
         try:
             async with asyncio.timeout(within):
                 if requeue is None:
-                    await ch.basic_ack(tag(message), wait=wait)
+                    await ch.basic_ack(delivery_tag, wait=wait)
                 else:
-                    await ch.basic_nack(tag(message), requeue=requeue, wait=wait)
+                    await ch.basic_nack(delivery_tag, requeue=requeue, wait=wait)
         except (mqexc.AMQPError, mqexc.ChannelInvalidStateError, OSError, RuntimeError):
             return False  # TimeoutError included (an OSError)
+        # Only now: a frame that may not be queued must never be covered by a `multiple`.
+        self._unsettled.pop(delivery_tag, None)
+        return True
+
+    async def ack_many(self, messages: Sequence[DeliveredMessage], gen: int) -> bool:
+        """Ack ``messages`` of the consuming channel of generation ``gen``: the oldest of
+        them, up to the first tag that is not theirs, in one frame (``multiple``), the rest
+        one frame each; only the last waits to be written. False if the channel is gone or
+        a frame could not be queued (the caller bounds the time)."""
+        ch = self._connections.consumer
+        if gen != self.gen or ch is None or ch.is_closed:
+            return False
+        unsettled = self._unsettled
+        tags = {tag(m) for m in messages}
+        # Every tag up to the last of these is in ``tags``: RabbitMQ holds no other
+        # delivery of this channel at or below it, and any other settle of one below it
+        # was queued before this frame is (frames go out in the order they are queued).
+        prefix = list(itertools.takewhile(tags.__contains__, unsettled))
+        frames = [(prefix[-1], True)] if len(prefix) > 1 else []
+        covered = set(prefix) if frames else set()
+        frames.extend((t, False) for t in sorted(tags - covered))
+        try:
+            for i, (delivery_tag, multiple) in enumerate(frames):
+                await ch.basic_ack(delivery_tag, multiple=multiple, wait=i == len(frames) - 1)
+                for done in prefix if multiple else (delivery_tag,):
+                    unsettled.pop(done, None)
+        except (mqexc.AMQPError, mqexc.ChannelInvalidStateError, OSError, RuntimeError):
+            return False
         return True
 
     async def hand_back(self, items: Sequence[tuple[DeliveredMessage, int, str]], gen: int) -> None:
@@ -261,6 +298,7 @@ class Consumers:
 
     def _replaced(self, gen: int) -> None:
         """A new consuming channel: its consumers are new ones, on it."""
+        self._unsettled = {}  # its tags start again at 1
         self._on_replaced()
         for c in self.by_queue.values():
             c.active = False

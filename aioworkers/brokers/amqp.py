@@ -233,17 +233,18 @@ class AmqpBroker:
                 owned.append((d, h))
             elif not (isinstance(d.token, _Held) and d.token.acked):
                 lost.append(d)
-        written = True
+        if not owned:
+            return lost
+        for _, h in owned:
+            # All at once, before any wait: a lease running out meanwhile cannot settle
+            # one of them a second time.
+            self._leases.settle(h)
+            h.acked = True
         try:
             async with asyncio.timeout(SETTLE_TIMEOUT):  # one deadline for the batch
-                for i, (_, h) in enumerate(owned):
-                    self._leases.settle(h)
-                    h.acked = True
-                    # One basic.ack per delivery (never multiple=True: an earlier tag on
-                    # this channel may still be running); only the last waits for the write.
-                    written = await self._consumers_of.settle(
-                        h.message, h.gen, requeue=None, wait=i == len(owned) - 1, within=None
-                    )
+                written = await self._consumers_of.ack_many(
+                    [h.message for _, h in owned], owned[0][1].gen
+                )
         except TimeoutError:
             written = False
         if not written:

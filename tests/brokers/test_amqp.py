@@ -158,6 +158,41 @@ async def test_stop_fetching_hands_the_prefetch_to_another_worker_at_once(
 
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_the_oldest_acks_go_in_one_frame_that_never_covers_a_held_delivery(
+    make: Make, queue: str, queue_type: str
+) -> None:
+    broker = make(f"queue_type={queue_type}&prefetch=10")
+    await broker.publish(queue, [b"%d" % i for i in range(6)])
+    got = await fetch_n(broker, queue, 6, within=3)
+    assert [d.body for d in got] == [b"%d" % i for i in range(6)]
+    ch = broker._con
+    assert ch is not None
+    frames: list[tuple[int, bool]] = []
+    basic_ack = ch.basic_ack
+
+    async def spy(delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
+        frames.append((delivery_tag, multiple))
+        await basic_ack(delivery_tag, multiple=multiple, wait=wait)
+
+    ch.basic_ack = spy  # type: ignore[method-assign]
+    tags = [d.token.message.delivery_tag for d in got]  # type: ignore[union-attr]
+
+    assert await broker.ack([got[2], got[0], got[1]]) == []
+    assert frames == [(tags[2], True)]  # the three oldest: one frame
+    frames.clear()
+    assert await broker.ack([got[4], got[5]]) == []  # 3 is still held: one frame each
+    assert frames == [(tags[4], False), (tags[5], False)]
+    await wait_depth(broker, queue, QueueDepth(in_flight=1))
+
+    # Nothing but the held one was left unacked: a dead channel hands back only it.
+    await ch.close()
+    (again,) = await fetch_n(broker, queue, 1, within=3)
+    assert (again.body, again.count) == (b"3", 2)
+    await broker.ack([again])
+    await wait_depth(broker, queue, QueueDepth())
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 async def test_the_delivery_count_grows_each_time_a_worker_dies_holding_it(
     make: Make, queue: str, queue_type: str
 ) -> None:
