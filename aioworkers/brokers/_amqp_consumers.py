@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiormq import exceptions as mqexc
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from ..errors import BrokerUnavailable, ConfigError
 from ._amqp_connections import Connections
@@ -31,6 +30,10 @@ from ._amqp_messages import (
 from ._amqp_publish import Publisher
 from ._amqp_topology import Topology
 from .base import DeadLetter
+
+# How often a settle checks again for room in a connection's write queue (aiormq's holds
+# 10 frames; it is full only while the socket does not drain).
+ROOM_POLL = 0.001
 
 
 @dataclass(eq=False, slots=True)
@@ -229,47 +232,94 @@ class Consumers:
         ``wait=False`` queues the frame without waiting for it to be written; ``within``
         None when the caller bounds the time. False if the channel is gone (RabbitMQ requeues
         what it held) or the frame was not written in time."""
-        ch = self._connections.consumer
-        if gen != self.gen or ch is None or ch.is_closed:
-            return False  # RabbitMQ requeued it with its channel: never settle it on another
         delivery_tag = tag(message)
         try:
             async with asyncio.timeout(within):
+                ch = await self._ready(gen)
+                if ch is None:
+                    return False  # RabbitMQ requeued it with its channel: never on another
+                # Queued by the call below without a wait (`_ready`): no longer unsettled.
+                self._unsettled.pop(delivery_tag, None)
                 if requeue is None:
                     await ch.basic_ack(delivery_tag, wait=wait)
                 else:
                     await ch.basic_nack(delivery_tag, requeue=requeue, wait=wait)
         except (mqexc.AMQPError, mqexc.ChannelInvalidStateError, OSError, RuntimeError):
             return False  # TimeoutError included (an OSError)
-        # Only now: a frame that may not be queued must never be covered by a `multiple`.
-        self._unsettled.pop(delivery_tag, None)
         return True
 
-    async def ack_many(self, messages: Sequence[DeliveredMessage], gen: int) -> bool:
-        """Ack ``messages`` of the consuming channel of generation ``gen``: the oldest of
-        them, up to the first tag that is not theirs, in one frame (``multiple``), the rest
-        one frame each; only the last waits to be written. False if the channel is gone or
-        a frame could not be queued (the caller bounds the time)."""
-        ch = self._connections.consumer
-        if gen != self.gen or ch is None or ch.is_closed:
-            return False
-        unsettled = self._unsettled
-        tags = {tag(m) for m in messages}
-        # Every tag up to the last of these is in ``tags``: RabbitMQ holds no other
-        # delivery of this channel at or below it, and any other settle of one below it
-        # was queued before this frame is (frames go out in the order they are queued).
-        prefix = list(itertools.takewhile(tags.__contains__, unsettled))
-        frames = [(prefix[-1], True)] if len(prefix) > 1 else []
-        covered = set(prefix) if frames else set()
-        frames.extend((t, False) for t in sorted(tags - covered))
+    async def ack_many(
+        self,
+        messages: Sequence[DeliveredMessage],
+        gen: int,
+        claim: Callable[[DeliveredMessage], bool],
+    ) -> tuple[list[DeliveredMessage], bool]:
+        """Ack ``messages`` of the consuming channel of generation ``gen``: the oldest
+        unsettled deliveries of the channel, as long as they are among them, in one frame
+        (``multiple``), the others one frame each. ``claim(message)`` is called just before
+        a frame for it is queued: False (its lease was lost meanwhile) leaves it out.
+        Returns the messages left out that way, and whether every frame was written (the
+        last one is waited for; the caller bounds the time)."""
+        pending = {tag(m): m for m in messages}
+        refused: list[DeliveredMessage] = []
         try:
-            for i, (delivery_tag, multiple) in enumerate(frames):
-                await ch.basic_ack(delivery_tag, multiple=multiple, wait=i == len(frames) - 1)
-                for done in prefix if multiple else (delivery_tag,):
-                    unsettled.pop(done, None)
+            while pending:
+                ch = await self._ready(gen)
+                if ch is None:
+                    return refused, False
+                frame = self._next_frame(pending, claim, refused)
+                if frame is None:
+                    continue
+                last, multiple = frame
+                await ch.basic_ack(last, multiple=multiple, wait=not pending)
         except (mqexc.AMQPError, mqexc.ChannelInvalidStateError, OSError, RuntimeError):
-            return False
-        return True
+            return refused, False
+        return refused, True
+
+    def _next_frame(
+        self,
+        pending: dict[int, DeliveredMessage],
+        claim: Callable[[DeliveredMessage], bool],
+        refused: list[DeliveredMessage],
+    ) -> tuple[int, bool] | None:
+        """The next ack frame of `ack_many`, ``(tag, multiple)``, its tags claimed and taken
+        out of ``pending`` and of the unsettled ones; None if it has none (refused).
+        Called with nothing waiting between it and the frame's queueing: the unsettled tags
+        read here are what RabbitMQ holds when it reads the frame."""
+        unsettled = self._unsettled
+        covered: list[int] = []
+        for t in unsettled:
+            if t not in pending:
+                break
+            if not claim(pending[t]):
+                refused.append(pending.pop(t))
+                break
+            covered.append(t)
+        if not covered:
+            if not pending:
+                return None
+            first = min(pending)
+            if not claim(pending[first]):
+                refused.append(pending.pop(first))
+                return None
+            covered = [first]
+        for t in covered:
+            del pending[t]
+            unsettled.pop(t, None)
+        return covered[-1], len(covered) > 1
+
+    async def _ready(self, gen: int) -> AbstractChannel | None:
+        """The consuming channel of generation ``gen`` once its connection takes a frame
+        without a wait, or None if that channel is gone. A frame that waited for room could
+        be written after its channel closed and a new one took the same number (aiormq
+        reuses them): it would settle the new channel's delivery of the same tag."""
+        while True:
+            ch = self._connections.consumer
+            if gen != self.gen or ch is None or ch.is_closed:
+                return None
+            if not ch.connection.write_queue.full():
+                return ch
+            await asyncio.sleep(ROOM_POLL)
 
     async def hand_back(self, items: Sequence[tuple[DeliveredMessage, int, str]], gen: int) -> None:
         """Make messages ``(message, carried count, queue)`` visible again at once without

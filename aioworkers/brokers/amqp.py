@@ -235,23 +235,29 @@ class AmqpBroker:
                 lost.append(d)
         if not owned:
             return lost
-        for _, h in owned:
-            # All at once, before any wait: a lease running out meanwhile cannot settle
-            # one of them a second time.
-            self._leases.settle(h)
+        by_message = {id(h.message): (d, h) for d, h in owned}
+
+        def claim(message: DeliveredMessage) -> bool:
+            # Just before its frame is queued: a lease that ran out meanwhile was nacked.
+            _, h = by_message[id(message)]
+            if not self._leases.settle(h):
+                return False
             h.acked = True
+            return True
+
         try:
             async with asyncio.timeout(SETTLE_TIMEOUT):  # one deadline for the batch
-                written = await self._consumers_of.ack_many(
-                    [h.message for _, h in owned], owned[0][1].gen
+                refused, written = await self._consumers_of.ack_many(
+                    [h.message for _, h in owned], owned[0][1].gen, claim
                 )
         except TimeoutError:
-            written = False
+            refused, written = [], False
         if not written:
             # Frames go out in order: the last one written means all were. If it was not,
-            # the channel closed under the batch and RabbitMQ requeues what it held.
-            lost.extend(d for d, _ in owned)
-        return lost
+            # the channel closed under the batch and RabbitMQ requeues what it held, or the
+            # connection did not drain: what was not queued keeps its lease, which runs out.
+            return lost + [d for d, _ in owned]
+        return lost + [by_message[id(m)][0] for m in refused]
 
     async def extend(self, deliveries: Sequence[Delivery], *, lease: float) -> list[Delivery]:
         await self._expire()

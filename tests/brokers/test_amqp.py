@@ -192,6 +192,31 @@ async def test_the_oldest_acks_go_in_one_frame_that_never_covers_a_held_delivery
     await wait_depth(broker, queue, QueueDepth())
 
 
+async def test_an_ack_batch_leaves_out_a_delivery_whose_lease_was_lost_meanwhile(
+    make: Make, queue: str
+) -> None:
+    broker = make()
+    await broker.publish(queue, [b"0", b"1", b"2"])
+    got = await fetch_n(broker, queue, 3, within=3)
+    m0, m1, m2 = (d.token.message for d in got)  # type: ignore[union-attr]
+    consumers = broker._consumers_of
+    # Its lease ran out while the batch waited: it is nacked by the lease's own path, and
+    # no frame of the batch (a multiple one least of all) may cover it.
+    held = {id(d.token.message): d.token for d in got}  # type: ignore[union-attr]
+
+    def claim(message: object) -> bool:
+        return message is not m1 and broker._leases.settle(held[id(message)])
+
+    refused, written = await consumers.ack_many([m0, m1, m2], broker._gen, claim)
+    assert (refused, written) == ([m1], True)
+    assert broker._leases.settle(held[id(m1)])
+    assert await consumers.settle(m1, broker._gen, requeue=True)
+    (again,) = await fetch_n(broker, queue, 1, within=3)
+    assert (again.body, again.count) == (b"1", 2)
+    await broker.ack([again])
+    await wait_depth(broker, queue, QueueDepth())
+
+
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 async def test_the_delivery_count_grows_each_time_a_worker_dies_holding_it(
     make: Make, queue: str, queue_type: str
