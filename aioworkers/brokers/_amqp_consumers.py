@@ -32,8 +32,9 @@ from ._amqp_topology import Topology
 from .base import DeadLetter
 
 # How often a settle checks again for room in a connection's write queue (aiormq's holds
-# 10 frames; it is full only while the socket does not drain).
+# 10 frames; it is full only while the socket does not drain): from 1 ms, doubling to 20.
 ROOM_POLL = 0.001
+ROOM_POLL_MAX = 0.02
 
 
 @dataclass(eq=False, slots=True)
@@ -262,6 +263,7 @@ class Consumers:
         last one is waited for; the caller bounds the time)."""
         pending = {tag(m): m for m in messages}
         refused: list[DeliveredMessage] = []
+        waited = True  # for the last frame queued (none yet)
         try:
             while pending:
                 ch = await self._ready(gen)
@@ -271,10 +273,13 @@ class Consumers:
                 if frame is None:
                     continue
                 last, multiple = frame
-                await ch.basic_ack(last, multiple=multiple, wait=not pending)
+                # Frames of this call reach the socket in order: the last one written
+                # means all were. (A claim refused after it leaves it not waited for.)
+                waited = not pending
+                await ch.basic_ack(last, multiple=multiple, wait=waited)
         except (mqexc.AMQPError, mqexc.ChannelInvalidStateError, OSError, RuntimeError):
             return refused, False
-        return refused, True
+        return refused, waited
 
     def _next_frame(
         self,
@@ -313,13 +318,15 @@ class Consumers:
         without a wait, or None if that channel is gone. A frame that waited for room could
         be written after its channel closed and a new one took the same number (aiormq
         reuses them): it would settle the new channel's delivery of the same tag."""
+        pause = ROOM_POLL
         while True:
             ch = self._connections.consumer
             if gen != self.gen or ch is None or ch.is_closed:
                 return None
             if not ch.connection.write_queue.full():
                 return ch
-            await asyncio.sleep(ROOM_POLL)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, ROOM_POLL_MAX)
 
     async def hand_back(self, items: Sequence[tuple[DeliveredMessage, int, str]], gen: int) -> None:
         """Make messages ``(message, carried count, queue)`` visible again at once without

@@ -256,6 +256,8 @@ class AmqpBroker:
             # Frames go out in order: the last one written means all were. If it was not,
             # the channel closed under the batch and RabbitMQ requeues what it held, or the
             # connection did not drain: what was not queued keeps its lease, which runs out.
+            for _, h in owned:
+                h.acked = False  # not known to be: an ack of it again is reported lost
             return lost + [d for d, _ in owned]
         return lost + [by_message[id(m)][0] for m in refused]
 
