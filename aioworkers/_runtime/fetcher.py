@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
 import anyio
 
-from ..brokers.base import Broker, Delivery, Screened, ScreensCancelMarks
+from ..brokers.base import Broker, Screened, ScreensCancelMarks
 from ..errors import BrokerUnavailable
 from ..telemetry.worker import WorkerTelemetry
 from .backoff import Backoff
@@ -129,25 +128,13 @@ class Fetcher:
             self._hungry = bool(got)
             if got and self.telemetry is not None:
                 self.telemetry.fetched(self.queue, len(got))
-            await self._hand_over(got, screened, reserved)
-
-    async def _hand_over(
-        self, got: list[Delivery], screened: list[Screened | None] | None, reserved: int
-    ) -> None:
-        """Start what a fetch returned in the ``reserved`` slots, or give it back."""
-        await self.jobs.screen(got, screened)  # their cancel marks, if not read yet
-        if self.jobs.admit(got, reserved):
-            if 0 < len(got) < reserved:
-                # The queue ran dry: let these jobs start before the next fetch is sent
-                # (sending it costs more than starting them, and it waits for the queue
-                # anyway). A full batch means a backlog: fetching on comes first.
-                await asyncio.sleep(0)
-        elif got:
-            # Went quiet while waiting: hand them to another worker at once. If the
-            # broker is down, their leases run out and it redelivers them.
-            await self.jobs.unscreen(got)
-            with contextlib.suppress(BrokerUnavailable):
-                await self.broker.release(got)
+            await self.jobs.screen(got, screened)  # their cancel marks, if not read yet
+            if not self.jobs.admit(got, reserved) and got:
+                # Went quiet while waiting: hand them to another worker at once. If the
+                # broker is down, their leases run out and it redelivers them.
+                await self.jobs.unscreen(got)
+                with contextlib.suppress(BrokerUnavailable):
+                    await self.broker.release(got)
 
 
 async def queues_empty(broker: Broker, queues: list[str], *, delayed: bool = True) -> bool:

@@ -479,3 +479,35 @@ async def test_consumers_blocked_together_each_read_the_marks_of_their_own_jobs(
     for broker, (got, _) in zip((one, two), results, strict=True):
         assert await broker.ack(got) == []
         await broker.aclose()
+
+
+async def test_the_jobs_of_a_short_read_start_before_the_next_read_is_sent(prefix: str) -> None:
+    # Latency: the queue ran dry, so sending the next read (which only waits) comes after
+    # starting what the last one returned, not before.
+    import aioworkers
+
+    app = aioworkers.App(f"{REDIS_URL}?prefix={prefix}")
+    broker = app.broker
+    assert isinstance(broker, RedisBroker)
+    reads = 0
+    real = broker._fetch
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        nonlocal reads
+        reads += 1
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    broker._fetch = counted  # type: ignore[method-assign]
+    reads_at_start: list[int] = []
+    done = asyncio.Event()
+
+    @app.task
+    async def ping() -> None:
+        reads_at_start.append(reads)
+        done.set()
+
+    await ping.enqueue()
+    async with app.worker(concurrency=10, poll=1.0):
+        await asyncio.wait_for(done.wait(), 5)
+    await app.aclose()
+    assert reads_at_start == [1]  # the read that returned it; the next one not sent yet

@@ -8,7 +8,7 @@ from collections import Counter
 
 from aioworkers import App, QueueDepth, current_job
 
-from .conftest import POLL, FaultyBroker, MakeApp, run_burst, wait_until
+from .conftest import POLL, FaultyBroker, MakeApp, run_burst
 
 
 async def test_burst_runs_every_job_exactly_once(make_app: MakeApp) -> None:
@@ -106,25 +106,3 @@ async def test_fetch_asks_only_for_free_slots(
     assert max(asked) == 4
     assert all(1 <= n <= 4 for n in asked)
     assert sum(got) == 30
-
-
-async def test_a_job_from_a_dry_queue_starts_before_the_next_fetch_is_sent(
-    app_and_broker: tuple[App, FaultyBroker],
-) -> None:
-    # Latency: sending a fetch costs more than starting a job, and the next one only waits.
-    app, faulty = app_and_broker
-    fetches_at_start: list[int] = []
-    done = asyncio.Event()
-
-    @app.task
-    async def ping() -> None:
-        fetches_at_start.append(faulty.count("fetch"))
-        done.set()
-
-    async with app.worker(concurrency=10, poll=1.0):
-        await wait_until(lambda: faulty.count("fetch") >= 1, what="the first fetch")
-        waiting = faulty.count("fetch")  # that fetch waits for the queue
-        await ping.enqueue()
-        await asyncio.wait_for(done.wait(), 5)
-    assert fetches_at_start == [waiting]
-    assert len(faulty.calls_of("fetch")[waiting - 1].result) == 1  # it returned the job
