@@ -76,6 +76,9 @@ from .base import DEFAULT_LEASE, DeadLetter, Delivery, QueueDepth, handed_back
 
 __all__ = ["COUNT", "ENTRY", "MAX_COUNT", "AmqpBroker"]
 
+# A delivery whose nack could not be queued when its lease ran out is tried again after this.
+EXPIRE_AGAIN = 1.0
+
 _OWN_PARAMS = ("queue_type", "prefetch", "publish_timeout", "delay_queues")
 
 
@@ -218,8 +221,20 @@ class AmqpBroker:
 
     async def _expire(self) -> None:
         """Deliveries not extended within their lease go back to the queue."""
-        for h in self._leases.expired():
-            await self._consumers_of.settle(h.message, h.gen, requeue=True)
+        expired = self._leases.expired()
+        for i, h in enumerate(expired):
+            try:
+                # Queued, not waited for: a False is then a nack never queued, so it is
+                # safe to try again (a frame sent twice would close the channel).
+                queued = await self._consumers_of.settle(h.message, h.gen, requeue=True, wait=False)
+            except BaseException:
+                # Cancelled before their nacks were queued: they keep a lease, so a later
+                # call hands them back (else RabbitMQ keeps them until the channel closes).
+                for rest in expired[i:]:
+                    self._leases.add(rest, EXPIRE_AGAIN)
+                raise
+            if not queued and h.gen == self._gen and alive(self._con):
+                self._leases.add(h, EXPIRE_AGAIN)
 
     async def stop_fetching(self, queue: str) -> None:
         await self._consumers_of.stop(queue)

@@ -217,6 +217,37 @@ async def test_an_ack_batch_leaves_out_a_delivery_whose_lease_was_lost_meanwhile
     await wait_depth(broker, queue, QueueDepth())
 
 
+async def test_an_expired_lease_whose_nack_was_not_queued_is_handed_back_later(
+    make: Make, queue: str
+) -> None:
+    broker = make(visibility=0.2)
+    await broker.publish(queue, [b"job"])
+    (d,) = await fetch_n(broker, queue, 1, within=3)
+    consumers = broker._consumers_of
+    ready = consumers._ready
+    stalled = asyncio.Event()
+
+    async def stall(gen: int) -> object:
+        stalled.set()
+        await asyncio.Event().wait()  # a write queue that never drains
+        return None
+
+    consumers._ready = stall  # type: ignore[method-assign]
+    await asyncio.sleep(0.3)  # real time: the lease (0.2 s) runs out
+    expiring = asyncio.create_task(broker._expire())
+    await stalled.wait()
+    expiring.cancel()  # as a fetch cancelled at shutdown would be
+    with pytest.raises(asyncio.CancelledError):
+        await expiring
+    # Its nack was never queued: it keeps a lease, and is nacked once that runs out.
+    assert broker._leases.owns(d.token)
+    consumers._ready = ready  # type: ignore[method-assign]
+    (again,) = await fetch_n(broker, queue, 1, within=5)
+    assert (again.body, again.message_id) == (b"job", d.message_id)
+    await broker.ack([again])
+    await wait_depth(broker, queue, QueueDepth())
+
+
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 async def test_the_delivery_count_grows_each_time_a_worker_dies_holding_it(
     make: Make, queue: str, queue_type: str
