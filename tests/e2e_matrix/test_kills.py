@@ -28,7 +28,9 @@ async def _kill_mid_run(e2e: Matrix, *, concurrency: int, jobs: int) -> tuple[se
         ledger = await e2e.ledger()
         return bool(set(ledger.started_by(victim.pid)) - ledger.done)
 
-    await wait_until(running, within=10, what="the worker to be running jobs")
+    # Polled often: on a fast broker a batch's jobs run for a few ms between its fetch and
+    # its ack, and at 50 ms a run of a few hundred jobs could end between two looks.
+    await wait_until(running, within=10, what="the worker to be running jobs", every=0.01)
     victim.signal(signal.SIGKILL)
     assert await victim.wait(10) == -signal.SIGKILL
     # What it fetched and never acked: running, finished but not acked yet, or waiting.
