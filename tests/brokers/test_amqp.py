@@ -220,7 +220,7 @@ async def test_an_ack_batch_leaves_out_a_delivery_whose_lease_was_lost_meanwhile
 async def test_an_expired_lease_whose_nack_was_not_queued_is_handed_back_later(
     make: Make, queue: str
 ) -> None:
-    broker = make(visibility=0.2)
+    broker = make()
     await broker.publish(queue, [b"job"])
     (d,) = await fetch_n(broker, queue, 1, within=3)
     consumers = broker._consumers_of
@@ -233,7 +233,7 @@ async def test_an_expired_lease_whose_nack_was_not_queued_is_handed_back_later(
         return None
 
     consumers._ready = stall  # type: ignore[method-assign]
-    await asyncio.sleep(0.3)  # real time: the lease (0.2 s) runs out
+    broker._leases.add(d.token, -1.0)  # its lease ran out
     expiring = asyncio.create_task(broker._expire())
     await stalled.wait()
     expiring.cancel()  # as a fetch cancelled at shutdown would be
@@ -242,6 +242,7 @@ async def test_an_expired_lease_whose_nack_was_not_queued_is_handed_back_later(
     # Its nack was never queued: it keeps a lease, and is nacked once that runs out.
     assert broker._leases.owns(d.token)
     consumers._ready = ready  # type: ignore[method-assign]
+    # Real time: the broker's own retry delay (EXPIRE_AGAIN, 1 s) is what is under test.
     (again,) = await fetch_n(broker, queue, 1, within=5)
     assert (again.body, again.message_id) == (b"job", d.message_id)
     await broker.ack([again])
